@@ -1,0 +1,56 @@
+"""Shared tiny, offline fixtures: a locally trained tokenizer, the processor and tiny AlignGPT models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from aligngpt_hf import AlignGPTForConditionalGeneration  # noqa: E402
+from aligngpt_hf.tiny import build_config, build_processor, build_tokenizer  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "aligngpt_original_tiny"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    return build_processor(tokenizer)
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    """Factory: a seeded tiny model in eval mode; keyword arguments go to the config."""
+
+    def make(seed: int = 0, **config_kwargs) -> AlignGPTForConditionalGeneration:
+        torch.manual_seed(seed)
+        model = AlignGPTForConditionalGeneration(build_config(tokenizer, **config_kwargs))
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture
+def images():
+    """Three small images of different sizes and colours (non-square, to exercise pad-to-square)."""
+    return [
+        Image.new("RGB", (40, 24), (200, 30, 30)),
+        Image.new("RGB", (20, 36), (30, 160, 40)),
+        Image.new("RGB", (32, 32), (20, 40, 220)),
+    ]
+
+
+def user_message(text: str, num_images: int = 1) -> list[dict]:
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]

@@ -1,0 +1,182 @@
+# Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
+"""AlignGPT configuration.
+
+Remote-code file: it imports only torch/transformers and its sibling files (`from .x import Y`), because
+`trust_remote_code` copies it next to the weights for users who have only transformers installed.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+ALIGNMENT_MODES = ("adaptive", "global", "local", "mean", "none")
+GATE_TEXT_SCOPES = ("prompt", "all")
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+SELECT_STRATEGIES = ("default", "full")
+
+# Tokens a vision encoder puts in front of its patch tokens (CLIP: one CLS token; SigLIP: none).
+VISION_PREFIX_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0, "siglip2_vision_model": 0}
+
+# Fields that only the original AlignGPT code writes; our layout never has them.
+ORIGINAL_FORMAT_FIELDS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size", "mm_vision_select_layer")
+
+
+class AlignGPTConfig(PreTrainedConfig):
+    r"""
+    Configuration of an AlignGPT model: a LLaVA-1.5-style vision-language model whose sequence carries one extra
+    *alignment* token right after BOS, built from a learned table of `num_alignment_levels` embeddings.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            Any transformers vision encoder config (CLIP, SigLIP). A full `CLIPConfig`/`SiglipConfig` is reduced to its
+            `vision_config`. Defaults to CLIP ViT-L/14-336.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Any causal LM config (Llama/Vicuna, Mistral, Qwen2, ...). Defaults to Llama.
+        num_alignment_levels (`int`, defaults to 8):
+            N, the rows of the level table. Row N-1 is the strongest ("global") alignment.
+        alignment_mode (`str`, defaults to `"adaptive"`):
+            `adaptive` (gate over the local rows + global row), `global`, `local`, `mean` (ablations of the paper's
+            Table 4) or `none` (no alignment token: plain LLaVA).
+        gate_hidden_size (`int`, defaults to 256): hidden width of the gate MLP.
+        gate_text_scope (`str`, defaults to `"prompt"`):
+            Which text the gate averages in training: `prompt` (unsupervised tokens only, as at inference) or `all`
+            (every text token, answers included, as the original training did).
+        projector_type (`str`, defaults to `"mlp2x_gelu"`): `linear` or `mlp2x_gelu`.
+        projector_hidden_act (`str`, defaults to `"gelu"`): activation of the `mlp2x_gelu` projector.
+        multimodal_projector_bias (`bool`, defaults to `True`): whether the projector linears have a bias.
+        vision_feature_layer (`int`, defaults to -2): hidden state of the vision tower fed to the projector.
+        vision_feature_select_strategy (`str`, defaults to `"default"`): `default` drops the CLS token, `full` keeps all.
+        image_token_id (`int`, defaults to 32000): id of the `<image>` placeholder token.
+        alignment_token_id (`int`, defaults to 32001): id of the `<align>` token.
+        image_seq_length (`int`, *optional*):
+            Tokens per image. Derived from the vision config and the select strategy; a given value must agree.
+        tie_word_embeddings (`bool`, defaults to `False`): tie the LM head to the input embeddings.
+
+    Example:
+
+    ```python
+    >>> from transformers import CLIPVisionConfig, LlamaConfig
+    >>> from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration
+
+    >>> vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    ...                           image_size=32, patch_size=8)
+    >>> text = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                    num_attention_heads=4, num_key_value_heads=2)
+    >>> config = AlignGPTConfig(vision_config=vision, text_config=text, image_token_id=126, alignment_token_id=127)
+    >>> config.image_seq_length  # (32 / 8) ** 2 patches, CLS dropped
+    16
+    >>> model = AlignGPTForConditionalGeneration(config)
+    ```
+    """
+
+    model_type = "aligngpt"
+    _auto_class = "AutoConfig"
+    attribute_map = {"image_token_index": "image_token_id"}
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            init_kwargs={
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "image_size": 336,
+                "patch_size": 14,
+                "projection_dim": 768,
+            },
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_alignment_levels: int = 8
+    alignment_mode: str = "adaptive"
+    gate_hidden_size: int = 256
+    gate_text_scope: str = "prompt"
+    projector_type: str = "mlp2x_gelu"
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    image_token_id: int = 32000
+    alignment_token_id: int = 32001
+    image_seq_length: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        original_fields = [name for name in ORIGINAL_FORMAT_FIELDS if name in kwargs]
+        if original_fields:
+            raise ValueError(
+                f"This is an original-format AlignGPT config (it has {', '.join(original_fields)}), which the "
+                "Hugging Face layout cannot load directly. Convert the checkpoint first: "
+                "`aligngpt-hf convert SOURCE OUTPUT` (see `aligngpt-hf convert --help`), then load OUTPUT."
+            )
+        if isinstance(self.vision_config, PreTrainedConfig) and hasattr(self.vision_config, "vision_config"):
+            self.vision_config = self.vision_config.vision_config  # CLIPConfig/SiglipConfig -> vision part
+        elif isinstance(self.vision_config, dict) and isinstance(self.vision_config.get("vision_config"), dict):
+            self.vision_config = self.vision_config["vision_config"]
+        super().__post_init__(**kwargs)
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        self._check_choices()
+        self.image_seq_length = self._resolve_image_seq_length(self.image_seq_length)
+
+    def _check_choices(self):
+        choices = {
+            "alignment_mode": ALIGNMENT_MODES,
+            "gate_text_scope": GATE_TEXT_SCOPES,
+            "projector_type": PROJECTOR_TYPES,
+            "vision_feature_select_strategy": SELECT_STRATEGIES,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
+        if not isinstance(self.num_alignment_levels, int) or self.num_alignment_levels < 2:
+            raise ValueError(
+                f"`num_alignment_levels` must be an integer >= 2 (one global row plus at least one local row), "
+                f"got {self.num_alignment_levels!r}."
+            )
+        if self.image_token_id == self.alignment_token_id:
+            raise ValueError(
+                f"`image_token_id` and `alignment_token_id` must differ, both are {self.image_token_id}."
+            )
+
+    def _resolve_image_seq_length(self, given: int | None) -> int:
+        """Tokens per image = patches (+ prefix tokens kept by the strategy); the gate's input width."""
+        vision = self.vision_config
+        prefix = VISION_PREFIX_TOKENS.get(vision.model_type)
+        if prefix is None or not hasattr(vision, "image_size") or not hasattr(vision, "patch_size"):
+            if given is None:
+                raise ValueError(
+                    f"Cannot derive `image_seq_length` for vision model type {vision.model_type!r}; pass "
+                    "`image_seq_length` (the number of feature tokens per image after the select strategy)."
+                )
+            return given
+        if self.vision_feature_select_strategy == "default" and prefix == 0:
+            raise ValueError(
+                f"`vision_feature_select_strategy='default'` drops a CLS token, but {vision.model_type!r} has none; "
+                "use `vision_feature_select_strategy='full'`."
+            )
+        derived = (vision.image_size // vision.patch_size) ** 2 + prefix
+        if self.vision_feature_select_strategy == "default":
+            derived -= prefix
+        if given is not None and given != derived:
+            raise ValueError(
+                f"`image_seq_length={given}` disagrees with the vision config: {vision.model_type} at "
+                f"{vision.image_size}px with patch {vision.patch_size} and strategy "
+                f"{self.vision_feature_select_strategy!r} gives {derived} tokens per image (the gate's input width)."
+            )
+        return derived
+
+    @property
+    def uses_alignment_token(self) -> bool:
+        return self.alignment_mode != "none"
+
+    @property
+    def uses_gate(self) -> bool:
+        return self.alignment_mode in ("adaptive", "local")
+
+
+__all__ = ["AlignGPTConfig"]

@@ -1,0 +1,499 @@
+# Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
+"""AlignGPT: LLaVA-1.5 plus one alignment token whose vector comes from a learned table of alignment levels.
+
+Remote-code file: it imports only torch/transformers and `from .configuration_aligngpt import ...`.
+All alignment logic lives in `AlignGPTModel.forward`, because TRL's SFTTrainer trains through the base model
+(`model.model(...)`) with its own fused LM head and never calls the top-level forward.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from shutil import copyfile
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+
+from .configuration_aligngpt import AlignGPTConfig
+
+# Auto classes written into `auto_map` on save, so every loader finds its entry with trust_remote_code.
+REMOTE_AUTO_MAP = {
+    "AutoConfig": "configuration_aligngpt.AlignGPTConfig",
+    "AutoModel": "modeling_aligngpt.AlignGPTModel",
+    "AutoModelForImageTextToText": "modeling_aligngpt.AlignGPTForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_aligngpt.AlignGPTForConditionalGeneration",
+}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_aligngpt.AlignGPTProcessor"}
+
+
+@dataclass
+class AlignGPTModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
+        Projected image features spliced into the sequence.
+    alignment_weights (`torch.FloatTensor` of shape `(batch_size, num_alignment_levels - 1)`, *optional*):
+        Gate weights over the local alignment levels (NaN rows for samples without an image). `None` when no gate
+        ran: decoding steps, level mode (`alignment_levels` given) and the `global`/`mean`/`none` modes.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+    alignment_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class AlignGPTCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token cross-entropy over labels != -100.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
+    alignment_weights (`torch.FloatTensor` of shape `(batch_size, num_alignment_levels - 1)`, *optional*):
+        See [`AlignGPTModelOutputWithPast`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor] | None = None
+    attentions: tuple[torch.FloatTensor] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    alignment_weights: torch.FloatTensor | None = None
+
+
+class AlignGPTMultiModalProjector(nn.Module):
+    """Vision features -> LLM width: `linear` or `mlp2x_gelu` (Linear, GELU, Linear), as in LLaVA-1.5."""
+
+    def __init__(self, config: AlignGPTConfig):
+        super().__init__()
+        vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
+        bias = config.multimodal_projector_bias
+        self.linear_1 = nn.Linear(vision_width, text_width, bias=bias)
+        if config.projector_type == "mlp2x_gelu":
+            self.act = ACT2FN[config.projector_hidden_act]
+            self.linear_2 = nn.Linear(text_width, text_width, bias=bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.linear_1(image_features)
+        if hasattr(self, "linear_2"):
+            hidden_states = self.linear_2(self.act(hidden_states))
+        return hidden_states
+
+
+class AlignGPTAlignment(nn.Module):
+    """The level table E [N, H] (row N-1 = global) and, in the gated modes, the gate MLP fc1 -> GELU -> fc2."""
+
+    def __init__(self, config: AlignGPTConfig):
+        super().__init__()
+        self.mode = config.alignment_mode
+        self.num_levels = config.num_alignment_levels
+        self.level_embeddings = nn.Parameter(torch.empty(self.num_levels, config.text_config.hidden_size))
+        if config.uses_gate:
+            self.fc1 = nn.Linear(config.image_seq_length, config.gate_hidden_size)
+            self.act = nn.GELU()
+            self.fc2 = nn.Linear(config.gate_hidden_size, self.num_levels - 1)
+
+    def gate(self, image_text_dots: torch.Tensor) -> torch.Tensor:
+        """[B, K] dot products of image tokens with the mean text embedding -> softmax weights [B, N-1]."""
+        dots = image_text_dots.to(self.fc1.weight.dtype)
+        return torch.softmax(self.fc2(self.act(self.fc1(dots))), dim=-1)
+
+    def vectors_for_levels(self, levels: torch.LongTensor) -> torch.Tensor:
+        return self.level_embeddings[levels]
+
+    def vectors_for_weights(self, weights: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Combine the table rows for the configured mode; `weights` is None for the gate-free modes."""
+        table = self.level_embeddings
+        global_row, local_rows = table[-1], table[:-1]
+        if self.mode == "global":
+            return global_row.expand(batch_size, -1)
+        if self.mode == "mean":
+            return (global_row + local_rows.mean(0)).expand(batch_size, -1)
+        mixed = weights.to(table.dtype) @ local_rows
+        return mixed if self.mode == "local" else global_row + mixed
+
+
+class AlignGPTPreTrainedModel(PreTrainedModel):
+    config_class = AlignGPTConfig
+    config: AlignGPTConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        """Level table: Xavier-uniform (as the original). Projector and gate: PyTorch's nn.Linear default."""
+        super()._init_weights(module)
+        if isinstance(module, AlignGPTAlignment):
+            init.xavier_uniform_(module.level_embeddings)
+        elif isinstance(module, nn.Linear) and id(module) in self._linears_with_torch_init():
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+
+    def _linears_with_torch_init(self) -> set[int]:
+        base = getattr(self, self.base_model_prefix, self)
+        owners = [base.multi_modal_projector, getattr(base, "alignment", None)]
+        return {id(m) for owner in owners if owner is not None for m in owner.modules() if isinstance(m, nn.Linear)}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also write the full `auto_map` and the processor's remote-code file next to the weights."""
+        processing_file = Path(__file__).with_name("processing_aligngpt.py")
+        auto_map = dict(REMOTE_AUTO_MAP, **(PROCESSOR_AUTO_MAP if processing_file.is_file() else {}))
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if processing_file.is_file():
+            copyfile(processing_file, Path(save_directory) / processing_file.name)
+
+
+def positions_from_mask(attention_mask: torch.Tensor, sequence_length: int) -> torch.LongTensor:
+    """Position ids that count only attended tokens, so left and right padding give identical positions."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)[:, -sequence_length:]
+
+
+class AlignGPTModel(AlignGPTPreTrainedModel):
+    """Vision tower + projector + level table/gate + language model, without the LM head."""
+
+    _auto_class = "AutoModel"
+
+    def __init__(self, config: AlignGPTConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = AlignGPTMultiModalProjector(config)
+        if config.uses_alignment_token:
+            self.alignment = AlignGPTAlignment(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """[num_images, 3, H, W] -> projected features [num_images, image_seq_length, text_hidden]."""
+        vision_dtype = self.vision_tower.get_input_embeddings().weight.dtype
+        outputs = self.vision_tower(pixel_values.to(vision_dtype), output_hidden_states=True, return_dict=True)
+        features = outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        alignment_levels: torch.LongTensor | None = None,
+        gate_text_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> AlignGPTModelOutputWithPast:
+        r"""
+        alignment_levels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Level (0..N-1, N-1 strongest) per sample: image rows take the table row E[level] instead of the gate
+            (stage-1 pre-training and the "fixed level" inference mode). Ignored for rows without an image.
+        gate_text_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Restricts the text tokens the gate averages (1 = may count). Trainers pass `labels == -100` so the
+            gate sees the prompt only; BOS, `<align>`, `<image>` and padding never count.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is None and pixel_values is not None:
+            raise ValueError(
+                "AlignGPT locates `<image>` and `<align>` placeholders through `input_ids`; pass `input_ids` "
+                "(not `inputs_embeds`) together with `pixel_values`."
+            )
+        image_features = alignment_weights = None
+        if input_ids is not None:
+            word_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds, image_features, alignment_weights = self._merge_multimodal(
+                input_ids, word_embeds, pixel_values, attention_mask, alignment_levels, gate_text_mask
+            )
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return AlignGPTModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            alignment_weights=alignment_weights,
+        )
+
+    def _merge_multimodal(self, input_ids, word_embeds, pixel_values, attention_mask, alignment_levels, gate_mask):
+        """Scatter image features into `<image>` slots and alignment vectors into `<align>` slots."""
+        image_mask = input_ids == self.config.image_token_id
+        align_mask = input_ids == self.config.alignment_token_id
+        if pixel_values is None:
+            _check_no_placeholders(image_mask, align_mask)
+            return word_embeds + self._static_graph_anchor(word_embeds), None, None
+
+        image_features = self.get_image_features(pixel_values).to(word_embeds.device, word_embeds.dtype)
+        images_per_row = _images_per_row(image_mask, image_features)
+        inputs_embeds = word_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+        if not self.config.uses_alignment_token:
+            if align_mask.any():
+                raise ValueError(
+                    "`alignment_mode='none'` takes no `<align>` token, but the input has one; build the processor "
+                    "with `add_alignment_token=False`."
+                )
+            return inputs_embeds, image_features, None
+
+        rows_with_image = images_per_row > 0
+        _check_alignment_tokens(align_mask, rows_with_image)
+        if alignment_levels is not None:
+            levels = self._checked_levels(alignment_levels, rows_with_image)
+            vectors, weights = self.alignment.vectors_for_levels(levels), None
+        else:
+            weights = None
+            if self.config.uses_gate:
+                text_mask = _gate_text_mask(image_mask, align_mask, attention_mask, gate_mask)
+                dots = _image_text_dots(word_embeds, text_mask, image_features, images_per_row)
+                weights = self.alignment.gate(dots)
+            vectors = self.alignment.vectors_for_weights(weights, input_ids.shape[0])
+            if weights is not None:
+                weights = weights.masked_fill(~rows_with_image.unsqueeze(-1), float("nan"))
+        vectors = vectors.to(inputs_embeds.dtype)[rows_with_image]
+        inputs_embeds = inputs_embeds.masked_scatter(align_mask.unsqueeze(-1), vectors)
+        return inputs_embeds, image_features, weights
+
+    def _checked_levels(self, alignment_levels: torch.Tensor, rows_with_image: torch.Tensor) -> torch.Tensor:
+        levels = torch.as_tensor(alignment_levels, device=rows_with_image.device).long().reshape(-1)
+        if levels.numel() != rows_with_image.numel():
+            raise ValueError(
+                f"`alignment_levels` has {levels.numel()} entries for a batch of {rows_with_image.numel()} samples."
+            )
+        num_levels = self.config.num_alignment_levels
+        bad = rows_with_image & ((levels < 0) | (levels >= num_levels))
+        if bad.any():
+            index = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"Sample {index} has alignment level {int(levels[index])}, outside 0..{num_levels - 1} "
+                f"(N-1 = strongest). Compute levels with `aligngpt-hf levels --num-levels {num_levels}`."
+            )
+        return levels.clamp(0, num_levels - 1)
+
+    def _static_graph_anchor(self, word_embeds: torch.Tensor) -> torch.Tensor:
+        """Zero-valued term touching the trainable vision/projector/gate parameters in image-free training batches.
+
+        DDP, ZeRO-3 and FSDP expect every trainable parameter in every step's graph. The cost is one projector pass on
+        a zero input (plus one vision-tower pass on a blank image when the tower trains) per image-free batch.
+        """
+        if not (self.training and torch.is_grad_enabled()):
+            return word_embeds.new_zeros(())
+        terms = []
+        if any(p.requires_grad for p in self.vision_tower.parameters()):
+            size = self.config.vision_config.image_size
+            blank = word_embeds.new_zeros(1, self.config.vision_config.num_channels, size, size)
+            terms.append(self.get_image_features(blank).sum())
+        elif any(p.requires_grad for p in self.multi_modal_projector.parameters()):
+            blank = word_embeds.new_zeros(1, self.config.image_seq_length, self.config.vision_config.hidden_size)
+            terms.append(self.multi_modal_projector(blank).sum())
+        alignment = getattr(self, "alignment", None)
+        if alignment is not None and hasattr(alignment, "fc1") and alignment.fc1.weight.requires_grad:
+            terms.append(alignment.gate(word_embeds.new_zeros(1, self.config.image_seq_length)).sum())
+        if alignment is not None and alignment.level_embeddings.requires_grad:
+            terms.append(alignment.level_embeddings.sum())
+        return 0.0 * sum(terms) if terms else word_embeds.new_zeros(())
+
+
+def _check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor) -> None:
+    if image_mask.any():
+        rows = image_mask.any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"Samples {rows} contain `<image>` tokens but no `pixel_values` were given.")
+    if align_mask.any():
+        rows = align_mask.any(-1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"Samples {rows} contain an `<align>` token but no image; text-only samples take no alignment token."
+        )
+
+
+def _images_per_row(image_mask: torch.Tensor, image_features: torch.Tensor) -> torch.LongTensor:
+    """Check placeholders against features (loudly, naming samples) and return the image count of each row."""
+    num_images, tokens_per_image = image_features.shape[:2]
+    tokens_per_row = image_mask.sum(-1)
+    total = int(tokens_per_row.sum())
+    partial_rows = (tokens_per_row % tokens_per_image != 0).nonzero().flatten().tolist()
+    if total != num_images * tokens_per_image or partial_rows:
+        raise ValueError(
+            f"Image features and image tokens do not match: the batch has {total} `<image>` tokens (per sample: "
+            f"{tokens_per_row.tolist()}) but {num_images} images x {tokens_per_image} tokens = "
+            f"{num_images * tokens_per_image} features."
+            + (f" Samples {partial_rows} hold a partial image." if partial_rows else "")
+            + f" Each image needs exactly {tokens_per_image} `<image>` tokens: build inputs with AlignGPTProcessor "
+            f"(image_seq_length={tokens_per_image}) and make `max_length` long enough not to cut them."
+        )
+    return tokens_per_row // tokens_per_image
+
+
+def _check_alignment_tokens(align_mask: torch.Tensor, rows_with_image: torch.Tensor) -> None:
+    """Exactly one `<align>` per sample with an image, none elsewhere."""
+    align_per_row = align_mask.sum(-1)
+    bad = align_per_row != rows_with_image.long()
+    if not bad.any():
+        return
+    index = int(bad.nonzero()[0, 0])
+    count, has_image = int(align_per_row[index]), bool(rows_with_image[index])
+    if has_image and count == 0:
+        reason = "has an image but no `<align>` token; AlignGPTProcessor inserts it right after BOS"
+    elif not has_image:
+        reason = "has an `<align>` token but no image; text-only samples take no alignment token"
+    else:
+        reason = f"has {count} `<align>` tokens; exactly one is expected"
+    raise ValueError(f"Sample {index} {reason}.")
+
+
+def _gate_text_mask(image_mask, align_mask, attention_mask, gate_mask) -> torch.Tensor:
+    """Text tokens the gate averages: not image, not `<align>`, not the BOS right before `<align>`, not padding."""
+    text_mask = ~(image_mask | align_mask)
+    text_mask[:, :-1] &= ~align_mask[:, 1:]
+    if attention_mask is not None:
+        text_mask &= attention_mask.bool()
+    if gate_mask is not None:
+        text_mask &= gate_mask.bool()
+    return text_mask
+
+
+def _image_text_dots(word_embeds, text_mask, image_features, images_per_row) -> torch.Tensor:
+    """d[b, j] = <V_j, mean text embedding of b>, averaged over the images of row b -> [B, K]."""
+    weights = text_mask.unsqueeze(-1).to(word_embeds.dtype)
+    mean_text = (word_embeds * weights).sum(1) / (weights.sum(1) + 1e-8)
+    batch_size = word_embeds.shape[0]
+    image_rows = torch.repeat_interleave(torch.arange(batch_size, device=word_embeds.device), images_per_row)
+    dots = torch.einsum("ikh,ih->ik", image_features, mean_text[image_rows])
+    summed = dots.new_zeros(batch_size, dots.shape[1]).index_add_(0, image_rows, dots)
+    return summed / images_per_row.clamp(min=1).unsqueeze(-1).to(summed.dtype)
+
+
+class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin):
+    """AlignGPT with its LM head: training loss, logits, and `generate` with a KV cache.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import CLIPVisionConfig, LlamaConfig
+    >>> from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration
+
+    >>> vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    ...                           image_size=32, patch_size=8)
+    >>> text = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                    num_attention_heads=4, num_key_value_heads=2)
+    >>> model = AlignGPTForConditionalGeneration(
+    ...     AlignGPTConfig(vision_config=vision, text_config=text, image_token_id=126, alignment_token_id=127))
+    >>> input_ids = torch.tensor([[1, 127] + [126] * 16 + [5, 6, 7]])   # BOS, <align>, 16 x <image>, text
+    >>> out = model(input_ids=input_ids, pixel_values=torch.randn(1, 3, 32, 32))
+    >>> out.logits.shape, out.alignment_weights.shape
+    (torch.Size([1, 21, 128]), torch.Size([1, 7]))
+    ```
+    """
+
+    _auto_class = "AutoModelForImageTextToText"
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: AlignGPTConfig):
+        super().__init__(config)
+        self.model = AlignGPTModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        self.generation_config.suppress_tokens = sorted({config.image_token_id, config.alignment_token_id})
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        alignment_levels: torch.LongTensor | None = None,
+        gate_text_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> AlignGPTCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids to predict (-100 = ignored). With `gate_text_scope="prompt"` the gate averages only positions
+            whose label is -100, so training sees the same text as inference.
+        See [`AlignGPTModel.forward`] for `alignment_levels` and `gate_text_mask`.
+        """
+        if labels is not None and gate_text_mask is None and self.config.gate_text_scope == "prompt":
+            gate_text_mask = labels == -100
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            alignment_levels=alignment_levels,
+            gate_text_mask=gate_text_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return AlignGPTCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            alignment_weights=outputs.alignment_weights,
+        )
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """Freeze the gate's text to the prompt, so decoding without a cache reproduces the cached ALIGN vector."""
+        num_new_tokens = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
+        gate_mask = model_kwargs.get("gate_text_mask")
+        if gate_mask is None and model_kwargs.get("attention_mask") is not None:
+            gate_mask = model_kwargs["attention_mask"]
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if gate_mask is not None:
+            padding = gate_mask.new_zeros(gate_mask.shape[0], num_new_tokens)
+            model_kwargs["gate_text_mask"] = torch.cat([gate_mask, padding], dim=-1)
+        return model_kwargs
+
+
+__all__ = ["AlignGPTForConditionalGeneration", "AlignGPTModel", "AlignGPTPreTrainedModel"]

@@ -1,0 +1,187 @@
+# Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
+"""AlignGPT processor: image processor + tokenizer + the vicuna_v1 chat template.
+
+Remote-code file: it imports only transformers. It expands each `<image>` into `image_seq_length` placeholder tokens
+and inserts one `<align>` right after BOS in every sample that has an image, recording that insertion as a text
+replacement so TRL's assistant-only masks stay aligned (DESIGN §4).
+"""
+
+from transformers import ProcessorMixin
+from transformers.image_utils import make_flat_list_of_images
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# vicuna_v1 exactly as the original AlignGPT renders it ("SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: ..."), with
+# images moved to the front of their message and the answer + EOS inside {% generation %} for assistant-only loss.
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}"
+    "{%- for part in content if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ render(messages[0]['content']) }}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}" + VICUNA_V1_SYSTEM + "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ ' ASSISTANT: ' }}{% generation %}{{ render(message['content']) }}{{ eos_token }}{% endgeneration %}"
+    "{%- else -%}"
+    "{%- if loop.first -%}{{ ' ' }}{%- endif -%}{{ 'USER: ' + render(message['content']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+
+class AlignGPTProcessor(ProcessorMixin):
+    r"""
+    Builds AlignGPT inputs: pixel values, `<image>` expanded to `image_seq_length` tokens, `<align>` after BOS.
+
+    Args:
+        image_processor: a stock image processor. For AlignGPT's `pad` mode use `LlavaImageProcessorPil(do_pad=True)`
+            (expand to a square of the mean colour, then resize); for `square` mode use `do_pad=False`.
+        tokenizer: a tokenizer that knows `image_token` and `alignment_token` as special tokens.
+        chat_template (`str`, *optional*): defaults to vicuna_v1, the template of the released models.
+        image_seq_length (`int`, defaults to 576): placeholder tokens per image (the model's `image_seq_length`).
+        image_token (`str`, defaults to `"<image>"`), alignment_token (`str`, defaults to `"<align>"`).
+        add_alignment_token (`bool`, defaults to `True`): `False` for `alignment_mode="none"` (plain LLaVA).
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from transformers import AutoProcessor
+    >>> processor = AutoProcessor.from_pretrained("path/to/aligngpt", trust_remote_code=True)  # doctest: +SKIP
+    >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    >>> prompt = processor.apply_chat_template(messages, add_generation_prompt=True)  # doctest: +SKIP
+    >>> batch = processor(text=[prompt], images=[Image.new("RGB", (64, 48))], return_tensors="pt")  # doctest: +SKIP
+    ```
+    """
+
+    _auto_class = "AutoProcessor"
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_seq_length: int = 576,
+        image_token: str = "<image>",
+        alignment_token: str = "<align>",
+        add_alignment_token: bool = True,
+        **kwargs,
+    ):
+        self.image_seq_length = image_seq_length
+        self.image_token = image_token
+        self.alignment_token = alignment_token
+        self.add_alignment_token = add_alignment_token
+        self.image_token_id = _special_token_id(tokenizer, image_token)
+        self.alignment_token_id = _special_token_id(tokenizer, alignment_token)
+        if chat_template is None:
+            chat_template = VICUNA_V1_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Tokenize `text` (str or list) with its `images` (flat, or one list per sample); returns a BatchFeature."""
+        for name, value in (("videos", videos), ("audio", audio), ("audios", kwargs.pop("audios", None))):
+            if value is not None and len(value) > 0:
+                raise ValueError(f"AlignGPT takes images and text only; got non-empty `{name}`.")
+        if images is not None and len(images) == 0:
+            images = None
+        if text is not None and "add_special_tokens" not in kwargs:
+            texts = [text] if isinstance(text, str) else text
+            bos = getattr(self.tokenizer, "bos_token", None)
+            if bos and texts and all(sample.startswith(bos) for sample in texts):
+                kwargs["add_special_tokens"] = False  # the chat template already wrote BOS
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Name the sample whose `<image>` placeholders and images disagree."""
+        if text is not None and images is not None and not isinstance(text, str):
+            counts = [sample.count(self.image_token) for sample in text]
+            per_sample = _images_per_sample(images, len(text))
+            if per_sample is not None:
+                for index, (placeholders, given) in enumerate(zip(counts, per_sample)):
+                    if placeholders != given:
+                        raise ValueError(
+                            f"Sample {index} has {placeholders} `{self.image_token}` placeholder(s) but {given} "
+                            f"image(s). Put one `{self.image_token}` in the text per image (the chat template writes "
+                            "it for each {'type': 'image'} content part)."
+                        )
+            else:
+                total = len(make_flat_list_of_images(images))
+                if total != sum(counts):
+                    raise ValueError(
+                        f"Got {total} image(s) for {sum(counts)} `{self.image_token}` placeholder(s) "
+                        f"(per sample: {counts}). Put one `{self.image_token}` in the text per image."
+                    )
+        super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.image_seq_length
+
+    def get_text_with_replacements(self, text, images_replacements=(), videos_replacements=(), audio_replacements=()):
+        """Expand `<image>`, then insert `<align>` after a leading BOS of each sample with an image.
+
+        The insertion is recorded as a replacement entry (first in the sample's list, later entries shifted), which is
+        what `apply_chat_template(return_assistant_tokens_mask=True)` uses to map assistant spans onto tokens.
+        """
+        had_image = [self.image_token in sample for sample in text] if images_replacements else [False] * len(text)
+        text, offsets = super().get_text_with_replacements(
+            text, images_replacements, videos_replacements, audio_replacements
+        )
+        if not self.add_alignment_token:
+            return text, offsets
+        offsets = list(offsets) if offsets else [[] for _ in text]
+        bos = getattr(self.tokenizer, "bos_token", None) or ""
+        inserted = self.alignment_token
+        for index, sample in enumerate(text):
+            if not had_image[index] or self.alignment_token in sample:
+                continue
+            at = len(bos) if bos and sample.startswith(bos) else 0
+            text[index] = sample[:at] + inserted + sample[at:]
+            shifted = [_shift_entry(entry, len(inserted)) for entry in offsets[index]]
+            entry = {"type": "alignment", "span": (at, at), "new_span": (at, at + len(inserted)), "text": ""}
+            offsets[index] = [dict(entry, replacement=inserted)] + shifted
+        return text, offsets
+
+    @property
+    def model_input_names(self):
+        return list(dict.fromkeys(self.tokenizer.model_input_names + self.image_processor.model_input_names))
+
+
+def _shift_entry(entry: dict, by: int) -> dict:
+    start, end = entry["new_span"]
+    return dict(entry, new_span=(start + by, end + by))
+
+
+def _special_token_id(tokenizer, token: str) -> int:
+    """The id of a token the tokenizer must know as one special token, or a clear error with the fix."""
+    if tokenizer is None:
+        raise ValueError("AlignGPTProcessor needs a tokenizer.")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id or token not in tokenizer.get_vocab():
+        raise ValueError(
+            f"The tokenizer has no `{token}` token. Add it first: "
+            f"`tokenizer.add_special_tokens({{'additional_special_tokens': ['<image>', '<align>']}})` and resize the "
+            "model's embeddings (`model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)`)."
+        )
+    return token_id
+
+
+def _images_per_sample(images, batch_size: int):
+    """Per-sample image counts when `images` is nested one list per sample, else None (a flat list)."""
+    if isinstance(images, (list, tuple)) and len(images) == batch_size and all(
+        isinstance(item, (list, tuple)) for item in images
+    ):
+        return [len(item) for item in images]
+    return None
+
+
+__all__ = ["AlignGPTProcessor", "VICUNA_V1_CHAT_TEMPLATE", "VICUNA_V1_SYSTEM"]
