@@ -17,6 +17,25 @@ from .processing_aligngpt import AlignGPTProcessor
 
 __version__ = "0.1.0"
 
+# Heavier parts (TRL trainers, data adapters, conversion) load on first use, not at import.
+_LAZY_EXPORTS = {
+    "AlignGPTPretrainConfig": "aligngpt_hf.trainers",
+    "AlignGPTPretrainTrainer": "aligngpt_hf.trainers",
+    "AlignGPTInstructConfig": "aligngpt_hf.trainers",
+    "AlignGPTInstructTrainer": "aligngpt_hf.trainers",
+    "load_llava_json": "aligngpt_hf.data",
+    "convert_checkpoint": "aligngpt_hf.convert",
+    "push_to_hub": "aligngpt_hf.hub",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'aligngpt_hf' has no attribute {name!r}")
+
 
 def register_auto_classes() -> None:
     """Map `model_type="aligngpt"` to our classes in transformers' Auto factories (safe to call repeatedly)."""
@@ -30,6 +49,7 @@ def register_auto_classes() -> None:
 register_auto_classes()
 
 __all__ = [
+    *_LAZY_EXPORTS,
     "AlignGPTConfig",
     "AlignGPTForConditionalGeneration",
     "AlignGPTModel",

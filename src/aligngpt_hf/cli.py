@@ -13,7 +13,12 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("aligngpt_hf.convert", "convert a released original-layout AlignGPT checkpoint to this layout"),
     "levels": ("aligngpt_hf.levels", "score image-caption pairs with CLIP and bucket them into alignment levels"),
+    "pretrain": ("aligngpt_hf.training_cli", "stage 1: train the projector and level table (YAML recipe)"),
+    "instruct": ("aligngpt_hf.training_cli", "stage 2: instruction-tune LLM, projector and gate (YAML recipe)"),
+    "push": ("aligngpt_hf.hub", "publish a trained or converted folder to the Hub with remote code and a card"),
+    "inspect": ("aligngpt_hf.inspect_alignment", "plot the gate's alignment weights for an image and prompts"),
 }
 
 
@@ -24,10 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue  # subcommand not shipped in this build
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
-        module.add_cli_arguments(subparser)
-        subparser.set_defaults(_module=module)
+        if name in ("pretrain", "instruct"):
+            module.add_cli_arguments(subparser, stage=name)
+        else:
+            module.add_cli_arguments(subparser)
+        subparser.set_defaults(_module=module, _command=name)
     return parser
 
 
