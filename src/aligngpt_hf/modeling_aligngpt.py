@@ -245,7 +245,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         """Scatter image features into `<image>` slots and alignment vectors into `<align>` slots."""
         image_mask = input_ids == self.config.image_token_id
         align_mask = input_ids == self.config.alignment_token_id
-        if pixel_values is None:
+        if pixel_values is None or pixel_values.shape[0] == 0:
             _check_no_placeholders(image_mask, align_mask)
             return word_embeds + self._static_graph_anchor(word_embeds), None, None
 
