@@ -19,6 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "instruct": ("aligngpt_hf.training_cli", "stage 2: instruction-tune LLM, projector and gate (YAML recipe)"),
     "push": ("aligngpt_hf.hub", "publish a trained or converted folder to the Hub with remote code and a card"),
     "inspect": ("aligngpt_hf.inspect_alignment", "plot the gate's alignment weights for an image and prompts"),
+    "answer": ("aligngpt_hf.answer", "answer a LLaVA-style question JSONL into an answer JSONL (benchmarks)"),
+    "demo": ("aligngpt_hf.demo", "the whole pipeline end to end on an embedded synthetic task, offline"),
 }
 
 
