@@ -1,0 +1,461 @@
+"""AlignGPT's two training stages as TRL `SFTTrainer` subclasses (spec/aligngpt.md §2.3, §3.3, §4).
+
+Only documented hooks are overridden: the data collator (rendering, labels, levels, gate mask, length safety),
+`create_optimizer` (separate projector learning rate), `_get_train_sampler` (`group_by_modality_length`) and
+`_set_signature_columns_if_needed` (keeps the level column). Training runs through TRL's fused LM head, which passes
+every extra batch key (`alignment_levels`, `gate_text_mask`) on to `model.model`, where the alignment logic lives.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from .data import LEVEL_COLUMN, PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator, sample_token_lengths
+from .sampler import ModalityLengthGroupedSampler, modality_lengths
+
+logger = logging.getLogger(__name__)
+
+STAGE_ATTRIBUTE = "aligngpt_stage"  # written into the model config: "pretrain" after stage-1 steps, then "instruct"
+PROJECTOR = "multi_modal_projector"
+GATE_MODULES = ("alignment.fc1", "alignment.fc2")
+LORA_LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_EXCLUDE = r".*(vision_tower|multi_modal_projector|alignment).*"
+
+
+def _bf16_default(config) -> bool:
+    """bf16 where the hardware has it (TRL's unconditional default breaks CPU runs)."""
+    if config.fp16 or config.use_cpu or not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class _AlignGPTTrainingConfig(SFTConfig):
+    projector_lr: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the multimodal projector (LLaVA's `mm_projector_lr`); None = `learning_rate`."},
+    )
+    group_by_modality_length: bool = field(
+        default=False,
+        metadata={"help": "LLaVA's sampler: batches of one modality (image or text-only), grouped by length."},
+    )
+    skip_overlong_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop (and count) samples longer than `max_length` before training instead of raising. Image "
+            "tokens are never truncated. Costs one tokenisation pass over the dataset at start-up."
+        },
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (paper: cosine)."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up steps; a value < 1 is a ratio (paper: 0.03)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper: 0)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (paper: 1)."})
+    max_length: int | None = field(
+        default=2048,
+        metadata={"help": "Longest sample in tokens, image tokens and `<align>` included; longer samples raise."},
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = _bf16_default(self)
+        super().__post_init__()
+
+
+@dataclass
+class AlignGPTPretrainConfig(_AlignGPTTrainingConfig):
+    """Stage-1 settings (paper defaults: lr 1e-3, cosine, warm-up 0.03, 1 epoch, max length 2048).
+
+    Example:
+
+    ```python
+    >>> from aligngpt_hf import AlignGPTPretrainConfig
+    >>> args = AlignGPTPretrainConfig(output_dir="out/stage1", per_device_train_batch_size=2, max_steps=3)
+    >>> args.learning_rate, args.lr_scheduler_type
+    (0.001, 'cosine')
+    ```
+    """
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate (paper stage 1: 1e-3)."})
+    train_vision_tower: bool = field(
+        default=False,
+        metadata={"help": "Also train the vision tower (mPLUG-Owl recipe); AlignGPT keeps it frozen."},
+    )
+    level_column: str = field(
+        default=LEVEL_COLUMN, metadata={"help": "Dataset column holding each pair's alignment level (0..N-1)."}
+    )
+
+
+@dataclass
+class AlignGPTInstructConfig(_AlignGPTTrainingConfig):
+    """Stage-2 settings (paper defaults: lr 2e-5, cosine, warm-up 0.03, 1 epoch, max length 2048, modality grouping).
+
+    Example:
+
+    ```python
+    >>> from aligngpt_hf import AlignGPTInstructConfig
+    >>> args = AlignGPTInstructConfig(output_dir="out/stage2", per_device_train_batch_size=2, max_steps=3)
+    >>> args.learning_rate, args.assistant_only_loss, args.group_by_modality_length
+    (2e-05, True, True)
+    ```
+    """
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate (paper stage 2: 2e-5)."})
+    assistant_only_loss: bool = field(
+        default=True, metadata={"help": "Supervise only assistant answers and their EOS (vicuna_v1 `</s>`)."}
+    )
+    group_by_modality_length: bool = field(
+        default=True,
+        metadata={"help": "LLaVA's sampler: batches of one modality (image or text-only), grouped by length."},
+    )
+    allow_untrained_alignment: bool = field(
+        default=False,
+        metadata={
+            "help": "Start stage 2 from a model whose projector and level table carry no stage-1 marker (e.g. an "
+            "old converted checkpoint). Off by default: training the gate on an untrained level table is silent waste."
+        },
+    )
+
+
+class _StageMarkerCallback(TrainerCallback):
+    """Marks the config once an optimizer step has run, so saved folders and checkpoints say what was trained."""
+
+    def __init__(self, config, stage: str):
+        self.config, self.stage = config, stage
+
+    def on_step_end(self, args, state, control, **kwargs):
+        setattr(self.config, STAGE_ATTRIBUTE, self.stage)
+
+
+def check_alignment_trained(config, allow_untrained: bool = False) -> None:
+    """Refuse to start stage 2 from a projector/level table that stage 1 never trained."""
+    if allow_untrained or not getattr(config, "uses_alignment_token", True):
+        return
+    stage = getattr(config, STAGE_ATTRIBUTE, None)
+    if stage not in ("pretrain", "instruct"):
+        raise ValueError(
+            f"This model's projector and level table were never trained by stage 1 (its config has no "
+            f"`{STAGE_ATTRIBUTE}` marker). Start stage 2 from a stage-1 output folder (`aligngpt-hf pretrain`, or "
+            "`load_for_instruct(stage1_folder)`), or pass `allow_untrained_alignment=True` if the weights are "
+            "trained (e.g. a converted checkpoint)."
+        )
+
+
+def freeze_for_pretrain(model, train_vision_tower: bool = False) -> None:
+    """Stage 1: only the projector and the level table (plus the vision tower for the mPLUG-Owl recipe) train."""
+    base = model.model
+    if not hasattr(base, "alignment"):
+        raise ValueError("Stage 1 trains the level table, but this model has none (`alignment_mode='none'`).")
+    model.requires_grad_(False)
+    base.multi_modal_projector.requires_grad_(True)
+    base.alignment.level_embeddings.requires_grad_(True)
+    base.vision_tower.requires_grad_(train_vision_tower)
+
+
+def freeze_for_instruct(model) -> None:
+    """Stage 2: LLM (embeddings and LM head included), projector and gate train; vision tower and level table don't."""
+    model.requires_grad_(True)
+    model.model.vision_tower.requires_grad_(False)
+    if hasattr(model.model, "alignment"):
+        model.model.alignment.level_embeddings.requires_grad_(False)
+
+
+def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, **kwargs):
+    """LoRA on the language model only (never the vision tower), projector and gate trained in full and saved
+    alongside the adapter (`modules_to_save`); the level table stays frozen. Defaults follow LLaVA's LoRA recipe."""
+    from peft import LoraConfig
+
+    kwargs.setdefault("target_modules", LORA_LM_TARGETS)
+    kwargs.setdefault("modules_to_save", [PROJECTOR, *GATE_MODULES])
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM", **kwargs)
+
+
+def _prepare_peft_config(peft_config, model):
+    """Keep adapters off the vision tower/projector/gate and save the projector and gate with the adapter."""
+    if getattr(peft_config, "exclude_modules", None) is None and hasattr(peft_config, "exclude_modules"):
+        peft_config.exclude_modules = LORA_EXCLUDE
+    wanted = [PROJECTOR] + [name for name in GATE_MODULES if getattr(model.model, "alignment", None) is not None
+                            and hasattr(model.model.alignment, name.split(".")[1])]
+    saved = list(peft_config.modules_to_save or [])
+    peft_config.modules_to_save = saved + [name for name in wanted if name not in saved]
+    return peft_config
+
+
+def _check_peft_model(model) -> None:
+    names = [name for name, _ in model.named_parameters()]
+    in_vision = [name for name in names if "lora_" in name and "vision_tower" in name]
+    if in_vision:
+        raise ValueError(
+            f"LoRA reached the vision tower ({in_vision[0]}, ...); AlignGPT keeps it frozen. Target language-model "
+            f"modules only, e.g. `target_modules={LORA_LM_TARGETS!r}` (see `aligngpt_lora_config`)."
+        )
+    table = [n for n, p in model.named_parameters() if "level_embeddings" in n and p.requires_grad]
+    if table:
+        raise ValueError(f"The level table must stay frozen in stage 2, but {table[0]} trains; remove it from "
+                         "`modules_to_save` (save `alignment.fc1`/`alignment.fc2` for the gate).")
+
+
+class _AlignGPTTrainer(SFTTrainer):
+    """Shared machinery of both stages; see the public subclasses."""
+
+    _config_class = _AlignGPTTrainingConfig
+    _stage = ""
+
+    def __init__(self, model, args=None, train_dataset=None, processing_class=None, data_collator=None,
+                 peft_config=None, **kwargs):
+        if args is None:
+            args = self._config_class(output_dir=f"aligngpt-{self._stage}")
+        if not isinstance(args, self._config_class):
+            raise TypeError(f"{type(self).__name__} takes `args={self._config_class.__name__}(...)`, "
+                            f"got {type(args).__name__}.")
+        model, processing_class = self._load(model, processing_class, args)
+        self._check_start(model, args, peft_config)
+        self.num_skipped_samples = 0
+        if args.skip_overlong_samples and args.max_length is not None and train_dataset is not None:
+            train_dataset = self._drop_overlong(train_dataset, processing_class, args)
+        if data_collator is None:
+            data_collator = self._collator(model, processing_class, args)
+        if peft_config is None:
+            self._freeze(model, args)
+        else:
+            peft_config = _prepare_peft_config(peft_config, model)
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         processing_class=processing_class, peft_config=peft_config, **kwargs)
+        if peft_config is not None:
+            _check_peft_model(self.model)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.add_callback(_StageMarkerCallback(base.config, self._stage))
+
+    @staticmethod
+    def _load(model, processing_class, args):
+        if isinstance(model, str):
+            from transformers import AutoModelForImageTextToText
+
+            init_kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
+            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            name = model
+            model = AutoModelForImageTextToText.from_pretrained(name, **init_kwargs)
+        if processing_class is None:
+            from transformers import AutoProcessor
+
+            processing_class = AutoProcessor.from_pretrained(model.name_or_path, trust_remote_code=args.trust_remote_code)
+        return model, processing_class
+
+    def _check_start(self, model, args, peft_config) -> None:
+        """Stage-specific preconditions (overridden)."""
+
+    def _freeze(self, model, args) -> None:
+        raise NotImplementedError
+
+    def _collator(self, model, processor, args) -> AlignGPTDataCollator:
+        raise NotImplementedError
+
+    def _drop_overlong(self, dataset, processor, args):
+        """Drop and count samples that do not fit `max_length` (never truncate: image tokens must stay whole)."""
+        template = PLAIN_CHAT_TEMPLATE if self._stage == "pretrain" else None
+        lengths = sample_token_lengths(dataset, processor, chat_template=template)
+        keep = [index for index, length in enumerate(lengths) if length <= args.max_length]
+        self.num_skipped_samples = len(lengths) - len(keep)
+        if self.num_skipped_samples:
+            logger.warning(
+                "Skipped %d of %d samples longer than max_length=%d (skip_overlong_samples=True).",
+                self.num_skipped_samples, len(lengths), args.max_length,
+            )
+            dataset = dataset.select(keep)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = ["id", getattr(self.args, "level_column", LEVEL_COLUMN)]
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
+
+    def create_optimizer(self, model=None):
+        """With `projector_lr`, the projector gets its own parameter groups and learning rate."""
+        if self.args.projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = {}
+        for name, param in opt_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            key = (PROJECTOR in name, name in decay)
+            groups.setdefault(key, []).append(param)
+        param_groups = []
+        for (is_projector, decays), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if is_projector:
+                group["lr"] = self.args.projector_lr
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not self.args.group_by_modality_length or dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        return ModalityLengthGroupedSampler(
+            modality_lengths(dataset),
+            batch_size=self.args.per_device_train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+        )
+
+
+class AlignGPTPretrainTrainer(_AlignGPTTrainer):
+    """Stage 1 (paper §4.1): `[BOS][ALIGN][IMG x K] caption \\n`, loss on the caption and "\\n" only, each pair's level
+    fed as `alignment_levels`; trains the projector and the level table (and the vision tower with
+    `train_vision_tower=True`). Rows in TRL's vision format; any row is rendered with the plain template.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from datasets import Dataset
+    >>> from PIL import Image
+    >>> from aligngpt_hf import AlignGPTPretrainConfig, AlignGPTPretrainTrainer
+    >>> from aligngpt_hf.tiny import build_model, build_processor, build_tokenizer
+    >>> tokenizer = build_tokenizer(); processor = build_processor(tokenizer)
+    >>> model = build_model(tokenizer)
+    >>> rows = [{"images": [Image.new("RGB", (32, 32), (200, 0, 0))], "alignment_level": 3,
+    ...          "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A red square."}]}]
+    >>> args = AlignGPTPretrainConfig(output_dir="/tmp/aligngpt-stage1", max_steps=2, per_device_train_batch_size=1,
+    ...                               report_to="none", save_strategy="no", gradient_checkpointing=False, use_cpu=True)
+    >>> trainer = AlignGPTPretrainTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+    ...                                   processing_class=processor)
+    >>> trainer.train().global_step
+    2
+    ```
+    """
+
+    _config_class = AlignGPTPretrainConfig
+    _stage = "pretrain"
+
+    def _check_start(self, model, args, peft_config) -> None:
+        if peft_config is not None:
+            raise ValueError("Stage 1 trains the projector and level table in full; LoRA (`peft_config`) is a "
+                             "stage-2 option (AlignGPTInstructTrainer).")
+
+    def _freeze(self, model, args) -> None:
+        freeze_for_pretrain(model, args.train_vision_tower)
+
+    def _collator(self, model, processor, args) -> AlignGPTDataCollator:
+        return AlignGPTDataCollator(processor=processor, max_length=args.max_length,
+                                    pad_to_multiple_of=args.pad_to_multiple_of, assistant_only_loss=True,
+                                    chat_template=PLAIN_CHAT_TEMPLATE, level_column=args.level_column)
+
+
+class AlignGPTInstructTrainer(_AlignGPTTrainer):
+    """Stage 2 (paper §4.1): vicuna_v1 conversations, loss on assistant answers + `</s>`, adaptive gate fed the prompt
+    only; trains LLM + projector + gate, the vision tower and level table stay frozen. With `peft_config` (see
+    `aligngpt_lora_config`): LoRA on the language model, projector and gate saved alongside; `merge_lora` folds it.
+    Text-only rows may be mixed with image rows (they get no `<align>`). Refuses an untrained level table/projector.
+
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> from PIL import Image
+    >>> from aligngpt_hf import AlignGPTInstructConfig, AlignGPTInstructTrainer
+    >>> from aligngpt_hf.tiny import build_model, build_processor, build_tokenizer
+    >>> tokenizer = build_tokenizer(); processor = build_processor(tokenizer)
+    >>> model = build_model(tokenizer)
+    >>> rows = [{"images": [Image.new("RGB", (32, 32), (200, 0, 0))],
+    ...          "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Red."}]},
+    ...         {"images": [], "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi."}]}]
+    >>> args = AlignGPTInstructConfig(output_dir="/tmp/aligngpt-stage2", max_steps=2, per_device_train_batch_size=2,
+    ...                               report_to="none", save_strategy="no", gradient_checkpointing=False, use_cpu=True,
+    ...                               allow_untrained_alignment=True)  # a real run starts from a stage-1 folder
+    >>> trainer = AlignGPTInstructTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+    ...                                   processing_class=processor)
+    >>> trainer.train().global_step
+    2
+    ```
+    """
+
+    _config_class = AlignGPTInstructConfig
+    _stage = "instruct"
+
+    def _check_start(self, model, args, peft_config) -> None:
+        check_alignment_trained(model.config, args.allow_untrained_alignment)
+
+    def _freeze(self, model, args) -> None:
+        freeze_for_instruct(model)
+
+    def _collator(self, model, processor, args) -> AlignGPTDataCollator:
+        scope_prompt = getattr(model.config, "gate_text_scope", "prompt") == "prompt"
+        return AlignGPTDataCollator(processor=processor, max_length=args.max_length,
+                                    pad_to_multiple_of=args.pad_to_multiple_of,
+                                    assistant_only_loss=args.assistant_only_loss, gate_text_mask=scope_prompt)
+
+
+def merge_lora(model, output_dir=None, processor=None):
+    """Fold a stage-2 LoRA adapter (and its saved projector/gate copies) into a plain AlignGPT model; optionally save
+    it (with the processor) as a normal checkpoint that loads through the Auto classes."""
+    merged = model.merge_and_unload()
+    merged.__dict__.pop("forward", None)  # drop TRL's fused-head patch from the instance
+    if output_dir is not None:
+        merged.save_pretrained(output_dir)
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+    return merged
+
+
+def load_for_instruct(stage1_folder, base_language_model=None, allow_untrained_alignment: bool = False, **kwargs):
+    """The stage-2 starting model: a stage-1 output folder, optionally with the language model (embeddings and LM head
+    included) replaced by `base_language_model` (a causal-LM folder/id or model). Rows the base LLM lacks (`<image>`,
+    `<align>`, vocabulary padding) keep their stage-1 values; every other tensor must match exactly."""
+    from .modeling_aligngpt import AlignGPTForConditionalGeneration
+
+    kwargs.setdefault("dtype", torch.float32)
+    model = AlignGPTForConditionalGeneration.from_pretrained(stage1_folder, **kwargs)
+    check_alignment_trained(model.config, allow_untrained_alignment)
+    if base_language_model is not None:
+        if isinstance(base_language_model, str):
+            from transformers import AutoModelForCausalLM
+
+            base_language_model = AutoModelForCausalLM.from_pretrained(base_language_model, **kwargs)
+        _copy_language_model(base_language_model, model)
+    return model
+
+
+def _copy_language_model(source, model) -> None:
+    target = model.model.language_model
+    state = {k: v for k, v in source.get_decoder().state_dict().items()}
+    embed_key = next(k for k in state if k.endswith("embed_tokens.weight"))
+    state[embed_key] = _overlay_rows(state[embed_key], target.get_input_embeddings().weight, "embed_tokens")
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"The base language model does not match the stage-1 language model: missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}.")
+    head = _overlay_rows(source.get_output_embeddings().weight, model.lm_head.weight, "lm_head")
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head)
+
+
+def _overlay_rows(source: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    if source.shape[1] != target.shape[1] or source.shape[0] > target.shape[0]:
+        raise ValueError(f"Base language model `{name}` has shape {tuple(source.shape)}, the stage-1 model "
+                         f"{tuple(target.shape)}: hidden sizes must match and the base vocabulary must not be larger.")
+    merged = target.detach().clone()
+    merged[: source.shape[0]] = source.to(merged.dtype)
+    return merged
+
+
+__all__ = [
+    "AlignGPTInstructConfig",
+    "AlignGPTInstructTrainer",
+    "AlignGPTPretrainConfig",
+    "AlignGPTPretrainTrainer",
+    "aligngpt_lora_config",
+    "check_alignment_trained",
+    "freeze_for_instruct",
+    "freeze_for_pretrain",
+    "load_for_instruct",
+    "merge_lora",
+]
