@@ -260,6 +260,9 @@ class _AlignGPTTrainer(SFTTrainer):
         lengths = sample_token_lengths(dataset, processor, chat_template=template)
         keep = [index for index, length in enumerate(lengths) if length <= args.max_length]
         self.num_skipped_samples = len(lengths) - len(keep)
+        if not keep:
+            raise ValueError(f"All {len(lengths)} samples are longer than max_length={args.max_length} (image tokens "
+                             "and `<align>` included); raise `max_length`.")
         if self.num_skipped_samples:
             logger.warning(
                 "Skipped %d of %d samples longer than max_length=%d (skip_overlong_samples=True).",
