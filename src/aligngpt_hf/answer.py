@@ -1,0 +1,310 @@
+"""`aligngpt-hf answer`: LLaVA/AlignGPT question JSONL in, answer JSONL out (the benchmark converters' input).
+
+The original `model_vqa_loader.py` is the reference: each question's `text` (which already carries the benchmark's
+prompt suffix) becomes `<image>\\n{text}` in one vicuna_v1 user turn ending in `ASSISTANT:`, decoding is greedy with
+batch size 1 and `max_new_tokens=128`, and every answer is written as
+`{"question_id", "prompt", "text", "answer_id", "model_id", "metadata": {}}` so `convert_*_for_submission.py`,
+`eval_pope.py`, `eval_textvqa.py`, ... work unchanged. Differences on purpose: `answer_id` is a deterministic uuid5
+of (model_id, question_id, answer) instead of a random shortuuid, and batches larger than 1 (left padding) exist
+behind `--batch-size`, which may move scores slightly (fp16/bf16 kernels differ with padding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ANSWER_ID_NAMESPACE = uuid.UUID("6f7a2b1e-4c1d-5e0a-9b2f-a11c9e7d0001")
+
+
+@dataclass
+class AnswerReport:
+    """What a run did: answered, skipped because already in the answers file (resume), skipped for a bad image."""
+
+    answered: int = 0
+    resumed: int = 0
+    missing_images: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"answered {self.answered}", f"already answered (resume) {self.resumed}"]
+        if self.missing_images:
+            parts.append(f"skipped for missing images {len(self.missing_images)}")
+        return ", ".join(parts)
+
+
+def read_questions(path: str | Path) -> list[dict]:
+    """Question records (`question_id`, `text`, optional `image`/`category`); errors name the line."""
+    questions = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}).") from error
+            missing = [key for key in ("question_id", "text") if key not in record]
+            if missing:
+                raise ValueError(
+                    f"{path}:{line_number}: question record lacks {missing}; the LLaVA question format is "
+                    '{"question_id": ..., "image": "file.jpg", "text": "question + task suffix", "category": ...}.'
+                )
+            questions.append(record)
+    return questions
+
+
+def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> list:
+    """The `chunk_idx`-th of `num_chunks` contiguous slices, split exactly like the original scripts."""
+    if num_chunks < 1 or not 0 <= chunk_idx < num_chunks:
+        raise ValueError(f"--chunk-idx must be in 0..{num_chunks - 1} (got {chunk_idx} of {num_chunks} chunks).")
+    size = max(1, math.ceil(len(items) / num_chunks))
+    chunks = [list(items[start : start + size]) for start in range(0, len(items), size)]
+    return chunks[chunk_idx] if chunk_idx < len(chunks) else []
+
+
+def model_id_from_path(path: str) -> str:
+    """The original's `get_model_name_from_path`: last folder name, `parent_checkpoint-N` for checkpoints."""
+    parts = str(path).rstrip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]
+
+
+def answer_id(model_id: str, question_id, text: str) -> str:
+    """Deterministic stand-in for the original's random `shortuuid.uuid()` (same input, same id)."""
+    return str(uuid.uuid5(ANSWER_ID_NAMESPACE, json.dumps([model_id, question_id, text], ensure_ascii=False)))
+
+
+def build_prompt(processor, text: str, with_image: bool = True) -> str:
+    """vicuna_v1 prompt of one user turn: `<s>SYSTEM USER: <image>\\n{text} ASSISTANT:` (image first, as original)."""
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def load_image(question: dict, image_folder: str | Path):
+    """The question's image as RGB, or a FileNotFoundError naming the question_id; None for text-only records."""
+    from PIL import Image
+
+    if not question.get("image"):
+        return None
+    path = Path(image_folder) / question["image"]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"question_id {question['question_id']!r}: image {str(path)!r} not found "
+            f"(`image` {question['image']!r} is read relative to --image-folder {str(image_folder)!r})."
+        )
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def generation_kwargs(max_new_tokens: int = 128, temperature: float = 0.0, top_p=None, num_beams: int = 1) -> dict:
+    """The original's decoding switches: sampling only when temperature > 0 (0 = greedy, the paper's setting)."""
+    kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": temperature > 0}
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+        if top_p is not None:
+            kwargs["top_p"] = top_p
+    return kwargs
+
+
+def generate_answers(model, processor, prompts: list[str], images: list, alignment_level=None, **gen_kwargs) -> list:
+    """Greedy (by default) answers for one batch; left padding, so a batch equals its rows run one by one."""
+    import torch
+
+    has_images = [image is not None for image in images]
+    if any(has_images) and not all(has_images):
+        raise ValueError("A batch mixes questions with and without images; use --batch-size 1 for such files.")
+    inputs = processor(
+        text=prompts,
+        images=list(images) if all(has_images) else None,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    ).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    if alignment_level is not None:
+        inputs["alignment_levels"] = torch.full((len(prompts),), int(alignment_level), device=model.device)
+    tokenizer = processor.tokenizer
+    with torch.inference_mode():
+        output = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def answered_ids(path: str | Path) -> set[str]:
+    """question_ids already in an answers file (JSON-encoded, so 5 and "5" stay distinct)."""
+    done = set()
+    if Path(path).is_file():
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    done.add(json.dumps(json.loads(line)["question_id"]))
+    return done
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def answer_questions(
+    model,
+    processor,
+    questions: Sequence[dict],
+    image_folder: str | Path,
+    answers_file: str | Path,
+    *,
+    model_id: str = "aligngpt",
+    batch_size: int = 1,
+    resume: bool = False,
+    skip_missing_images: bool = False,
+    alignment_level: int | None = None,
+    progress: bool = True,
+    **gen_kwargs,
+) -> AnswerReport:
+    """Answer `questions` into `answers_file` (one JSON line each, flushed as written, so a crash can `resume`)."""
+    from tqdm.auto import tqdm
+
+    report = AnswerReport()
+    done = answered_ids(answers_file) if resume else set()
+    todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
+    report.resumed = len(questions) - len(todo)
+    Path(answers_file).parent.mkdir(parents=True, exist_ok=True)
+    decoding = generation_kwargs(**gen_kwargs)
+    with (
+        open(answers_file, "a" if resume else "w", encoding="utf-8") as out,
+        tqdm(total=len(todo), disable=not progress, desc="answering", unit="q") as bar,
+    ):
+        for batch in _batches(todo, batch_size):
+            loaded = []
+            for question in batch:
+                try:
+                    loaded.append((question, load_image(question, image_folder)))
+                except FileNotFoundError:
+                    if not skip_missing_images:
+                        raise
+                    report.missing_images.append(question["question_id"])
+            if loaded:
+                prompts = [build_prompt(processor, q["text"], image is not None) for q, image in loaded]
+                texts = generate_answers(
+                    model, processor, prompts, [i for _, i in loaded], alignment_level, **decoding
+                )
+                for (question, _), text in zip(loaded, texts):
+                    out.write(json.dumps(_answer_record(question, text, model_id)) + "\n")
+                out.flush()
+                report.answered += len(loaded)
+            bar.update(len(batch))
+    return report
+
+
+def _answer_record(question: dict, text: str, model_id: str) -> dict:
+    """The exact schema of `model_vqa_loader.py` (`prompt` is the question text as given, suffix included)."""
+    return {
+        "question_id": question["question_id"],
+        "prompt": question["text"],
+        "text": text,
+        "answer_id": answer_id(model_id, question["question_id"], text),
+        "model_id": model_id,
+        "metadata": {},
+    }
+
+
+def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto", device: str | None = None, **kwargs):
+    """Model (eval mode) and processor from a local folder or Hub id; `alignment_mode` overrides the config."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import aligngpt_hf  # noqa: F401  (registers the Auto classes)
+
+    config_kwargs = {"alignment_mode": alignment_mode} if alignment_mode else {}
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch_dtype, **config_kwargs, **kwargs)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    processor = AutoProcessor.from_pretrained(model_path, **kwargs)
+    return model.to(device).eval(), processor
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="converted AlignGPT folder or Hub id")
+    parser.add_argument("--questions", "--question-file", dest="questions", required=True, help="question JSONL")
+    parser.add_argument("--image-folder", required=True, help="folder the questions' `image` paths are relative to")
+    parser.add_argument("--answers", "--answers-file", dest="answers", required=True, help="answer JSONL to write")
+    parser.add_argument("--model-id", help="`model_id` written in each answer (default: the model folder's name)")
+    parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into N chunks (multi-GPU)")
+    parser.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process answers")
+    parser.add_argument("--resume", action="store_true", help="keep the answers file; skip question_ids in it")
+    parser.add_argument("--skip-missing-images", action="store_true", help="skip and count, instead of failing")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="128 = model_vqa_loader; 1024 = model_vqa")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper setting)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="1 = paper parity. Larger batches use left padding and give the same answers in fp32; in fp16/bf16 "
+        "padded kernels can flip near-tied tokens, so scores may move slightly.",
+    )
+    parser.add_argument(
+        "--alignment-mode",
+        choices=["adaptive", "global", "local", "mean", "none"],
+        help="override the checkpoint's alignment mode (paper Table 4 ablations)",
+    )
+    parser.add_argument("--alignment-level", type=int, help="fixed-level mode: use level table row K for every image")
+    parser.add_argument(
+        "--image-aspect-ratio",
+        choices=["pad", "square"],
+        help="pad = expand-to-square (model_vqa_loader); square = resize + centre crop "
+        "(model_vqa / model_vqa_science, used for LLaVA-W, MM-Vet, SQA). Default: the processor's.",
+    )
+    parser.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32")
+    parser.add_argument("--device", help="cuda | cpu | cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise SystemExit("--batch-size must be >= 1.")
+    questions = get_chunk(read_questions(args.questions), args.num_chunks, args.chunk_idx)
+    model, processor = load_for_answering(args.model, args.alignment_mode, args.dtype, args.device)
+    if args.image_aspect_ratio:
+        processor.image_processor.do_pad = args.image_aspect_ratio == "pad"
+    if args.batch_size > 1:
+        print(f"batch size {args.batch_size}: left padding; scores may move slightly vs the paper's batch size 1.")
+    report = answer_questions(
+        model,
+        processor,
+        questions,
+        args.image_folder,
+        args.answers,
+        model_id=args.model_id or model_id_from_path(args.model),
+        batch_size=args.batch_size,
+        resume=args.resume,
+        skip_missing_images=args.skip_missing_images,
+        alignment_level=args.alignment_level,
+        progress=not args.no_progress,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+    )
+    print(f"{args.answers}: {report.summary()}.")
+    if report.missing_images:
+        print(f"question_ids skipped for missing images: {report.missing_images[:20]}")
+    return 0
+
+
+__all__ = ["AnswerReport", "answer_questions", "build_prompt", "get_chunk", "load_for_answering", "read_questions"]
