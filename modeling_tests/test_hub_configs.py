@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from conftest import REPO_ROOT
 from transformers import AutoConfig
 
 from aligngpt_hf import AlignGPTConfig
 from aligngpt_hf.hub_configs import write_hub_configs
+from conftest import REPO_ROOT
 
 
 def test_hub_configs_are_up_to_date_and_load(tmp_path):
     written = write_hub_configs(tmp_path)
-    assert sorted(path.parent.name for path in written) == ["aligngpt-13b", "aligngpt-7b", "tiny"]
+    assert sorted(path.parent.name for path in written) == ["aligngpt-13b", "aligngpt-7b", "aligngpt-mplug-owl-7b", "tiny"]
     for path in written:
         committed = REPO_ROOT / "hub_configs" / path.parent.name / "config.json"
         assert committed.read_text() == path.read_text(), f"{committed} is stale: run python -m aligngpt_hf.hub_configs"
@@ -21,3 +21,5 @@ def test_hub_configs_are_up_to_date_and_load(tmp_path):
     assert seven_b.image_seq_length == 576 and seven_b.gate_hidden_size == 256
     assert (seven_b.text_config.hidden_size, seven_b.text_config.vocab_size) == (4096, 32064)
     assert AutoConfig.from_pretrained(tmp_path / "aligngpt-13b").text_config.hidden_size == 5120
+    owl = AutoConfig.from_pretrained(tmp_path / "aligngpt-mplug-owl-7b")
+    assert (owl.projector_type, owl.image_seq_length, owl.vision_config.image_size) == ("abstractor", 65, 224)

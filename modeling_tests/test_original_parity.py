@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_FIXTURES
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration
+from conftest import SHARED_FIXTURES
 
 pytestmark = pytest.mark.skipif(not SHARED_FIXTURES.is_dir(), reason=f"shared fixtures not found at {SHARED_FIXTURES}")
 

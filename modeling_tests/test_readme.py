@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
+
 from conftest import REPO_ROOT
 
 

@@ -10,7 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 ALIGNMENT_MODES = ("adaptive", "global", "local", "mean", "none")
 GATE_TEXT_SCOPES = ("prompt", "all")
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "abstractor")
 SELECT_STRATEGIES = ("default", "full")
 
 # Tokens a vision encoder puts in front of its patch tokens (CLIP: one CLS token; SigLIP: none).
@@ -40,11 +40,18 @@ class AlignGPTConfig(PreTrainedConfig):
         gate_text_scope (`str`, defaults to `"prompt"`):
             Which text the gate averages in training: `prompt` (unsupervised tokens only, as at inference) or `all`
             (every text token, answers included, as the original training did).
-        projector_type (`str`, defaults to `"mlp2x_gelu"`): `linear` or `mlp2x_gelu`.
+        projector_type (`str`, defaults to `"mlp2x_gelu"`): `linear`, `mlp2x_gelu`, or `abstractor` (mPLUG-Owl's visual
+            abstractor: learned queries over the visual tokens, `abstractor_num_queries + 1` tokens per image).
         projector_hidden_act (`str`, defaults to `"gelu"`): activation of the `mlp2x_gelu` projector.
         multimodal_projector_bias (`bool`, defaults to `True`): whether the projector linears have a bias.
         vision_feature_layer (`int`, defaults to -2): hidden state of the vision tower fed to the projector.
         vision_feature_select_strategy (`str`, defaults to `"default"`): `default` drops the CLS token, `full` keeps all.
+        vision_feature_post_layernorm (`bool`, defaults to `False`):
+            Apply the vision tower's `post_layernorm` to every selected token (mPLUG-Owl does; LLaVA does not).
+        abstractor_num_queries, abstractor_num_layers, abstractor_num_heads, abstractor_intermediate_size,
+        abstractor_attention_dropout, abstractor_layer_norm_eps:
+            Shape of the `abstractor` projector (mPLUG-Owl v1: 64 queries, 6 layers, 16 heads, SwiGLU width 2816,
+            attention dropout 0.1, inner LayerNorm eps 1e-6). Its width is the vision width.
         image_token_id (`int`, defaults to 32000): id of the `<image>` placeholder token.
         alignment_token_id (`int`, defaults to 32001): id of the `<align>` token.
         image_seq_length (`int`, *optional*):
@@ -99,6 +106,13 @@ class AlignGPTConfig(PreTrainedConfig):
     multimodal_projector_bias: bool = True
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "default"
+    vision_feature_post_layernorm: bool = False
+    abstractor_num_queries: int = 64
+    abstractor_num_layers: int = 6
+    abstractor_num_heads: int = 16
+    abstractor_intermediate_size: int = 2816
+    abstractor_attention_dropout: float = 0.1
+    abstractor_layer_norm_eps: float = 1e-6
     image_token_id: int = 32000
     alignment_token_id: int = 32001
     image_seq_length: int | None = None
@@ -144,31 +158,42 @@ class AlignGPTConfig(PreTrainedConfig):
             )
 
     def _resolve_image_seq_length(self, given: int | None) -> int:
-        """Tokens per image = patches (+ prefix tokens kept by the strategy); the gate's input width."""
+        """Tokens per image in the LLM sequence: the gate's input width."""
+        if self.projector_type == "abstractor":
+            derived, reason = self.abstractor_num_queries + 1, f"{self.abstractor_num_queries} abstractor queries + 1"
+        else:
+            derived = self.num_vision_feature_tokens
+            if derived is None:
+                if given is None:
+                    raise ValueError(
+                        f"Cannot derive `image_seq_length` for vision model type {self.vision_config.model_type!r}; "
+                        "pass `image_seq_length` (feature tokens per image after the select strategy)."
+                    )
+                return given
+            vision = self.vision_config
+            reason = (f"{vision.model_type} at {vision.image_size}px with patch {vision.patch_size} and strategy "
+                      f"{self.vision_feature_select_strategy!r}")
+        if given is not None and given != derived:
+            raise ValueError(
+                f"`image_seq_length={given}` disagrees with the model: {reason} gives {derived} tokens per image "
+                "(the gate's input width)."
+            )
+        return derived
+
+    @property
+    def num_vision_feature_tokens(self) -> int | None:
+        """Vision tokens fed to the projector (patches, plus CLS with strategy `full`); None if not derivable."""
         vision = self.vision_config
         prefix = VISION_PREFIX_TOKENS.get(vision.model_type)
         if prefix is None or not hasattr(vision, "image_size") or not hasattr(vision, "patch_size"):
-            if given is None:
-                raise ValueError(
-                    f"Cannot derive `image_seq_length` for vision model type {vision.model_type!r}; pass "
-                    "`image_seq_length` (the number of feature tokens per image after the select strategy)."
-                )
-            return given
+            return None
         if self.vision_feature_select_strategy == "default" and prefix == 0:
             raise ValueError(
                 f"`vision_feature_select_strategy='default'` drops a CLS token, but {vision.model_type!r} has none; "
                 "use `vision_feature_select_strategy='full'`."
             )
-        derived = (vision.image_size // vision.patch_size) ** 2 + prefix
-        if self.vision_feature_select_strategy == "default":
-            derived -= prefix
-        if given is not None and given != derived:
-            raise ValueError(
-                f"`image_seq_length={given}` disagrees with the vision config: {vision.model_type} at "
-                f"{vision.image_size}px with patch {vision.patch_size} and strategy "
-                f"{self.vision_feature_select_strategy!r} gives {derived} tokens per image (the gate's input width)."
-            )
-        return derived
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches if self.vision_feature_select_strategy == "default" else patches + prefix
 
     @property
     def uses_alignment_token(self) -> bool:

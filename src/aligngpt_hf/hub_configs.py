@@ -49,6 +49,21 @@ def released_config(name: str) -> AlignGPTConfig:
     )
 
 
+def mplug_owl_config() -> AlignGPTConfig:
+    """mPLUG-Owl-style variant: CLIP ViT-L/14 at 224 px (last layer, CLS kept, post-LN on all tokens) + the visual
+    abstractor (64 queries, 6 layers -> 65 tokens per image) + LLaMA-7B dims, with AlignGPT's levels and gate."""
+    return AlignGPTConfig(
+        vision_config=CLIPVisionConfig(**{**CLIP_L_336, "image_size": 224, "layer_norm_eps": 1e-6}),
+        text_config=LlamaConfig(**VICUNA_COMMON, **VICUNA_DIMS["aligngpt-7b"]),
+        projector_type="abstractor",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_feature_post_layernorm=True,
+        image_token_id=32000,
+        alignment_token_id=32001,
+    )
+
+
 def tiny_config() -> AlignGPTConfig:
     """The tiny test model (`aligngpt_hf.tiny`), with its locally trained tokenizer's vocabulary."""
     from .tiny import build_config, build_tokenizer
@@ -57,7 +72,8 @@ def tiny_config() -> AlignGPTConfig:
 
 
 def hub_config_variants() -> dict[str, AlignGPTConfig]:
-    return {**{name: released_config(name) for name in VICUNA_DIMS}, "tiny": tiny_config()}
+    variants = {name: released_config(name) for name in VICUNA_DIMS}
+    return {**variants, "aligngpt-mplug-owl-7b": mplug_owl_config(), "tiny": tiny_config()}
 
 
 def config_json(config: AlignGPTConfig) -> str:
@@ -66,6 +82,8 @@ def config_json(config: AlignGPTConfig) -> str:
     data.pop("transformers_version", None)
     for sub in ("vision_config", "text_config"):
         data.get(sub, {}).pop("transformers_version", None)
+    if config.projector_type != "abstractor":
+        data = {key: value for key, value in data.items() if not key.startswith("abstractor_")}
     data["architectures"] = ["AlignGPTForConditionalGeneration"]
     data["auto_map"] = {**REMOTE_AUTO_MAP, **PROCESSOR_AUTO_MAP}
     return json.dumps(data, indent=2, sort_keys=True) + "\n"

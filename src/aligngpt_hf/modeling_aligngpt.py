@@ -19,6 +19,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
+from .abstractor_aligngpt import AlignGPTVisualAbstractor
 from .configuration_aligngpt import AlignGPTConfig
 
 # Auto classes written into `auto_map` on save, so every loader finds its entry with trust_remote_code.
@@ -132,6 +133,9 @@ class AlignGPTPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, AlignGPTAlignment):
             init.xavier_uniform_(module.level_embeddings)
+        elif isinstance(module, AlignGPTVisualAbstractor):  # never zeros: identical queries would never separate
+            init.trunc_normal_(module.query_tokens, std=0.02)
+            init.trunc_normal_(module.end_of_image, std=0.02)
         elif isinstance(module, nn.Linear) and id(module) in self._linears_with_torch_init():
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
@@ -167,7 +171,10 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
     def __init__(self, config: AlignGPTConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = AlignGPTMultiModalProjector(config)
+        if config.projector_type == "abstractor":
+            self.multi_modal_projector = AlignGPTVisualAbstractor(config)
+        else:
+            self.multi_modal_projector = AlignGPTMultiModalProjector(config)
         if config.uses_alignment_token:
             self.alignment = AlignGPTAlignment(config)
         self.language_model = AutoModel.from_config(config.text_config)
@@ -186,7 +193,10 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         features = outputs.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
-        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+        if self.config.vision_feature_post_layernorm:
+            features = self.vision_tower.post_layernorm(features)
+        projector_dtype = next(self.multi_modal_projector.parameters()).dtype
+        return self.multi_modal_projector(features.to(projector_dtype))
 
     def forward(
         self,
@@ -308,7 +318,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             blank = word_embeds.new_zeros(1, self.config.vision_config.num_channels, size, size)
             terms.append(self.get_image_features(blank).sum())
         elif any(p.requires_grad for p in self.multi_modal_projector.parameters()):
-            blank = word_embeds.new_zeros(1, self.config.image_seq_length, self.config.vision_config.hidden_size)
+            tokens = self.config.num_vision_feature_tokens or self.config.image_seq_length
+            blank = word_embeds.new_zeros(1, tokens, self.config.vision_config.hidden_size)
             terms.append(self.multi_modal_projector(blank).sum())
         alignment = getattr(self, "alignment", None)
         if alignment is not None and hasattr(alignment, "fc1") and alignment.fc1.weight.requires_grad:

@@ -69,12 +69,8 @@ def build_processor(
         do_pad=aspect_ratio == "pad",
     )
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    return AlignGPTProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        image_seq_length=(image_size // patch_size) ** 2,
-        **kwargs,
-    )
+    kwargs.setdefault("image_seq_length", (image_size // patch_size) ** 2)
+    return AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
 
 def build_config(
