@@ -25,12 +25,6 @@ from conftest import user_message
 
 REPO_ID = "user/tiny-aligngpt"
 HERE = Path(__file__).resolve().parent
-EXPECTED_FILES = [
-    "README.md", "chat_template.jinja", "config.json", "configuration_aligngpt.py", "generation_config.json",
-    "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors",
-    "model.safetensors.index.json", "modeling_aligngpt.py", "processing_aligngpt.py", "processor_config.json",
-    "tokenization_aligngpt.py", "tokenizer.json", "tokenizer_config.json",
-]
 GENERATION_CLASS = "modeling_aligngpt.AlignGPTForConditionalGeneration"
 # The same images and questions are rebuilt in the subprocesses below.
 IMAGE_SPECS = [((40, 24), (200, 30, 30)), ((20, 36), (30, 160, 40))]
@@ -56,6 +50,15 @@ def trained(tmp_path_factory, processor):
 
 
 @pytest.fixture(scope="module")
+def expected_files(trained):
+    """What a plain save wrote (remote-code helpers included), re-sharded at 100KB, plus the card and the shim."""
+    _, folder = trained
+    saved = {path.name for path in folder.iterdir()} - {"model.safetensors", "trainer_state.json"}
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    return sorted([*saved, *shards, "model.safetensors.index.json", "README.md", "tokenization_aligngpt.py"])
+
+
+@pytest.fixture(scope="module")
 def published(trained, tmp_path_factory):
     _, folder = trained
     out = tmp_path_factory.mktemp("publish") / "tiny-aligngpt"
@@ -66,10 +69,10 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_dry_run_folder_has_the_full_loading_contract(published, trained):
+def test_dry_run_folder_has_the_full_loading_contract(published, trained, expected_files):
     model, _ = trained
     folder = published.folder
-    assert published.dry_run and published.files == EXPECTED_FILES == sorted(os.listdir(folder))
+    assert published.dry_run and published.files == expected_files == sorted(os.listdir(folder))
     auto_map = _read_json(folder / "config.json")["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_aligngpt.AlignGPTConfig",
@@ -92,7 +95,7 @@ def test_dry_run_folder_has_the_full_loading_contract(published, trained):
     assert generation["pad_token_id"] == config.text_config.pad_token_id
     assert generation["suppress_tokens"] == sorted([config.image_token_id, config.alignment_token_id])
     index = _read_json(folder / "model.safetensors.index.json")
-    assert set(index["weight_map"].values()) == {n for n in EXPECTED_FILES if n.startswith("model-")}
+    assert set(index["weight_map"].values()) == {name for name in expected_files if name.startswith("model-")}
 
 
 def test_model_card_metadata_and_sections(published):
@@ -127,7 +130,7 @@ def _refuse_network(*args, **kwargs):
     raise AssertionError("a dry run must not call the Hub")
 
 
-def test_cli_dry_run_default_location_rerun_and_foreign_folder(trained, capsys):
+def test_cli_dry_run_default_location_rerun_and_foreign_folder(trained, expected_files, capsys):
     _, folder = trained
     with mock.patch.object(HfApi, "create_repo", _refuse_network), \
             mock.patch.object(HfApi, "create_commit", _refuse_network):
@@ -136,7 +139,7 @@ def test_cli_dry_run_default_location_rerun_and_foreign_folder(trained, capsys):
     target = folder.parent / "my-model-publish"
     output = capsys.readouterr().out
     assert f"Dry run: publish-ready folder written to {target}" in output
-    unsharded = [n for n in EXPECTED_FILES if not n.startswith(("model-", "model.safetensors"))]
+    unsharded = [name for name in expected_files if not name.startswith(("model-", "model.safetensors"))]
     assert sorted(os.listdir(target)) == sorted([*unsharded, "model.safetensors"])
     (target / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="notes.txt"):
@@ -150,7 +153,7 @@ def test_folder_without_processor_is_refused(trained, tmp_path):
         push_to_hub(tmp_path / "bare", REPO_ID, dry_run=True)
 
 
-def test_push_with_mocked_hfapi_records_files_and_commit(trained):
+def test_push_with_mocked_hfapi_records_files_and_commit(trained, expected_files):
     _, folder = trained
     calls = {}
     stale = ["model-00001-of-00009.safetensors", "model-00003-of-00003.safetensors", "README.md", "notes.md"]
@@ -168,7 +171,7 @@ def test_push_with_mocked_hfapi_records_files_and_commit(trained):
             mock.patch.object(HfApi, "create_commit", record("create_commit", commit)):
         result = push_to_hub(folder, REPO_ID, private=True, revision="dev", max_shard_size="100KB",
                              commit_message="hub: tiny")
-    assert result.commit_url == commit.commit_url and result.files == EXPECTED_FILES
+    assert result.commit_url == commit.commit_url and result.files == expected_files
     assert calls["create_repo"] == ((REPO_ID,), {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls["create_branch"] == ((REPO_ID,), {"branch": "dev", "exist_ok": True, "repo_type": "model"})
     args, kwargs = calls["create_commit"]
@@ -176,7 +179,7 @@ def test_push_with_mocked_hfapi_records_files_and_commit(trained):
     operations = kwargs["operations"]
     added = [op.path_in_repo for op in operations if type(op).__name__ == "CommitOperationAdd"]
     deleted = [op.path_in_repo for op in operations if type(op).__name__ == "CommitOperationDelete"]
-    assert added == EXPECTED_FILES and deleted == ["model-00001-of-00009.safetensors"]
+    assert added == expected_files and deleted == ["model-00001-of-00009.safetensors"]
     assert not result.folder.exists()  # staged in a temporary folder
 
 
@@ -285,7 +288,9 @@ def _expected_lmms_outputs(model, processor):
     return texts, batch, result, generated
 
 
-def test_push_to_stand_in_hub_then_load_everything_without_the_package(fake_hub, trained, processor, tmp_path):
+def test_push_to_stand_in_hub_then_load_everything_without_the_package(
+    fake_hub, trained, expected_files, processor, tmp_path
+):
     model, folder = trained
     endpoint, root = fake_hub
     push = subprocess.run(
@@ -294,7 +299,7 @@ def test_push_to_stand_in_hub_then_load_everything_without_the_package(fake_hub,
     )
     assert push.returncode == 0, push.stderr[-3000:]
     assert f"Pushed {REPO_ID}" in push.stdout
-    assert sorted(os.listdir(root / "store" / REPO_ID.replace("/", "__"))) == EXPECTED_FILES
+    assert sorted(os.listdir(root / "store" / REPO_ID.replace("/", "__"))) == expected_files
 
     out_file = tmp_path / "pulled.safetensors"
     pull_home = tmp_path / "pull_home"

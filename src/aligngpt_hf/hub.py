@@ -47,6 +47,7 @@ MODEL_AUTO_CLASSES = (
 # Files a publish folder may contain; only these are ever removed when a staging folder is reused.
 PUBLISHED_PATTERNS = (
     *REQUIRED_FILES,
+    "*_aligngpt.py",
     "model*.safetensors",
     "model.safetensors.index.json",
     "special_tokens_map.json",
