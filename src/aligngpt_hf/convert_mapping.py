@@ -72,10 +72,12 @@ EMBEDDED_VISION_DROPPED = (
     Rule(r"vision_tower\.vision_tower\.vision_model\.[\w.]+", None, "vision tower taken from --vision-tower"),
 )
 
-# A CLIPVisionModel folder (`vision_model.*`) or a full CLIPModel such as openai/clip-vit-large-patch14-336.
+# A CLIPVisionModel folder (`vision_model.*`; flat keys when saved by transformers 5) or a full CLIPModel such as
+# openai/clip-vit-large-patch14-336 (its text side is dropped).
 VISION_FOLDER_RULES = (
-    Rule(r"vision_model\.embeddings\.position_ids", None, POSITION_IDS),
+    Rule(r"(?:vision_model\.)?embeddings\.position_ids", None, POSITION_IDS),
     Rule(r"vision_model\.([\w.]+)", r"model.vision_tower.\1"),
+    Rule(r"((?:embeddings|pre_layrnorm|encoder|post_layernorm)\.[\w.]+)", r"model.vision_tower.\1"),
     Rule(r"(text_model\.[\w.]+|text_projection\.weight|visual_projection\.weight|logit_scale)", None, "CLIP text side"),
 )
 
@@ -332,7 +334,8 @@ def plan_and_write(sources, expected, config, output: Path, max_shard_size, prog
     """Write every target tensor (originals bit-identical; vocabulary tables padded) as safetensors shards.
 
     `sources` is a list of (WeightFiles, {target: source key}). Tensors are taken in file order, so each source file
-    is opened once; a shard holds at most `max_shard_size` bytes, the most this ever keeps in memory.
+    is opened once per output shard; a shard holds at most `max_shard_size` bytes, about the most this keeps in
+    memory (source pickles are memory-mapped and unmapped again after each shard).
     """
     from tqdm.auto import tqdm
 
@@ -361,10 +364,10 @@ def plan_and_write(sources, expected, config, output: Path, max_shard_size, prog
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))
         del tensors
+        for files, _ in sources:  # unmap the source pages this shard touched, so RSS stays near one shard
+            files.close()
         bar.update(len(shard))
     bar.close()
-    for files, _ in sources:
-        files.close()
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -379,6 +382,6 @@ def _converted(tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype)
     if tuple(tensor.shape) != tuple(shape):
         grown = torch.empty(shape, dtype=tensor.dtype)
         grown[: tensor.shape[0]] = tensor
-        grown[tensor.shape[0]:] = tensor.float().mean(0).to(tensor.dtype)
+        grown[tensor.shape[0]:] = tensor.mean(0, dtype=torch.float32).to(tensor.dtype)
         return grown
     return tensor.contiguous()
