@@ -254,3 +254,37 @@ def test_load_for_instruct_takes_the_language_model_from_a_base_llm(make_model, 
     torch.testing.assert_close(start.lm_head.weight[vocab:], model.lm_head.weight[vocab:])
     torch.testing.assert_close(start.model.multi_modal_projector.linear_1.weight,
                                model.model.multi_modal_projector.linear_1.weight)
+
+
+def test_gradient_checkpointing_keeps_the_trainable_sets(make_model, processor, tmp_path):
+    model, trainer = run_stage1(make_model, processor, tmp_path, max_steps=1, gradient_checkpointing=True)
+    before = snapshot(model)
+    trainer.train()
+    assert changed(model, before) == sorted(PROJECTOR + ["model.alignment.level_embeddings"])
+    model = make_model().train()
+    model.config.aligngpt_stage = "pretrain"
+    trainer = AlignGPTInstructTrainer(model=model, args=instruct_args(tmp_path, max_steps=1, gradient_checkpointing=True),
+                                      train_dataset=synthetic_dataset(2, "instruct"), processing_class=processor)
+    before = snapshot(model)
+    trainer.train()
+    assert model.model.language_model.gradient_checkpointing
+    assert changed(model, before) == sorted(llm_names(model) + PROJECTOR + GATE)
+
+
+def test_image_token_mismatch_is_not_blamed_on_max_length(make_model, processor, tmp_path):
+    model = make_model().train()
+    model.config.aligngpt_stage = "pretrain"
+    trainer = AlignGPTInstructTrainer(model=model, args=instruct_args(tmp_path, max_steps=1),
+                                      train_dataset=synthetic_dataset(2, "instruct"), processing_class=processor)
+    collate = trainer.data_collator
+
+    def broken(examples):  # a hand-built batch with one `<image>` token too few
+        batch = collate(examples)
+        first = (batch["input_ids"][0] == processor.image_token_id).nonzero()[0, 0]
+        batch["input_ids"][0, first] = processor.tokenizer.convert_tokens_to_ids("<unk>")
+        return batch
+
+    trainer.data_collator = broken
+    with pytest.raises(ValueError, match=r"^Image features and image tokens do not match: the batch has 31 `<image>` "
+                                         r"tokens \(per sample: \[15, 16\]\)"):
+        trainer.train()

@@ -196,6 +196,18 @@ class AlignGPTDataCollator(DataCollatorForVisionLanguageModeling):
       `assistant_only_loss`, else every text token; `<image>`/`<align>`/padding never. A batch with no label raises.
     * `level_column`: copies each row's level into `alignment_levels` (stage 1); `gate_text_mask`: adds
       `(labels == -100) & attention_mask`, so the gate averages the prompt only, as at inference.
+
+    Example:
+
+    ```python
+    >>> from aligngpt_hf.data import AlignGPTDataCollator, synthetic_dataset
+    >>> from aligngpt_hf.tiny import build_processor
+    >>> collator = AlignGPTDataCollator(processor=build_processor(), max_length=2048, assistant_only_loss=True,
+    ...                                 gate_text_mask=True)
+    >>> batch = collator([synthetic_dataset(2, "instruct")[i] for i in range(2)])
+    >>> sorted(batch)
+    ['attention_mask', 'gate_text_mask', 'input_ids', 'labels', 'pixel_values']
+    ```
     """
 
     level_column: str | None = None
