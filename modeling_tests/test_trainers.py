@@ -288,3 +288,30 @@ def test_image_token_mismatch_is_not_blamed_on_max_length(make_model, processor,
     with pytest.raises(ValueError, match=r"^Image features and image tokens do not match: the batch has 31 `<image>` "
                                          r"tokens \(per sample: \[15, 16\]\)"):
         trainer.train()
+
+
+def test_load_for_instruct_from_a_converted_stage1_artefact(make_model, tokenizer, tmp_path):
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    source = make_model(seed=5)
+    artefact = tmp_path / "artefact"
+    source.config.save_pretrained(artefact)
+    tensors = {k: v.contiguous() for k, v in source.state_dict().items()
+               if k.startswith("model.multi_modal_projector.") or k == "model.alignment.level_embeddings"}
+    save_file(tensors, artefact / "stage1.safetensors")
+    CLIPVisionModel(source.config.vision_config).save_pretrained(tmp_path / "clip")
+    (artefact / "aligngpt_stage.json").write_text(json.dumps(
+        {"stage": "pretrain", "format_version": 1, "weights": "stage1.safetensors", "tensors": sorted(tensors),
+         "vision_tower": str(tmp_path / "clip")}))
+    with pytest.raises(ValueError, match=r"is a converted stage-1 artefact \(projector \+ level table only\): pass "
+                                         r"`base_language_model`"):
+        load_for_instruct(str(artefact))
+    torch.manual_seed(9)
+    base = LlamaForCausalLM(source.config.text_config)
+    model = load_for_instruct(str(artefact), base_language_model=base)
+    assert model.config.aligngpt_stage == "pretrain"
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+    torch.testing.assert_close(model.lm_head.weight, base.lm_head.weight)
+    torch.testing.assert_close(model.model.language_model.norm.weight, base.model.norm.weight)

@@ -75,3 +75,28 @@ def test_build_from_components_copies_pretrained_weights(tokenizer, tmp_path):
     for name, tensor in vision.state_dict().items():
         torch.testing.assert_close(ours[name], tensor)
     assert processor.image_processor.do_pad is True
+
+
+def test_instruct_cli_starts_from_a_converted_stage1_artefact(make_model, tokenizer, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel, LlamaForCausalLM
+
+    source = make_model(seed=5)
+    artefact = tmp_path / "artefact"
+    source.config.save_pretrained(artefact)
+    tensors = {k: v.contiguous() for k, v in source.state_dict().items()
+               if k.startswith("model.multi_modal_projector.") or k == "model.alignment.level_embeddings"}
+    save_file(tensors, artefact / "stage1.safetensors")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(artefact)
+    CLIPVisionModel(source.config.vision_config).save_pretrained(tmp_path / "clip")
+    (artefact / "aligngpt_stage.json").write_text(json.dumps(
+        {"stage": "pretrain", "weights": "stage1.safetensors", "tensors": sorted(tensors),
+         "vision_tower": str(tmp_path / "clip")}))
+    LlamaForCausalLM(source.config.text_config).save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    out = tmp_path / "stage2"
+    assert main(["instruct", "instruct_tiny", "--model_name_or_path", str(artefact), "--language_model",
+                 str(tmp_path / "llm"), "--output_dir", str(out), "--max_steps", "1", "--disable_tqdm", "true"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()

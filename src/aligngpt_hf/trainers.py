@@ -423,21 +423,64 @@ def merge_lora(model, output_dir=None, processor=None):
     return merged
 
 
-def load_for_instruct(stage1_folder, base_language_model=None, allow_untrained_alignment: bool = False, **kwargs):
-    """The stage-2 starting model: a stage-1 output folder, optionally with the language model (embeddings and LM head
-    included) replaced by `base_language_model` (a causal-LM folder/id or model). Rows the base LLM lacks (`<image>`,
-    `<align>`, vocabulary padding) keep their stage-1 values; every other tensor must match exactly."""
+def load_for_instruct(stage1_folder, base_language_model=None, allow_untrained_alignment: bool = False,
+                      vision_tower=None, **kwargs):
+    """The stage-2 starting model from a stage-1 output folder, or from a converted stage-1 artefact
+    (`aligngpt-hf convert` of `mm_projector_align.bin`: projector + level table only) plus a base LLM.
+
+    `base_language_model` (a causal-LM folder/id or model) replaces the language model (embeddings and LM head
+    included); rows it lacks (`<image>`, `<align>`, vocabulary padding) keep the folder's values and every other tensor
+    must match exactly. For an artefact it is required, and `vision_tower` defaults to the one its marker names."""
     from .modeling_aligngpt import AlignGPTForConditionalGeneration
 
     kwargs.setdefault("dtype", torch.float32)
+    if _is_stage1_artefact(stage1_folder):
+        return _from_stage1_artefact(stage1_folder, base_language_model, vision_tower, kwargs)
     model = AlignGPTForConditionalGeneration.from_pretrained(stage1_folder, **kwargs)
     check_alignment_trained(model.config, allow_untrained_alignment)
     if base_language_model is not None:
-        if isinstance(base_language_model, str):
-            from transformers import AutoModelForCausalLM
+        _copy_language_model(_causal_lm(base_language_model, kwargs), model)
+    return model
 
-            base_language_model = AutoModelForCausalLM.from_pretrained(base_language_model, **kwargs)
-        _copy_language_model(base_language_model, model)
+
+def _is_stage1_artefact(folder) -> bool:
+    from pathlib import Path
+
+    return (Path(folder) / "aligngpt_stage.json").is_file() and not (Path(folder) / "model.safetensors").is_file()
+
+
+def _causal_lm(model_or_name, kwargs):
+    if isinstance(model_or_name, str):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_or_name, **kwargs)
+    return model_or_name
+
+
+def _from_stage1_artefact(folder, base_language_model, vision_tower, kwargs):
+    """Base LLM + vision tower + the artefact's projector and level table, every artefact tensor matched."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    from .convert import load_stage1_artefact
+    from .modeling_aligngpt import AlignGPTForConditionalGeneration
+
+    marker = json.loads((Path(folder) / "aligngpt_stage.json").read_text())
+    if base_language_model is None:
+        raise ValueError(f"{folder} is a converted stage-1 artefact (projector + level table only): pass "
+                         "`base_language_model` (e.g. lmsys/vicuna-7b-v1.5; CLI: --language_model).")
+    config, state = load_stage1_artefact(folder)
+    model = AlignGPTForConditionalGeneration(config).to(kwargs["dtype"])
+    tower = vision_tower or marker.get("vision_tower")
+    vision = AutoModel.from_pretrained(tower, config=config.vision_config, dtype=kwargs["dtype"])
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    _copy_language_model(_causal_lm(base_language_model, kwargs), model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or len(state) != len(marker.get("tensors", state)):
+        raise ValueError(f"The stage-1 artefact in {folder} does not fit the model: unexpected {unexpected[:3]}.")
+    setattr(model.config, STAGE_ATTRIBUTE, "pretrain")
     return model
 
 

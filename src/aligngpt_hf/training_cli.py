@@ -145,7 +145,12 @@ def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training
         if name is None:
             raise ValueError("Stage 2 starts from a stage-1 output folder: set `model_name_or_path`.")
         model = load_for_instruct(name, base_language_model=script_args.language_model,
-                                  allow_untrained_alignment=training_args.allow_untrained_alignment)
+                                  allow_untrained_alignment=training_args.allow_untrained_alignment,
+                                  vision_tower=script_args.vision_tower)
+        if (Path(name) / "aligngpt_stage.json").is_file() and not (Path(name) / "model.safetensors").is_file():
+            # converted stage-1 artefact: tokenizer from the base LLM, image settings from the artefact
+            processor = processor_from_parts(script_args.language_model, name, model.config)
+            return model, processor
         return model, AutoProcessor.from_pretrained(name, trust_remote_code=training_args.trust_remote_code)
     if name == "tiny":
         from .tiny import build_model, build_processor, build_tokenizer
@@ -174,23 +179,14 @@ def build_from_components(language_model: str, vision_tower: str, num_alignment_
     import torch
     from transformers import (
         AutoConfig,
-        AutoImageProcessor,
         AutoModel,
         AutoModelForCausalLM,
-        AutoTokenizer,
-        LlavaImageProcessorPil,
     )
 
     from .configuration_aligngpt import AlignGPTConfig
     from .modeling_aligngpt import AlignGPTForConditionalGeneration
-    from .processing_aligngpt import AlignGPTProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(language_model)
-    missing = [token for token in ("<image>", "<align>") if token not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token  # LLaVA: pad = unk
+    tokenizer = tokenizer_with_image_tokens(language_model)
     llm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
     llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     config = AlignGPTConfig(
@@ -204,14 +200,42 @@ def build_from_components(language_model: str, vision_tower: str, num_alignment_
     model.model.language_model.load_state_dict(llm.get_decoder().state_dict())
     with torch.no_grad():
         model.lm_head.weight.copy_(llm.get_output_embeddings().weight)
-    source = AutoImageProcessor.from_pretrained(vision_tower)
+    return model, processor_from_parts(tokenizer, vision_tower, config, image_aspect_ratio)
+
+
+def tokenizer_with_image_tokens(language_model):
+    """The LLM's tokenizer with `<image>`/`<align>` appended (ids V, V+1 as in conversion) and a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(language_model)
+    missing = [token for token in ("<image>", "<align>") if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token  # LLaVA: pad = unk
+    return tokenizer
+
+
+def processor_from_parts(tokenizer, image_processor_source: str, config, image_aspect_ratio: str | None = "pad"):
+    """AlignGPTProcessor from a tokenizer (or LLM id) and a CLIP-style image processor folder; ids must match."""
+    from transformers import AutoImageProcessor, LlavaImageProcessorPil
+
+    from .processing_aligngpt import AlignGPTProcessor
+
+    if isinstance(tokenizer, str):
+        tokenizer = tokenizer_with_image_tokens(tokenizer)
+    ids = (tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<align>"))
+    if ids != (config.image_token_id, config.alignment_token_id):
+        raise ValueError(f"The tokenizer gives `<image>`/`<align>` ids {ids}, the model expects "
+                         f"{(config.image_token_id, config.alignment_token_id)}; use the LLM the model was built from.")
+    source = AutoImageProcessor.from_pretrained(image_processor_source)
     keys = ("size", "crop_size", "image_mean", "image_std", "do_center_crop", "do_resize", "do_normalize", "do_rescale",
             "rescale_factor", "resample")
-    image_processor = LlavaImageProcessorPil(**{k: getattr(source, k) for k in keys if getattr(source, k, None)
-                                                is not None}, do_pad=image_aspect_ratio == "pad")
-    processor = AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_length=config.image_seq_length)
-    return model, processor
+    settings = {k: getattr(source, k) for k in keys if getattr(source, k, None) is not None}
+    pad = getattr(source, "do_pad", False) if image_aspect_ratio is None else image_aspect_ratio == "pad"
+    image_processor = LlavaImageProcessorPil(**settings, do_pad=pad)
+    return AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                             image_seq_length=config.image_seq_length)
 
 
 def load_training_data(stage: str, script_args: AlignGPTScriptArguments):
