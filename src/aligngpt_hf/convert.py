@@ -315,6 +315,8 @@ def build_config(orig: dict, vision_config, shapes, tokenizer, dtype, kind: str)
     llm_key = "model.embed_tokens.weight" if kind == "full" else "align_indicators.indicator_embs"
     config.dtype = dtype or shapes.dtype_of(llm_key)
     config.original_vocab_size = vocab
+    # The released weights went through both stages: mark them so the trainers accept them as a starting point.
+    config.aligngpt_stage = "instruct" if kind == "full" else "pretrain"
     return config
 
 
