@@ -116,12 +116,10 @@ def generate_answers(model, processor, prompts: list[str], images: list, alignme
     """Greedy (by default) answers for one batch; left padding, so a batch equals its rows run one by one."""
     import torch
 
-    has_images = [image is not None for image in images]
-    if any(has_images) and not all(has_images):
-        raise ValueError("A batch mixes questions with and without images; use --batch-size 1 for such files.")
+    nested = [[image] if image is not None else [] for image in images]
     inputs = processor(
         text=prompts,
-        images=list(images) if all(has_images) else None,
+        images=nested if any(nested) else None,
         padding=True,
         padding_side="left",
         return_tensors="pt",
