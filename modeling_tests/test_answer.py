@@ -193,3 +193,25 @@ def test_bad_question_lines_name_the_line(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"q\.jsonl:1: not valid JSON"):
         read_questions(path)
+
+
+def test_text_only_records_get_no_image_and_mix_with_image_records(bench, processor, tmp_path):
+    """ScienceQA has text-only items: no `<image>`, no alignment token; batching them with image items is fine."""
+    questions = [{"question_id": "t", "text": "Which is a colour?\nA. red\nB. two"}, *bench["questions"][:2]]
+    assert "<image>" not in build_prompt(processor, questions[0]["text"], with_image=False)
+    outputs = {}
+    for batch_size in (1, 3):
+        out = tmp_path / f"{batch_size}.jsonl"
+        report = answer_questions(
+            bench["model"],
+            processor,
+            questions,
+            bench["root"] / "images",
+            out,
+            batch_size=batch_size,
+            progress=False,
+            max_new_tokens=4,
+        )
+        assert report.answered == 3
+        outputs[batch_size] = _read(out)
+    assert outputs[1] == outputs[3]
