@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaImageProcessorPil, PreTrainedTokenizerFast
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaImageProcessorPil,
+    PreTrainedTokenizerFast,
+)
 
 from .configuration_aligngpt import AlignGPTConfig
 from .modeling_aligngpt import AlignGPTForConditionalGeneration
@@ -24,11 +33,8 @@ DEFAULT_CORPUS = [
 ]
 
 
-def build_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on `corpus`, adding BOS like LLaMA, with `<image>`/`<align>` as special tokens.
-
-    Train it on text rendered the way the chat template renders it, or answers split badly.
-    """
+def _train_bpe(corpus: Iterable[str], vocab_size: int, special_tokens: list[str], template: str):
+    """Byte-level BPE trained on `corpus`; `template` (e.g. "<s> $A") says which specials tokenization adds."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -36,14 +42,23 @@ def build_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 32
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(corpus), trainer=trainer)
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
-    bos_id = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special_tokens])
+    added = [(token, tokenizer.token_to_id(token)) for token in special_tokens if token in template]
+    tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=added)
+    return tokenizer
+
+
+def build_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus`, adding BOS like LLaMA, with `<image>`/`<align>` as special tokens.
+
+    Train it on text rendered the way the chat template renders it, or answers split badly.
+    """
+    tokenizer = _train_bpe(corpus, vocab_size, SPECIAL_TOKENS, "<s> $A")
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
@@ -115,3 +130,29 @@ def build_config(
 def build_model(tokenizer: PreTrainedTokenizerFast, **config_kwargs) -> AlignGPTForConditionalGeneration:
     """A randomly initialised tiny model (seed with `torch.manual_seed` first for reproducibility)."""
     return AlignGPTForConditionalGeneration(build_config(tokenizer, **config_kwargs))
+
+
+def build_clip(corpus: Iterable[str], hidden_size: int = 32, num_layers: int = 2, image_size: int = 32,
+               patch_size: int = 8, vocab_size: int = 300, max_length: int = 32) -> tuple[CLIPModel, CLIPProcessor]:
+    """A random tiny CLIP with a tokenizer trained on `corpus`.
+
+    The tokenizer appends `<|endoftext|>` with an id other than 2: with `eos_token_id == 2` transformers' CLIP pools
+    the text at argmax(input_ids) (a legacy rule), which would make the scores meaningless.
+    """
+    special = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
+    backend = _train_bpe(corpus, vocab_size, special, "<|startoftext|> $A <|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftext|>",
+                                        eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>",
+                                        model_max_length=max_length)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, max_position_embeddings=max_length,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+                           intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=4),
+        projection_dim=hidden_size,
+    )
+    return CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
