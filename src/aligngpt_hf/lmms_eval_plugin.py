@@ -22,7 +22,7 @@ try:
     from lmms_eval.api.model import lmms
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "The lmms-eval plugin needs lmms-eval: `pip install 'aligngpt-hf[eval]'` (see docs/eval-install.txt for the "
+        "The lmms-eval plugin needs lmms-eval: `pip install 'aligngpt-hf[eval]'` (see the README, section 'lmms-eval', for the "
         "light install that avoids torchvision)."
     ) from error
 
