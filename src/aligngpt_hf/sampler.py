@@ -4,14 +4,22 @@ Image and text-only samples are shuffled separately, cut into megabatches of `wo
 samples, each sorted by length (longest first) and split into per-device batches balanced by total length; full
 megabatches of both modalities are shuffled together and the two leftovers form one mixed megabatch at the end.
 Net effect: almost every step is single-modality (cheap: text-only steps skip the vision tower).
+
+`SeparateModalitySampler` is mPLUG-Owl's joint instruction tuning (spec/mplug-owl.md §1.6, §5.5): micro-batches
+alternate one text-only batch and one multimodal batch, so every optimizer step sees them at 1:1 whenever
+processes x gradient-accumulation steps is even.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch.utils.data import Sampler
 
 from .data import image_count, undecoded
+
+logger = logging.getLogger(__name__)
 
 
 def modality_lengths(dataset) -> list[int]:
@@ -105,4 +113,93 @@ class ModalityLengthGroupedSampler(Sampler):
         return iter(modality_grouped_indices(self.lengths, self.batch_size, self.world_size, generator))
 
 
-__all__ = ["ModalityLengthGroupedSampler", "modality_grouped_indices", "modality_lengths"]
+EXHAUSTION_MODES = ("cycle", "stop")
+
+
+def separate_modality_indices(lengths: list[int], batch_size: int, generator, on_exhausted: str = "cycle"):
+    """One epoch of alternating batches [text, image, text, image, ...] of `batch_size` indices each.
+
+    `cycle`: the shorter modality is reshuffled and drawn again until the longer one is used once (the paper's 2,000
+    steps of 128 + 128 revisit its smaller multimodal set); the longer one's last partial batch is filled the same way.
+    `stop`: stop when either modality cannot fill a batch. Returns (indices, counts) where counts says how many
+    samples were drawn again (`repeated`) or left out this epoch (`unused`) per modality -- never dropped silently.
+    """
+    if on_exhausted not in EXHAUSTION_MODES:
+        raise ValueError(f"`on_exhausted` must be one of {EXHAUSTION_MODES}, got {on_exhausted!r}.")
+    if any(length == 0 for length in lengths):
+        raise ValueError("Modality lengths must be non-zero (positive = image row, negative = text-only row).")
+    pools = {"text": [i for i, x in enumerate(lengths) if x < 0], "image": [i for i, x in enumerate(lengths) if x > 0]}
+    empty = [kind for kind, pool in pools.items() if not pool]
+    if empty:
+        raise ValueError(f"modality_batching='separate' alternates text-only and image batches, but the dataset has "
+                         f"no {empty[0]} rows; use modality_batching='mixed'.")
+    if on_exhausted == "cycle":
+        num_pairs = -(-max(len(pool) for pool in pools.values()) // batch_size)
+    else:
+        num_pairs = min(len(pool) for pool in pools.values()) // batch_size
+        if num_pairs == 0:
+            raise ValueError(f"modality_batching='separate' with on_exhausted='stop': a modality has fewer rows "
+                             f"({min(map(len, pools.values()))}) than one batch ({batch_size}).")
+    streams, counts = {}, {}
+    for kind, pool in pools.items():
+        needed = num_pairs * batch_size
+        order = []
+        while len(order) < needed:
+            order += [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
+        streams[kind] = order[:needed]
+        counts[f"{kind}_repeated"] = max(needed - len(pool), 0)
+        counts[f"{kind}_unused"] = max(len(pool) - needed, 0)
+    indices = []
+    for pair in range(num_pairs):
+        for kind in ("text", "image"):
+            indices += streams[kind][pair * batch_size : (pair + 1) * batch_size]
+    return indices, counts
+
+
+class SeparateModalitySampler(Sampler):
+    """Alternating text-only / multimodal batches at 1:1 (see `separate_modality_indices`); deterministic in
+    (`seed`, epoch). `counts` holds the last epoch's repeated/unused samples per modality, also logged.
+
+    Example:
+
+    ```python
+    >>> sampler = SeparateModalitySampler([5, -3, 7, -2, 4, 6], batch_size=2, seed=0)
+    >>> order = list(sampler)
+    >>> [[i in (1, 3) for i in order[j : j + 2]] for j in range(0, len(order), 2)]
+    [[True, True], [False, False], [True, True], [False, False]]
+    >>> sampler.counts["text_repeated"], sampler.counts["image_unused"]
+    (2, 0)
+    ```
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, on_exhausted: str = "cycle"):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.on_exhausted = on_exhausted
+        self.epoch = 0
+        indices, self.counts = separate_modality_indices(self.lengths, batch_size, torch.Generator(), on_exhausted)
+        self._length = len(indices)  # validates the data at construction; the same for every epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        indices, self.counts = separate_modality_indices(self.lengths, self.batch_size, generator, self.on_exhausted)
+        if any(self.counts.values()):
+            logger.warning("modality_batching='separate' (on_exhausted=%r), epoch %d: %s.", self.on_exhausted,
+                           self.epoch, ", ".join(f"{k}={v}" for k, v in self.counts.items() if v))
+        return iter(indices)
+
+
+__all__ = [
+    "ModalityLengthGroupedSampler",
+    "SeparateModalitySampler",
+    "modality_grouped_indices",
+    "modality_lengths",
+    "separate_modality_indices",
+]

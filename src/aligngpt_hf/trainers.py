@@ -16,12 +16,14 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from .data import LEVEL_COLUMN, PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator, sample_token_lengths
-from .sampler import ModalityLengthGroupedSampler, modality_lengths
+from .sampler import EXHAUSTION_MODES, ModalityLengthGroupedSampler, SeparateModalitySampler, modality_lengths
 
 logger = logging.getLogger(__name__)
 
 STAGE_ATTRIBUTE = "aligngpt_stage"  # written into the model config: "pretrain" after stage-1 steps, then "instruct"
 PROJECTOR = "multi_modal_projector"
+VISION_TOWER = "vision_tower"
+MODALITY_BATCHING = ("mixed", "separate")
 GATE_MODULES = ("alignment.fc1", "alignment.fc2")
 LORA_LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_EXCLUDE = r".*(vision_tower|multi_modal_projector|alignment).*"
@@ -85,6 +87,16 @@ class AlignGPTPretrainConfig(_AlignGPTTrainingConfig):
         default=False,
         metadata={"help": "Also train the vision tower (mPLUG-Owl recipe); AlignGPT keeps it frozen."},
     )
+    vision_lr_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "With `train_vision_tower`: vision-tower learning rate = `learning_rate` x this (mPLUG-Owl "
+                  "v1 gives no value; its released code hints 0.1). None = `learning_rate`."},
+    )
+    train_level_table: bool = field(
+        default=True,
+        metadata={"help": "Train the level table (AlignGPT). False for a pure mPLUG-Owl stage 1 (e.g. with "
+                  "`alignment_mode='none'`, which has no table)."},
+    )
     level_column: str = field(
         default=LEVEL_COLUMN, metadata={"help": "Dataset column holding each pair's alignment level (0..N-1)."}
     )
@@ -119,6 +131,32 @@ class AlignGPTInstructConfig(_AlignGPTTrainingConfig):
             "old converted checkpoint). Off by default: training the gate on an untrained level table is silent waste."
         },
     )
+    train_projector: bool = field(
+        default=True,
+        metadata={"help": "Train the multimodal projector in stage 2 (full fine-tuning: unfrozen; LoRA: saved in "
+                  "`modules_to_save`). AlignGPT/LLaVA: True. mPLUG-Owl: its paper's abstract says True, its §3.2 "
+                  "and released code False (spec/mplug-owl.md §1.6)."},
+    )
+    modality_batching: str = field(
+        default="mixed",
+        metadata={"help": "`mixed`: batches as `group_by_modality_length` says. `separate` (mPLUG-Owl paper): "
+                  "micro-batches alternate one text-only and one image batch, so each optimizer step sees them 1:1 "
+                  "when processes x gradient_accumulation_steps is even; overrides `group_by_modality_length`."},
+    )
+    modality_batching_on_exhausted: str = field(
+        default="cycle",
+        metadata={"help": "`separate` batching when one modality runs out: `cycle` (reshuffle and reuse the "
+                  "shorter one until the longer is used once per epoch) or `stop` (end the epoch at the shorter one). "
+                  "Repeated/unused counts are logged and kept in `trainer.modality_batching_counts`."},
+    )
+
+    def __post_init__(self):
+        if self.modality_batching not in MODALITY_BATCHING:
+            raise ValueError(f"`modality_batching` must be one of {MODALITY_BATCHING}, got {self.modality_batching!r}.")
+        if self.modality_batching_on_exhausted not in EXHAUSTION_MODES:
+            raise ValueError(f"`modality_batching_on_exhausted` must be one of {EXHAUSTION_MODES}, got "
+                             f"{self.modality_batching_on_exhausted!r}.")
+        super().__post_init__()
 
 
 class _StageMarkerCallback(TrainerCallback):
@@ -145,21 +183,25 @@ def check_alignment_trained(config, allow_untrained: bool = False) -> None:
         )
 
 
-def freeze_for_pretrain(model, train_vision_tower: bool = False) -> None:
+def freeze_for_pretrain(model, train_vision_tower: bool = False, train_level_table: bool = True) -> None:
     """Stage 1: only the projector and the level table (plus the vision tower for the mPLUG-Owl recipe) train."""
     base = model.model
-    if not hasattr(base, "alignment"):
-        raise ValueError("Stage 1 trains the level table, but this model has none (`alignment_mode='none'`).")
+    if train_level_table and not hasattr(base, "alignment"):
+        raise ValueError("Stage 1 trains the level table, but this model has none (`alignment_mode='none'`); pass "
+                         "`train_level_table=False` for a projector(+vision)-only stage 1.")
     model.requires_grad_(False)
     base.multi_modal_projector.requires_grad_(True)
-    base.alignment.level_embeddings.requires_grad_(True)
+    if train_level_table:
+        base.alignment.level_embeddings.requires_grad_(True)
     base.vision_tower.requires_grad_(train_vision_tower)
 
 
-def freeze_for_instruct(model) -> None:
-    """Stage 2: LLM (embeddings and LM head included), projector and gate train; vision tower and level table don't."""
+def freeze_for_instruct(model, train_projector: bool = True) -> None:
+    """Stage 2: LLM (embeddings and LM head included), projector and gate train; vision tower and level table don't.
+    `train_projector=False` also freezes the projector (mPLUG-Owl's released stage 2)."""
     model.requires_grad_(True)
     model.model.vision_tower.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(train_projector)
     if hasattr(model.model, "alignment"):
         model.model.alignment.level_embeddings.requires_grad_(False)
 
@@ -174,11 +216,15 @@ def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: floa
     return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM", **kwargs)
 
 
-def _prepare_peft_config(peft_config, model):
-    """Keep adapters off the vision tower/projector/gate and save the projector and gate with the adapter."""
+def _prepare_peft_config(peft_config, model, train_projector: bool = True):
+    """Keep adapters off the vision tower/projector/gate and save the gate (and, if trained, the projector) with the
+    adapter; `train_projector=False` refuses a `modules_to_save` that names the projector."""
     if getattr(peft_config, "exclude_modules", None) is None and hasattr(peft_config, "exclude_modules"):
         peft_config.exclude_modules = LORA_EXCLUDE
-    wanted = [PROJECTOR] + [name for name in GATE_MODULES if getattr(model.model, "alignment", None) is not None
+    if not train_projector and PROJECTOR in (peft_config.modules_to_save or []):
+        raise ValueError(f"`train_projector=False`, but the LoRA config's `modules_to_save` names `{PROJECTOR}`; "
+                         "drop it there or set `train_projector=True`.")
+    wanted = [PROJECTOR] * train_projector + [name for name in GATE_MODULES if getattr(model.model, "alignment", None) is not None
                             and hasattr(model.model.alignment, name.split(".")[1])]
     saved = list(peft_config.modules_to_save or [])
     peft_config.modules_to_save = saved + [name for name in wanted if name not in saved]
@@ -187,12 +233,13 @@ def _prepare_peft_config(peft_config, model):
 
 def _check_peft_model(model) -> None:
     names = [name for name, _ in model.named_parameters()]
-    in_vision = [name for name in names if "lora_" in name and "vision_tower" in name]
-    if in_vision:
-        raise ValueError(
-            f"LoRA reached the vision tower ({in_vision[0]}, ...); AlignGPT keeps it frozen. Target language-model "
-            f"modules only, e.g. `target_modules={LORA_LM_TARGETS!r}` (see `aligngpt_lora_config`)."
-        )
+    for module, why in ((VISION_TOWER, "AlignGPT keeps it frozen"), (PROJECTOR, "it trains in full or not at all")):
+        hits = [name for name in names if "lora_" in name and f".{module}." in name]
+        if hits:
+            raise ValueError(
+                f"LoRA reached the {module.replace('_', ' ')} ({hits[0]}, ...); {why}. Target language-model "
+                f"modules only, e.g. `target_modules={LORA_LM_TARGETS!r}` (see `aligngpt_lora_config`)."
+            )
     table = [n for n, p in model.named_parameters() if "level_embeddings" in n and p.requires_grad]
     if table:
         raise ValueError(f"The level table must stay frozen in stage 2, but {table[0]} trains; remove it from "
@@ -215,6 +262,7 @@ class _AlignGPTTrainer(SFTTrainer):
         model, processing_class = self._load(model, processing_class, args)
         self._check_start(model, args, peft_config)
         self.num_skipped_samples = 0
+        self.modality_batching_counts = None  # `modality_batching='separate'`: repeated/unused samples per modality
         if args.skip_overlong_samples and args.max_length is not None and train_dataset is not None:
             train_dataset = self._drop_overlong(train_dataset, processing_class, args)
         if data_collator is None:
@@ -222,7 +270,7 @@ class _AlignGPTTrainer(SFTTrainer):
         if peft_config is None:
             self._freeze(model, args)
         else:
-            peft_config = _prepare_peft_config(peft_config, model)
+            peft_config = _prepare_peft_config(peft_config, model, getattr(args, "train_projector", True))
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          processing_class=processing_class, peft_config=peft_config, **kwargs)
         if peft_config is not None:
@@ -276,9 +324,21 @@ class _AlignGPTTrainer(SFTTrainer):
         extra = ["id", getattr(self.args, "level_column", LEVEL_COLUMN)]
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
+    def _group_learning_rates(self) -> dict[str, float]:
+        """Module name -> learning rate for modules that do not use `learning_rate`."""
+        rates = {}
+        if self.args.projector_lr is not None:
+            rates[PROJECTOR] = self.args.projector_lr
+        multiplier = getattr(self.args, "vision_lr_multiplier", None)
+        if multiplier is not None:
+            rates[VISION_TOWER] = self.args.learning_rate * multiplier
+        return rates
+
     def create_optimizer(self, model=None):
-        """With `projector_lr`, the projector gets its own parameter groups and learning rate."""
-        if self.args.projector_lr is None or self.optimizer is not None:
+        """With `projector_lr` / `vision_lr_multiplier`, the projector / vision tower get their own parameter groups
+        and learning rates (each split by weight decay as usual)."""
+        rates = self._group_learning_rates()
+        if not rates or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
@@ -286,13 +346,13 @@ class _AlignGPTTrainer(SFTTrainer):
         for name, param in opt_model.named_parameters():
             if not param.requires_grad:
                 continue
-            key = (PROJECTOR in name, name in decay)
-            groups.setdefault(key, []).append(param)
+            module = next((m for m in rates if f"{m}." in name), None)
+            groups.setdefault((module, name in decay), []).append(param)
         param_groups = []
-        for (is_projector, decays), params in groups.items():
+        for (module, decays), params in groups.items():
             group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-            if is_projector:
-                group["lr"] = self.args.projector_lr
+            if module is not None:
+                group["lr"] = rates[module]
             param_groups.append(group)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
@@ -312,6 +372,8 @@ class _AlignGPTTrainer(SFTTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
+        if getattr(self.args, "modality_batching", "mixed") == "separate" and dataset is not None:
+            return self._separate_modality_sampler(dataset)
         if not self.args.group_by_modality_length or dataset is None or not hasattr(dataset, "__len__"):
             return super()._get_train_sampler(train_dataset)
         return ModalityLengthGroupedSampler(
@@ -320,6 +382,20 @@ class _AlignGPTTrainer(SFTTrainer):
             world_size=self.args.world_size * self.args.gradient_accumulation_steps,
             seed=self.args.seed,
         )
+
+
+    def _separate_modality_sampler(self, dataset) -> SeparateModalitySampler:
+        """mPLUG-Owl's 1:1 text-only / image micro-batches; warns when a step cannot hold one of each."""
+        if not hasattr(dataset, "__len__"):
+            raise ValueError("modality_batching='separate' needs a dataset with a length (not an iterable dataset).")
+        if (self.args.world_size * self.args.gradient_accumulation_steps) % 2:
+            logger.warning("modality_batching='separate' with processes x gradient_accumulation_steps = %d (odd): "
+                           "optimizer steps alternate between modalities instead of holding one batch of each.",
+                           self.args.world_size * self.args.gradient_accumulation_steps)
+        sampler = SeparateModalitySampler(modality_lengths(dataset), batch_size=self.args.per_device_train_batch_size,
+                                          seed=self.args.seed, on_exhausted=self.args.modality_batching_on_exhausted)
+        self.modality_batching_counts = sampler.counts
+        return sampler
 
 
 class AlignGPTPretrainTrainer(_AlignGPTTrainer):
@@ -358,7 +434,7 @@ class AlignGPTPretrainTrainer(_AlignGPTTrainer):
                              "stage-2 option (AlignGPTInstructTrainer).")
 
     def _freeze(self, model, args) -> None:
-        freeze_for_pretrain(model, args.train_vision_tower)
+        freeze_for_pretrain(model, args.train_vision_tower, args.train_level_table)
 
     def _collator(self, model, processor, args) -> AlignGPTDataCollator:
         return AlignGPTDataCollator(processor=processor, max_length=args.max_length,
@@ -402,7 +478,7 @@ class AlignGPTInstructTrainer(_AlignGPTTrainer):
         check_alignment_trained(model.config, args.allow_untrained_alignment)
 
     def _freeze(self, model, args) -> None:
-        freeze_for_instruct(model)
+        freeze_for_instruct(model, args.train_projector)
 
     def _collator(self, model, processor, args) -> AlignGPTDataCollator:
         scope_prompt = getattr(model.config, "gate_text_scope", "prompt") == "prompt"
