@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -13,6 +15,7 @@ from aligngpt_hf import (
     AlignGPTPretrainConfig,
     AlignGPTPretrainTrainer,
 )
+from aligngpt_hf.cli import main
 from aligngpt_hf.data import synthetic_dataset
 from aligngpt_hf.recipes_mplug_owl import MPLUG_OWL_TINY_CONFIG, mplug_owl_lora_config
 from aligngpt_hf.sampler import SeparateModalitySampler, separate_modality_indices
@@ -170,3 +173,16 @@ def test_shipped_mplug_owl_recipes_follow_the_paper():
     assert args.weight_decay == 1e-4 and args.adam_epsilon == 1e-6 and args.modality_batching == "separate"
     assert not args.train_projector and args.max_steps == 2000
     assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == 256
+
+
+def test_tiny_mplug_owl_recipes_run_both_stages_from_the_cli(tmp_path):
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    assert main(["pretrain", "mplug-owl-stage1-tiny", "--output_dir", str(stage1), "--disable_tqdm", "true"]) == 0
+    config = json.loads((stage1 / "config.json").read_text())
+    assert config["projector_type"] == "abstractor" and config["image_seq_length"] == 7
+    assert main(["instruct", "mplug_owl_stage2_tiny", "--model_name_or_path", str(stage1), "--output_dir",
+                 str(stage2), "--merge_lora", "false", "--disable_tqdm", "true"]) == 0
+    adapter = json.loads((stage2 / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == r"(.*\.)?language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
+    assert sorted(adapter["modules_to_save"]) == ["alignment.fc1", "alignment.fc2"]  # abstractor frozen
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (8, 32, 0.05)

@@ -2,7 +2,8 @@
 
 A thin shell over the library: the recipe fills `AlignGPTScriptArguments` (model and data) and the stage's
 `AlignGPTPretrainConfig`/`AlignGPTInstructConfig`; command-line `--field value` pairs override it. RECIPE may be a path
-or the name of a shipped recipe (`pretrain_7b`, `instruct_13b`, `pretrain_tiny`, ...). Multi-GPU: run the same command
+or the name of a shipped recipe (`pretrain_7b`, `instruct_13b`, `pretrain_tiny`, `mplug-owl-stage1`, ...; `-` and `_`
+are interchangeable in names). Multi-GPU: run the same command
 under `accelerate launch --config_file <shipped config> -m aligngpt_hf.cli ...` (see docs/training.md).
 
 Heavy imports (TRL, datasets) happen inside the functions, so `aligngpt-hf --help` stays fast.
@@ -41,6 +42,16 @@ class AlignGPTScriptArguments:
         default=None, metadata={"help": "Stage 1 from parts: the vision encoder (e.g. openai/clip-vit-large-patch14-336)."}
     )
     num_alignment_levels: int = field(default=8, metadata={"help": "Stage 1 from parts: rows of the level table (N)."})
+    model_preset: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1 from parts or `tiny`: a named model layout; `mplug-owl` = last-layer CLIP features "
+                  "with CLS and post-LN + the visual abstractor (65 tokens per image). None: AlignGPT's MLP projector."},
+    )
+    alignment_mode: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1 from parts or `tiny`: `adaptive` (AlignGPT, default) ... or `none` (no level "
+                  "table/gate: pure LLaVA/mPLUG-Owl; pair with `train_level_table: false`)."},
+    )
     image_aspect_ratio: str | None = field(
         default=None,
         metadata={"help": "`pad` (expand to a square of the mean colour; paper stage 2) or `square` (resize + crop; "
@@ -61,18 +72,25 @@ class AlignGPTScriptArguments:
     lora_r: int = field(default=128, metadata={"help": "LoRA rank (LLaVA's LoRA recipe: 128)."})
     lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (LLaVA's LoRA recipe: 256)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "LoRA target regex; `mplug-owl` = the LLM's q_proj/v_proj only. None: every linear layer of "
+                  "the LLM (LLaVA). Adapters in the vision tower or projector are refused either way."},
+    )
     merge_lora: bool = field(default=True, metadata={"help": "After LoRA training, also write a merged normal "
                                                             "checkpoint to OUTPUT_DIR/merged."})
 
 
 def resolve_recipe(name: str) -> Path:
-    """A recipe path, or the name of a shipped recipe (with or without `.yaml`)."""
+    """A recipe path, or the name of a shipped recipe (with or without `.yaml`; `-` and `_` interchangeable)."""
     path = Path(name)
     if path.is_file():
         return path
-    shipped = RECIPES_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if shipped.is_file():
-        return shipped
+    stem = name.removesuffix(".yaml")
+    for candidate in (stem, stem.replace("_", "-"), stem.replace("-", "_")):
+        shipped = RECIPES_DIR / f"{candidate}.yaml"
+        if shipped.is_file():
+            return shipped
     available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
     raise FileNotFoundError(f"No recipe {name!r}: not a file, nor a shipped recipe ({available}).")
 
@@ -87,7 +105,8 @@ def accelerate_config_path(name: str) -> Path:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser, stage: str = "pretrain") -> None:
-    parser.add_argument("recipe", help=f"YAML recipe: a path or a shipped name (e.g. {stage}_7b, {stage}_tiny)")
+    owl = "mplug-owl-stage1" if stage == "pretrain" else "mplug-owl-stage2"
+    parser.add_argument("recipe", help=f"YAML recipe: a path or a shipped name (e.g. {stage}_7b, {stage}_tiny, {owl})")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="`--field value` pairs overriding the recipe (any script or trainer-config field)")
 
@@ -122,7 +141,7 @@ def train(stage: str, script_args: AlignGPTScriptArguments, training_args):
     if script_args.use_lora:
         if stage == "pretrain":
             raise ValueError("`use_lora` is a stage-2 option; stage 1 trains the projector and level table in full.")
-        peft_config = aligngpt_lora_config(script_args.lora_r, script_args.lora_alpha, script_args.lora_dropout)
+        peft_config = _lora_config(script_args, aligngpt_lora_config)
     trainer_class = AlignGPTPretrainTrainer if stage == "pretrain" else AlignGPTInstructTrainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=dataset, processing_class=processor,
                             peft_config=peft_config)
@@ -131,6 +150,26 @@ def train(stage: str, script_args: AlignGPTScriptArguments, training_args):
     if peft_config is not None and script_args.merge_lora and trainer.args.should_save:
         merge_lora(trainer.model, os.path.join(training_args.output_dir, "merged"), processor)
     return trainer
+
+
+def _lora_config(script_args: AlignGPTScriptArguments, make_config):
+    """The CLI's LoRA config; `modules_to_save` is left to the trainer (gate, and projector per `train_projector`)."""
+    from .recipes_mplug_owl import MPLUG_OWL_LORA_TARGETS
+
+    targets = script_args.lora_target_modules
+    extra = {} if targets is None else {"target_modules": MPLUG_OWL_LORA_TARGETS if targets == "mplug-owl" else targets}
+    return make_config(script_args.lora_r, script_args.lora_alpha, script_args.lora_dropout, modules_to_save=[],
+                       **extra)
+
+
+def _config_overrides(script_args: AlignGPTScriptArguments, tiny: bool = False) -> dict:
+    """Model-config overrides of a fresh stage-1 model (`model_preset`, `alignment_mode`)."""
+    from .recipes_mplug_owl import model_preset
+
+    overrides = model_preset(script_args.model_preset, tiny=tiny)
+    if script_args.alignment_mode is not None:
+        overrides["alignment_mode"] = script_args.alignment_mode
+    return overrides
 
 
 def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training_args):
@@ -157,7 +196,13 @@ def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training
 
         tokenizer = build_tokenizer()
         torch.manual_seed(training_args.seed)
-        return build_model(tokenizer, num_alignment_levels=script_args.num_alignment_levels), build_processor(tokenizer)
+        model = build_model(tokenizer, num_alignment_levels=script_args.num_alignment_levels,
+                            **_config_overrides(script_args, tiny=True))
+        return model, build_processor(tokenizer, image_seq_length=model.config.image_seq_length,
+                                      add_alignment_token=model.config.uses_alignment_token)
+    if name is not None and (script_args.model_preset or script_args.alignment_mode):
+        raise ValueError("`model_preset`/`alignment_mode` shape a fresh stage-1 model (from `language_model` + "
+                         f"`vision_tower`, or `tiny`); {name!r} already has its layout.")
     if name is not None:
         from .modeling_aligngpt import AlignGPTForConditionalGeneration
 
@@ -168,7 +213,8 @@ def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training
                          "`language_model` and `vision_tower`.")
     return build_from_components(script_args.language_model, script_args.vision_tower,
                                  num_alignment_levels=script_args.num_alignment_levels,
-                                 image_aspect_ratio=script_args.image_aspect_ratio or "pad")
+                                 image_aspect_ratio=script_args.image_aspect_ratio or "pad",
+                                 **_config_overrides(script_args))
 
 
 def build_from_components(language_model: str, vision_tower: str, num_alignment_levels: int = 8,
@@ -235,7 +281,8 @@ def processor_from_parts(tokenizer, image_processor_source: str, config, image_a
     pad = getattr(source, "do_pad", False) if image_aspect_ratio is None else image_aspect_ratio == "pad"
     image_processor = LlavaImageProcessorPil(**settings, do_pad=pad)
     return AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                             image_seq_length=config.image_seq_length)
+                             image_seq_length=config.image_seq_length,
+                             add_alignment_token=config.uses_alignment_token)
 
 
 def load_training_data(stage: str, script_args: AlignGPTScriptArguments):
