@@ -155,6 +155,9 @@ def test_separate_batching_cycles_or_stops_and_counts():
         SeparateModalitySampler(lengths, batch_size=4, on_exhausted="stop")
     with pytest.raises(ValueError, match=r"`modality_batching` must be one of \('mixed', 'separate'\)"):
         AlignGPTInstructConfig(output_dir="x", modality_batching="1:1", use_cpu=True)
+    with pytest.raises(ValueError, match=r"^`vision_lr_multiplier` sets the vision tower's learning rate, but the "
+                                         r"vision tower is frozen"):
+        AlignGPTPretrainConfig(output_dir="x", vision_lr_multiplier=0.1, use_cpu=True)
 
 
 def test_shipped_mplug_owl_recipes_follow_the_paper():

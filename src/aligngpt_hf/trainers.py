@@ -1,7 +1,8 @@
 """AlignGPT's two training stages as TRL `SFTTrainer` subclasses (spec/aligngpt.md §2.3, §3.3, §4).
 
 Only documented hooks are overridden: the data collator (rendering, labels, levels, gate mask, length safety),
-`create_optimizer` (separate projector learning rate), `_get_train_sampler` (`group_by_modality_length`) and
+`create_optimizer` (separate projector / vision-tower learning rates), `_get_train_sampler` (`group_by_modality_length`,
+mPLUG-Owl's 1:1 `modality_batching="separate"`) and
 `_set_signature_columns_if_needed` (keeps the level column). Training runs through TRL's fused LM head, which passes
 every extra batch key (`alignment_levels`, `gate_text_mask`) on to `model.model`, where the alignment logic lives.
 """
@@ -100,6 +101,12 @@ class AlignGPTPretrainConfig(_AlignGPTTrainingConfig):
     level_column: str = field(
         default=LEVEL_COLUMN, metadata={"help": "Dataset column holding each pair's alignment level (0..N-1)."}
     )
+
+    def __post_init__(self):
+        if self.vision_lr_multiplier is not None and not self.train_vision_tower:
+            raise ValueError("`vision_lr_multiplier` sets the vision tower's learning rate, but the vision tower is "
+                             "frozen; set `train_vision_tower=True` (or drop the multiplier).")
+        super().__post_init__()
 
 
 @dataclass
