@@ -149,7 +149,7 @@ def test_cli_dry_run_default_location_rerun_and_foreign_folder(trained, expected
 def test_folder_without_processor_is_refused(trained, tmp_path):
     model, _ = trained
     model.save_pretrained(tmp_path / "bare")
-    with pytest.raises(FileNotFoundError, match="no processor or tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r"no processor \(processor_config.json\)"):
         push_to_hub(tmp_path / "bare", REPO_ID, dry_run=True)
 
 

@@ -102,9 +102,10 @@ def load_for_publishing(folder: str | Path):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; pass a folder written by save_pretrained or convert.")
-    if not (folder / "processor_config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+    if not (folder / "processor_config.json").is_file():
         raise FileNotFoundError(
-            f"{folder} has no processor or tokenizer. Harnesses load both from the repository: save one first, e.g. "
+            f"{folder} has no processor (processor_config.json). Harnesses load the processor and tokenizer from the "
+            "repository: save one first, e.g. "
             "`AlignGPTProcessor(image_processor=..., tokenizer=..., image_seq_length=...).save_pretrained(FOLDER)` "
             "(or `aligngpt-hf convert ... --tokenizer SRC`)."
         )
