@@ -50,16 +50,16 @@ class DemoSettings:
     text_only_rows: int = 120
     heldout_per_kind: int = 40
     stage1_steps: int = 150
-    stage2_steps: int = 700
+    stage2_steps: int = 800
     batch_size: int = 16
     hidden_size: int = 96
     stage2_lr: float = 2e-3
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(clip_pairs=400, clip_steps=120, pretrain_pairs=256, instruct_rows=640, text_only_rows=32,
-                     heldout_per_kind=12, stage1_steps=30, stage2_steps=180)
-KIND_WEIGHTS = {"colour": 1.0, "shape": 1.5, "position": 1.5, "count": 1.2, "yes/no": 1.5}
+QUICK = DemoSettings(clip_pairs=600, clip_steps=250, pretrain_pairs=256, instruct_rows=960, text_only_rows=32,
+                     heldout_per_kind=12, stage1_steps=20, stage2_steps=400)
+KIND_WEIGHTS = {"colour": 1.0, "shape": 2.0, "position": 1.2, "count": 1.2, "yes/no": 2.0}
 
 
 def say(message: str) -> None:
@@ -156,9 +156,11 @@ def build_aligngpt(clip, settings: DemoSettings, seed: int):
     text_config = build_config(tokenizer, hidden_size=settings.hidden_size, num_layers=2).text_config
     config = AlignGPTConfig(
         vision_config=clip[0].config.vision_config, text_config=text_config, num_alignment_levels=settings.num_levels,
-        gate_hidden_size=32, vision_feature_layer=-1,  # the layer the contrastive loss trained
+        gate_hidden_size=32, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        # keep the final CLS token: it is what the contrastive loss trained (last-layer patch tokens get no gradient)
         image_token_id=processor.image_token_id, alignment_token_id=processor.alignment_token_id,
     )
+    processor.image_seq_length = config.image_seq_length  # 16 patches + the CLS token
     model = AlignGPTForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(clip[0].vision_model.state_dict())  # strict: every key
     return model, processor

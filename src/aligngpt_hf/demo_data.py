@@ -52,10 +52,10 @@ class Scene:
         plural = "" if self.count == "one" else "s"
         return f"{self.count} {self.size} {self.colour} {self.shape}{plural} on the {self.side}"
 
-    def corrupted(self, num_wrong: int, rng: random.Random) -> Scene:
-        """The same scene with `num_wrong` attributes changed to another value."""
+    def corrupted(self, num_wrong: int, rng: random.Random, among: tuple[str, ...] = tuple(ATTRIBUTES)) -> Scene:
+        """The same scene with `num_wrong` of the attributes `among` changed to another value."""
         changes = {name: rng.choice([v for v in ATTRIBUTES[name] if v != getattr(self, name)])
-                   for name in rng.sample(list(ATTRIBUTES), num_wrong)}
+                   for name in rng.sample(list(among), num_wrong)}
         return replace(self, **changes)
 
     def answer(self, kind: str) -> str:
@@ -102,10 +102,11 @@ def question_rows(count: int, rng: random.Random, kind_weights: dict[str, float]
     rows = []
     for _ in range(count):
         scene, kind = Scene.random(rng), rng.choices(kinds, weights)[0]
-        if kind == "yes/no":
+        if kind == "yes/no":  # a short caption (colour + shape) that is right, or wrong in one of the two
             matches = rng.random() < 0.5
-            shown = scene if matches else scene.corrupted(rng.randint(1, 4), rng)
-            question, answer = f"Does the caption match the picture: {shown.caption()}?", "yes" if matches else "no"
+            shown = scene if matches else scene.corrupted(1, rng, among=("colour", "shape"))
+            question = f"Does the caption match the picture: {shown.colour} {shown.shape}s?"
+            answer = "yes" if matches else "no"
         else:
             question, answer = QUESTIONS[kind], scene.answer(kind)
         rows.append({"scene": scene, "kind": kind, "question": question, "answer": answer})
@@ -115,5 +116,6 @@ def question_rows(count: int, rng: random.Random, kind_weights: dict[str, float]
 def corpus() -> list[str]:
     """Words the tiny tokenizers must know: every caption word, question and answer."""
     sentences = [Scene(*values).caption() for values in itertools.product(*ATTRIBUTES.values())]
-    questions = list(QUESTIONS.values()) + [q for q, _ in TEXT_ONLY] + ["Does the caption match the picture:"]
+    checks = [f"Does the caption match the picture: {colour} {shape}s?" for colour in COLOURS for shape in SHAPES]
+    questions = list(QUESTIONS.values()) + [q for q, _ in TEXT_ONLY] + checks
     return sentences + questions + [a for _, a in TEXT_ONLY] + ["yes no shapes squares circles triangles"]
