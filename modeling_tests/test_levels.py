@@ -29,35 +29,14 @@ MAX_LENGTH = 16
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+    from aligngpt_hf.tiny import build_clip
 
-    special = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
     corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
-        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                        pad_token="<pad>", unk_token="<unk>", model_max_length=MAX_LENGTH)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=bos,
-                         eos_token_id=eos, pad_token_id=tok.token_to_id("<pad>")),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=16)
     torch.manual_seed(0)
-    model = CLIPModel(config).eval()
-    assert eos != 2 and model.text_model.eos_token_id == eos
+    model, processor = build_clip(corpus, hidden_size=32, num_layers=2, image_size=32, patch_size=8,
+                                  max_length=MAX_LENGTH)
+    eos = processor.tokenizer.eos_token_id
+    assert eos != 2 and model.eval().text_model.eos_token_id == eos
     return model, processor
 
 

@@ -32,35 +32,15 @@ WORDS = ("a photo of the small large red blue green dog cat man woman street car
 
 
 def build_small_clip(image_size: int, patch: int, hidden: int, layers: int):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+    """A random CLIP of the given size with a tokenizer trained on the caption words (`aligngpt_hf.tiny.build_clip`)."""
+    from aligngpt_hf.tiny import build_clip
 
-    special = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     rng = np.random.default_rng(0)
     corpus = [" ".join(rng.choice(WORDS, 12)) for _ in range(200)]
-    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                        pad_token="<pad>", unk_token="<unk>", model_max_length=77)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                            crop_size={"height": image_size, "width": image_size})
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, max_position_embeddings=77,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=0),
-        vision_config=dict(image_size=image_size, patch_size=patch, hidden_size=hidden, intermediate_size=4 * hidden,
-                           num_hidden_layers=layers, num_attention_heads=hidden // 64),
-        projection_dim=hidden)
     torch.manual_seed(0)
-    return CLIPModel(config).eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model, processor = build_clip(corpus, hidden_size=hidden, num_layers=layers, image_size=image_size,
+                                  patch_size=patch, vocab_size=1000, max_length=77)
+    return model.eval(), processor
 
 
 def write_pairs(folder: Path, count: int) -> Path:
