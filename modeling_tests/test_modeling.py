@@ -211,6 +211,80 @@ def test_alignment_token_errors_name_the_sample(make_model, processor, images):
     assert pad_id is not None
 
 
+def test_remaining_placeholder_errors(make_model, processor, images):
+    model = make_model()
+    batch = mixed_batch(processor, images)
+    twice = batch["input_ids"].clone()
+    twice[0, 3] = model.config.alignment_token_id
+    with pytest.raises(ValueError, match=r"^Sample 0 has 2 `<align>` tokens; exactly one is expected\.$"):
+        model(**{**batch, "input_ids": twice})
+    with pytest.raises(ValueError, match=r"^`alignment_levels` has 2 entries for a batch of 3 samples\.$"):
+        model(**batch, alignment_levels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^`alignment_mode='none'` takes no `<align>` token, but the input has one"):
+        make_model(alignment_mode="none")(**batch)
+
+
+@pytest.mark.parametrize("levels", [None, torch.tensor([5, 0, 3])])
+def test_text_only_row_first_keeps_alignment_vectors_on_their_rows(make_model, processor, images, levels):
+    """ALIGN vectors are gathered for image rows only; a leading text-only row must not shift them."""
+    model = make_model()
+    batch = mixed_batch(processor, images)
+    order = torch.tensor([2, 0, 1])
+    reordered = {"input_ids": batch["input_ids"][order], "attention_mask": batch["attention_mask"][order],
+                 "pixel_values": batch["pixel_values"]}
+    out, expected_weights = assert_matches_reference(model, reordered, levels=levels)
+    if levels is None:
+        torch.testing.assert_close(out.alignment_weights, expected_weights, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_assert_async"}
+
+
+def count_host_syncs(monkeypatch, function) -> int:
+    """Ops that make a GPU step wait for the device: scalar reads, data-dependent shapes, `tolist`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"syncs": 0}
+    tolist = torch.Tensor.tolist
+
+    def counting_tolist(tensor):
+        counts["syncs"] += 1
+        return tolist(tensor)
+
+    class CountSyncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            unsized_repeat = name == "repeat_interleave" and (kwargs or {}).get("output_size") is None
+            counts["syncs"] += name in HOST_SYNC_OPS or unsized_repeat
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    with CountSyncs():
+        function()
+    monkeypatch.undo()
+    return counts["syncs"]
+
+
+def test_forward_waits_on_the_host_no_more_often_than_llava(make_model, tokenizer, processor, images, monkeypatch):
+    """All placeholder/level checks share one device-to-host copy, so a GPU step stalls no more than LLaVA's."""
+    model = make_model(alignment_mode="none")
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=model.config.vision_config.to_dict(), text_config=model.config.text_config.to_dict(),
+        image_token_id=model.config.image_token_id, image_seq_length=model.config.image_seq_length,
+        vision_feature_layer=model.config.vision_feature_layer)).eval()
+    llava.load_state_dict(model.state_dict(), strict=False)
+    llava_batch = processor.__class__(processor.image_processor, processor.tokenizer, add_alignment_token=False,
+                                      image_seq_length=model.config.image_seq_length)
+    conversation = processor.apply_chat_template(user_message("Describe it."), add_generation_prompt=True)
+    llava_inputs = llava_batch(text=[conversation] * 2, images=[[images[0]], [images[1]]], return_tensors="pt")
+    batch, aligngpt = mixed_batch(processor, images), make_model()
+    with torch.no_grad():
+        llava_syncs = count_host_syncs(monkeypatch, lambda: llava(**llava_inputs))
+        gate_syncs = count_host_syncs(monkeypatch, lambda: aligngpt(**batch))
+        level_syncs = count_host_syncs(monkeypatch, lambda: aligngpt(**batch, alignment_levels=[1, 2, 3]))
+    assert gate_syncs <= llava_syncs and level_syncs <= llava_syncs, (gate_syncs, level_syncs, llava_syncs)
+
+
 def test_any_dtype_casts_vision_output_to_llm_dtype(make_model, processor, images):
     model = make_model()
     model.model.vision_tower.to(torch.float64)

@@ -19,4 +19,7 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     with torch.no_grad():
         before = namespace["model"](**namespace["inputs"]).logits
         exec(blocks[1], namespace)  # noqa: S102 - reloads the saved folder into `model`
-        assert torch.equal(namespace["model"](**namespace["inputs"]).logits, before)
+        after = namespace["model"](**namespace["inputs"]).logits
+    # Same weights (the round trip is checked bit for bit elsewhere); BLAS may pick another kernel for a fresh
+    # allocation, which moves the last float32 bit.
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)

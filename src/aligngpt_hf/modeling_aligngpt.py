@@ -7,7 +7,7 @@ All alignment logic lives in `AlignGPTModel.forward`, because TRL's SFTTrainer t
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from shutil import copyfile
 
@@ -16,11 +16,11 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .abstractor_aligngpt import AlignGPTVisualAbstractor
 from .configuration_aligngpt import AlignGPTConfig
+from .placeholders_aligngpt import check_no_placeholders, checked_placeholder_counts
 
 # Auto classes written into `auto_map` on save, so every loader finds its entry with trust_remote_code.
 REMOTE_AUTO_MAP = {
@@ -47,21 +47,24 @@ class AlignGPTModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class AlignGPTCausalLMOutputWithPast(ModelOutput):
+class AlignGPTCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token cross-entropy over labels != -100.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
-    alignment_weights (`torch.FloatTensor` of shape `(batch_size, num_alignment_levels - 1)`, *optional*):
-        See [`AlignGPTModelOutputWithPast`].
+    image_hidden_states, alignment_weights: see [`AlignGPTModelOutputWithPast`].
+
+    The KV cache field is inherited, so it carries the installed transformers' name (`past_key_values` up to 5.23,
+    `cache` from 5.24).
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor] | None = None
-    attentions: tuple[torch.FloatTensor] | None = None
     image_hidden_states: torch.FloatTensor | None = None
     alignment_weights: torch.FloatTensor | None = None
+
+
+def _output_fields(output_class, outputs, **extra) -> dict:
+    """The non-None entries of `outputs` that `output_class` has, under whatever names this transformers uses."""
+    names = {field.name for field in fields(output_class)}
+    return {**{key: value for key, value in outputs.items() if key in names}, **extra}
 
 
 class AlignGPTMultiModalProjector(nn.Module):
@@ -122,7 +125,7 @@ class AlignGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -204,7 +207,6 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         alignment_levels: torch.LongTensor | None = None,
         gate_text_mask: torch.Tensor | None = None,
@@ -218,6 +220,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         gate_text_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             Restricts the text tokens the gate averages (1 = may count). Trainers pass `labels == -100` so the
             gate sees the prompt only; BOS, `<align>`, `<image>` and padding never count.
+
+        The KV cache and every other language-model argument travel in `kwargs` under the installed transformers'
+        names (`past_key_values` up to 5.23, `cache` from 5.24), so one file serves both.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -238,45 +243,44 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             **kwargs,
         )
-        return AlignGPTModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=image_features,
-            alignment_weights=alignment_weights,
-        )
+        return AlignGPTModelOutputWithPast(**_output_fields(
+            AlignGPTModelOutputWithPast, outputs, image_hidden_states=image_features, alignment_weights=alignment_weights
+        ))
 
     def _merge_multimodal(self, input_ids, word_embeds, pixel_values, attention_mask, alignment_levels, gate_mask):
-        """Scatter image features into `<image>` slots and alignment vectors into `<align>` slots."""
+        """Scatter image features into `<image>` slots and alignment vectors into `<align>` slots.
+
+        All placeholder checks share one device-to-host copy (LLaVA makes one too), so a GPU step waits once.
+        """
         image_mask = input_ids == self.config.image_token_id
         align_mask = input_ids == self.config.alignment_token_id
         if pixel_values is None or pixel_values.shape[0] == 0:
-            _check_no_placeholders(image_mask, align_mask)
-            return word_embeds + self._static_graph_anchor(word_embeds), None, None
+            check_no_placeholders(image_mask, align_mask)
+            if self.training and torch.is_grad_enabled():
+                word_embeds = word_embeds + self._static_graph_anchor(word_embeds)
+            return word_embeds, None, None
 
         image_features = self.get_image_features(pixel_values).to(word_embeds.device, word_embeds.dtype)
-        images_per_row = _images_per_row(image_mask, image_features)
+        levels = None
+        if alignment_levels is not None and self.config.uses_alignment_token:
+            levels = torch.as_tensor(alignment_levels, device=input_ids.device).long().reshape(-1)
+        counts = checked_placeholder_counts(
+            image_mask, align_mask, image_features.shape, self.config.uses_alignment_token,
+            levels, self.config.num_alignment_levels,
+        )
+        images_per_row = image_mask.sum(-1) // image_features.shape[1]
         inputs_embeds = word_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
         if not self.config.uses_alignment_token:
-            if align_mask.any():
-                raise ValueError(
-                    "`alignment_mode='none'` takes no `<align>` token, but the input has one; build the processor "
-                    "with `add_alignment_token=False`."
-                )
             return inputs_embeds, image_features, None
 
         rows_with_image = images_per_row > 0
-        _check_alignment_tokens(align_mask, rows_with_image)
-        if alignment_levels is not None:
-            levels = self._checked_levels(alignment_levels, rows_with_image)
-            vectors, weights = self.alignment.vectors_for_levels(levels), None
+        weights = None
+        if levels is not None:
+            vectors = self.alignment.vectors_for_levels(levels.clamp(0, self.config.num_alignment_levels - 1))
         else:
-            weights = None
             if self.config.uses_gate:
                 text_mask = _gate_text_mask(image_mask, align_mask, attention_mask, gate_mask)
                 dots = _image_text_dots(word_embeds, text_mask, image_features, images_per_row)
@@ -284,25 +288,11 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             vectors = self.alignment.vectors_for_weights(weights, input_ids.shape[0])
             if weights is not None:
                 weights = weights.masked_fill(~rows_with_image.unsqueeze(-1), float("nan"))
-        vectors = vectors.to(inputs_embeds.dtype)[rows_with_image]
-        inputs_embeds = inputs_embeds.masked_scatter(align_mask.unsqueeze(-1), vectors)
+        num_image_rows = sum(count > 0 for count in counts)
+        if num_image_rows < input_ids.shape[0]:  # nonzero_static: the row count is known, so no second sync
+            vectors = vectors[torch.nonzero_static(rows_with_image, size=num_image_rows).flatten()]
+        inputs_embeds = inputs_embeds.masked_scatter(align_mask.unsqueeze(-1), vectors.to(inputs_embeds.dtype))
         return inputs_embeds, image_features, weights
-
-    def _checked_levels(self, alignment_levels: torch.Tensor, rows_with_image: torch.Tensor) -> torch.Tensor:
-        levels = torch.as_tensor(alignment_levels, device=rows_with_image.device).long().reshape(-1)
-        if levels.numel() != rows_with_image.numel():
-            raise ValueError(
-                f"`alignment_levels` has {levels.numel()} entries for a batch of {rows_with_image.numel()} samples."
-            )
-        num_levels = self.config.num_alignment_levels
-        bad = rows_with_image & ((levels < 0) | (levels >= num_levels))
-        if bad.any():
-            index = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"Sample {index} has alignment level {int(levels[index])}, outside 0..{num_levels - 1} "
-                f"(N-1 = strongest). Compute levels with `aligngpt-hf levels --num-levels {num_levels}`."
-            )
-        return levels.clamp(0, num_levels - 1)
 
     def _static_graph_anchor(self, word_embeds: torch.Tensor) -> torch.Tensor:
         """Zero-valued term touching the trainable vision/projector/gate parameters in image-free training batches.
@@ -310,8 +300,6 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         DDP, ZeRO-3 and FSDP expect every trainable parameter in every step's graph. The cost is one projector pass on
         a zero input (plus one vision-tower pass on a blank image when the tower trains) per image-free batch.
         """
-        if not (self.training and torch.is_grad_enabled()):
-            return word_embeds.new_zeros(())
         terms = []
         if any(p.requires_grad for p in self.vision_tower.parameters()):
             size = self.config.vision_config.image_size
@@ -327,52 +315,6 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         if alignment is not None and alignment.level_embeddings.requires_grad:
             terms.append(alignment.level_embeddings.sum())
         return 0.0 * sum(terms) if terms else word_embeds.new_zeros(())
-
-
-def _check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor) -> None:
-    if image_mask.any():
-        rows = image_mask.any(-1).nonzero().flatten().tolist()
-        raise ValueError(f"Samples {rows} contain `<image>` tokens but no `pixel_values` were given.")
-    if align_mask.any():
-        rows = align_mask.any(-1).nonzero().flatten().tolist()
-        raise ValueError(
-            f"Samples {rows} contain an `<align>` token but no image; text-only samples take no alignment token."
-        )
-
-
-def _images_per_row(image_mask: torch.Tensor, image_features: torch.Tensor) -> torch.LongTensor:
-    """Check placeholders against features (loudly, naming samples) and return the image count of each row."""
-    num_images, tokens_per_image = image_features.shape[:2]
-    tokens_per_row = image_mask.sum(-1)
-    total = int(tokens_per_row.sum())
-    partial_rows = (tokens_per_row % tokens_per_image != 0).nonzero().flatten().tolist()
-    if total != num_images * tokens_per_image or partial_rows:
-        raise ValueError(
-            f"Image features and image tokens do not match: the batch has {total} `<image>` tokens (per sample: "
-            f"{tokens_per_row.tolist()}) but {num_images} images x {tokens_per_image} tokens = "
-            f"{num_images * tokens_per_image} features."
-            + (f" Samples {partial_rows} hold a partial image." if partial_rows else "")
-            + f" Each image needs exactly {tokens_per_image} `<image>` tokens: build inputs with AlignGPTProcessor "
-            f"(image_seq_length={tokens_per_image}) and make `max_length` long enough not to cut them."
-        )
-    return tokens_per_row // tokens_per_image
-
-
-def _check_alignment_tokens(align_mask: torch.Tensor, rows_with_image: torch.Tensor) -> None:
-    """Exactly one `<align>` per sample with an image, none elsewhere."""
-    align_per_row = align_mask.sum(-1)
-    bad = align_per_row != rows_with_image.long()
-    if not bad.any():
-        return
-    index = int(bad.nonzero()[0, 0])
-    count, has_image = int(align_per_row[index]), bool(rows_with_image[index])
-    if has_image and count == 0:
-        reason = "has an image but no `<align>` token; AlignGPTProcessor inserts it right after BOS"
-    elif not has_image:
-        reason = "has an `<align>` token but no image; text-only samples take no alignment token"
-    else:
-        reason = f"has {count} `<align>` tokens; exactly one is expected"
-    raise ValueError(f"Sample {index} {reason}.")
 
 
 def _gate_text_mask(image_mask, align_mask, attention_mask, gate_mask) -> torch.Tensor:
@@ -391,7 +333,9 @@ def _image_text_dots(word_embeds, text_mask, image_features, images_per_row) -> 
     weights = text_mask.unsqueeze(-1).to(word_embeds.dtype)
     mean_text = (word_embeds * weights).sum(1) / (weights.sum(1) + 1e-8)
     batch_size = word_embeds.shape[0]
-    image_rows = torch.repeat_interleave(torch.arange(batch_size, device=word_embeds.device), images_per_row)
+    image_rows = torch.repeat_interleave(  # output_size: no host sync
+        torch.arange(batch_size, device=word_embeds.device), images_per_row, output_size=image_features.shape[0]
+    )
     dots = torch.einsum("ikh,ih->ik", image_features, mean_text[image_rows])
     summed = dots.new_zeros(batch_size, dots.shape[1]).index_add_(0, image_rows, dots)
     return summed / images_per_row.clamp(min=1).unsqueeze(-1).to(summed.dtype)
@@ -449,7 +393,6 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         alignment_levels: torch.LongTensor | None = None,
         gate_text_mask: torch.Tensor | None = None,
@@ -471,7 +414,6 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             alignment_levels=alignment_levels,
             gate_text_mask=gate_text_mask,
@@ -484,15 +426,9 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return AlignGPTCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            alignment_weights=outputs.alignment_weights,
-        )
+        return AlignGPTCausalLMOutputWithPast(**_output_fields(
+            AlignGPTCausalLMOutputWithPast, outputs, loss=loss, logits=logits
+        ))
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Freeze the gate's text to the prompt, so decoding without a cache reproduces the cached ALIGN vector."""
