@@ -265,24 +265,49 @@ def count_host_syncs(monkeypatch, function) -> int:
     return counts["syncs"]
 
 
-def test_forward_waits_on_the_host_no_more_often_than_llava(make_model, tokenizer, processor, images, monkeypatch):
-    """All placeholder/level checks share one device-to-host copy, so a GPU step stalls no more than LLaVA's."""
-    model = make_model(alignment_mode="none")
+def llava_twin(model, processor, images):
+    """transformers' LLaVA with `model`'s weights (mode `none`), and a two-image batch for it."""
     llava = LlavaForConditionalGeneration(LlavaConfig(
         vision_config=model.config.vision_config.to_dict(), text_config=model.config.text_config.to_dict(),
         image_token_id=model.config.image_token_id, image_seq_length=model.config.image_seq_length,
         vision_feature_layer=model.config.vision_feature_layer)).eval()
     llava.load_state_dict(model.state_dict(), strict=False)
-    llava_batch = processor.__class__(processor.image_processor, processor.tokenizer, add_alignment_token=False,
-                                      image_seq_length=model.config.image_seq_length)
+    llava_processor = processor.__class__(processor.image_processor, processor.tokenizer, add_alignment_token=False,
+                                          image_seq_length=model.config.image_seq_length)
     conversation = processor.apply_chat_template(user_message("Describe it."), add_generation_prompt=True)
-    llava_inputs = llava_batch(text=[conversation] * 2, images=[[images[0]], [images[1]]], return_tensors="pt")
+    return llava, llava_processor(text=[conversation] * 2, images=[[images[0]], [images[1]]], return_tensors="pt")
+
+
+def test_forward_waits_on_the_host_no_more_often_than_llava(make_model, processor, images, monkeypatch):
+    """All placeholder/level checks share one device-to-host copy, so a GPU step stalls no more than LLaVA's."""
+    llava, llava_inputs = llava_twin(make_model(alignment_mode="none"), processor, images)
     batch, aligngpt = mixed_batch(processor, images), make_model()
     with torch.no_grad():
         llava_syncs = count_host_syncs(monkeypatch, lambda: llava(**llava_inputs))
         gate_syncs = count_host_syncs(monkeypatch, lambda: aligngpt(**batch))
         level_syncs = count_host_syncs(monkeypatch, lambda: aligngpt(**batch, alignment_levels=[1, 2, 3]))
     assert gate_syncs <= llava_syncs and level_syncs <= llava_syncs, (gate_syncs, level_syncs, llava_syncs)
+
+
+def decoding_step(model, inputs):
+    """Prefill with a cache, then the one-token step `generate` makes next (cache under this transformers' name)."""
+    prefill = model(**inputs, use_cache=True)
+    cache_name = "cache" if "cache" in prefill else "past_key_values"
+    next_token = prefill.logits[:, -1:].argmax(-1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_token)], dim=-1)
+    return lambda: model(input_ids=next_token, attention_mask=mask, use_cache=True, **{cache_name: prefill[cache_name]})
+
+
+def test_decoding_step_waits_on_the_host_no_more_often_than_llava(make_model, processor, images, monkeypatch):
+    """Decoding steps skip the placeholder checks (generate suppresses both ids), so they never sync more than LLaVA."""
+    llava, llava_inputs = llava_twin(make_model(alignment_mode="none"), processor, images)
+    aligngpt, batch = make_model(), processor(
+        text=[processor.apply_chat_template(user_message("Describe it."), add_generation_prompt=True)] * 2,
+        images=[[images[0]], [images[1]]], return_tensors="pt")
+    with torch.no_grad():
+        llava_syncs = count_host_syncs(monkeypatch, decoding_step(llava, llava_inputs))
+        aligngpt_syncs = count_host_syncs(monkeypatch, decoding_step(aligngpt, batch))
+    assert aligngpt_syncs <= llava_syncs, (aligngpt_syncs, llava_syncs)
 
 
 def test_any_dtype_casts_vision_output_to_llm_dtype(make_model, processor, images):

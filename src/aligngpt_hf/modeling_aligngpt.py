@@ -255,14 +255,15 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
 
         All placeholder checks share one device-to-host copy (LLaVA makes one too), so a GPU step waits once.
         """
-        image_mask = input_ids == self.config.image_token_id
-        align_mask = input_ids == self.config.alignment_token_id
+        image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
         if pixel_values is None or pixel_values.shape[0] == 0:
-            check_no_placeholders(image_mask, align_mask)
+            if input_ids.shape[1] > 1:  # not on decoding steps: generate suppresses both ids, and a sync stalls a GPU
+                check_no_placeholders(input_ids == image_id, input_ids == align_id)
             if self.training and torch.is_grad_enabled():
                 word_embeds = word_embeds + self._static_graph_anchor(word_embeds)
             return word_embeds, None, None
 
+        image_mask, align_mask = input_ids == image_id, input_ids == align_id
         image_features = self.get_image_features(pixel_values).to(word_embeds.device, word_embeds.dtype)
         levels = None
         if alignment_levels is not None and self.config.uses_alignment_token:
