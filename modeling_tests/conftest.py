@@ -19,6 +19,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "aligngpt_original_tiny"
 
 
+def package_free_env(hf_home: Path, **overrides: str) -> dict:
+    """Environment for a child process that loads remote code: fresh HF_HOME, offline, no `aligngpt_hf` source on
+    PYTHONPATH (other entries stay, e.g. the pinned transformers of CI's lower-bound run)."""
+    kept = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if entry and not (Path(entry) / "aligngpt_hf").exists()]
+    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(kept),
+            **overrides}
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.functional import layer_norm, silu
 
 from aligngpt_hf.tiny import build_processor
-from conftest import user_message
+from conftest import package_free_env, user_message
 
 ABSTRACTOR = dict(projector_type="abstractor", abstractor_num_queries=6, abstractor_num_layers=2,
                   abstractor_num_heads=4, abstractor_intermediate_size=48, vision_feature_layer=-1,
@@ -120,7 +119,7 @@ def test_save_and_remote_code_reload_give_identical_outputs(make_model, tokenize
     prompt = processor.apply_chat_template(user_message("Q?"), add_generation_prompt=True)
     batch = processor(text=[prompt], images=[images[0]], return_tensors="pt")
     save_file(dict(batch), tmp_path / "inputs.safetensors")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env = package_free_env(tmp_path / "home")
     result = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "owl"), str(tmp_path / "inputs.safetensors"),
                              str(tmp_path / "outputs.safetensors")], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=300)

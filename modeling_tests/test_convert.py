@@ -19,7 +19,7 @@ from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration, conver
 from aligngpt_hf.cli import main as cli_main
 from aligngpt_hf.convert import is_stage1_artefact, load_stage1_artefact
 from aligngpt_hf.convert_mapping import ConversionError
-from conftest import SHARED_FIXTURES
+from conftest import SHARED_FIXTURES, package_free_env
 
 pytestmark = pytest.mark.skipif(
     not SHARED_FIXTURES.is_dir(), reason=f"shared original-layout fixtures not found at {SHARED_FIXTURES}"
@@ -315,7 +315,7 @@ def test_converted_folder_loads_through_remote_code(converted, model, cases, tmp
     ids, mask, _ = expand(tensors["inference_batch2/input_ids"], tensors["inference_batch2/attention_mask"])
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": tensors["inference_batch2/images"]}
     save_file(batch, tmp_path / "inputs.safetensors")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env = package_free_env(tmp_path / "hf_home")
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(converted), str(tmp_path / "inputs.safetensors"),
          str(tmp_path / "outputs.safetensors")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from aligngpt_hf.cli import main as cli_main
 from aligngpt_hf.hub import push_to_hub
-from conftest import user_message
+from conftest import package_free_env, user_message
 
 REPO_ID = "user/tiny-aligngpt"
 HERE = Path(__file__).resolve().parent
@@ -271,8 +271,8 @@ def fake_hub(tmp_path_factory):
 
 
 def _hub_env(endpoint: str, hf_home: Path) -> dict:
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_fake",
-           "HF_HOME": str(hf_home), "PYTHONPATH": "", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = package_free_env(hf_home, HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_fake",
+                           HF_HUB_DISABLE_PROGRESS_BARS="1")
     env.pop("HF_HUB_OFFLINE", None)
     return env
 
@@ -345,7 +345,7 @@ def test_model_card_snippets_run_against_the_local_folder(published, tmp_path):
         f"exec({block.replace(repr(REPO_ID), repr(str(published.folder)))!r}, {{}})\nprint('BLOCK_OK')"
         for block in (b.replace(f'"{REPO_ID}"', repr(REPO_ID)) for b in blocks)
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env = package_free_env(tmp_path / "hf_home")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
                             timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]

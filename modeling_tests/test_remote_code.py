@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration, AlignGPTModel, AlignGPTProcessor
-from conftest import user_message
+from conftest import package_free_env, user_message
 
 EXPECTED_AUTO_MAP = {
     "AutoConfig": "configuration_aligngpt.AlignGPTConfig",
@@ -123,7 +123,7 @@ def test_remote_code_load_without_aligngpt_hf(saved, tmp_path, processor):
     model, folder, batch = saved
     inputs_file, outputs_file = tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors"
     save_file({k: v.contiguous() for k, v in batch.items()}, inputs_file)
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env = package_free_env(tmp_path / "hf_home")
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(inputs_file), str(outputs_file)],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
