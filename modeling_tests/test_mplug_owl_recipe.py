@@ -19,8 +19,8 @@ from aligngpt_hf.cli import main
 from aligngpt_hf.data import synthetic_dataset
 from aligngpt_hf.recipes_mplug_owl import MPLUG_OWL_TINY_CONFIG, mplug_owl_lora_config
 from aligngpt_hf.sampler import SeparateModalitySampler, separate_modality_indices
+from aligngpt_hf.stage_handoff import load_for_instruct
 from aligngpt_hf.tiny import build_processor
-from aligngpt_hf.trainers import load_for_instruct
 from aligngpt_hf.training_cli import RECIPES_DIR, parse_recipe, resolve_recipe
 
 FAST = dict(per_device_train_batch_size=2, report_to="none", save_strategy="no", gradient_checkpointing=False,

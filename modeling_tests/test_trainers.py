@@ -16,7 +16,8 @@ from aligngpt_hf import (
     AlignGPTPretrainTrainer,
 )
 from aligngpt_hf.data import synthetic_dataset
-from aligngpt_hf.trainers import aligngpt_lora_config, load_for_instruct, merge_lora
+from aligngpt_hf.stage_handoff import load_for_instruct, merge_lora
+from aligngpt_hf.trainers import aligngpt_lora_config
 
 FAST = dict(
     per_device_train_batch_size=2,

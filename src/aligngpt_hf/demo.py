@@ -201,12 +201,12 @@ def run_stages(run: Path, model, processor, levels_json: Path, settings: DemoSet
     from datasets import Dataset
 
     from .data import load_llava_json
+    from .stage_handoff import load_for_instruct
     from .trainers import (
         AlignGPTInstructConfig,
         AlignGPTInstructTrainer,
         AlignGPTPretrainConfig,
         AlignGPTPretrainTrainer,
-        load_for_instruct,
     )
 
     stage1 = AlignGPTPretrainTrainer(

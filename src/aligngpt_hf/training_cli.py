@@ -131,7 +131,8 @@ def run_cli(args) -> int:
 
 def train(stage: str, script_args: AlignGPTScriptArguments, training_args):
     """Build the model, processor and data of `stage`, train, save (and merge a LoRA adapter); returns the trainer."""
-    from .trainers import AlignGPTInstructTrainer, AlignGPTPretrainTrainer, aligngpt_lora_config, merge_lora
+    from .stage_handoff import merge_lora
+    from .trainers import AlignGPTInstructTrainer, AlignGPTPretrainTrainer, aligngpt_lora_config
 
     model, processor = build_stage_model(stage, script_args, training_args)
     if script_args.image_aspect_ratio is not None:
@@ -179,7 +180,7 @@ def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training
 
     name = script_args.model_name_or_path
     if stage == "instruct":
-        from .trainers import load_for_instruct
+        from .stage_handoff import load_for_instruct
 
         if name is None:
             raise ValueError("Stage 2 starts from a stage-1 output folder: set `model_name_or_path`.")
