@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .abstractor_aligngpt import AlignGPTVisualAbstractor
 from .configuration_aligngpt import AlignGPTConfig
-from .placeholders_aligngpt import check_no_placeholders, checked_placeholder_counts
+from .placeholders_aligngpt import check_no_placeholders, check_placeholders
 
 # Auto classes written into `auto_map` on save, so every loader finds its entry with trust_remote_code.
 REMOTE_AUTO_MAP = {
@@ -268,7 +268,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         levels = None
         if alignment_levels is not None and self.config.uses_alignment_token:
             levels = torch.as_tensor(alignment_levels, device=input_ids.device).long().reshape(-1)
-        counts = checked_placeholder_counts(
+        check_placeholders(
             image_mask, align_mask, image_features.shape, self.config.uses_alignment_token,
             levels, self.config.num_alignment_levels,
         )
@@ -289,9 +289,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             vectors = self.alignment.vectors_for_weights(weights, input_ids.shape[0])
             if weights is not None:
                 weights = weights.masked_fill(~rows_with_image.unsqueeze(-1), float("nan"))
-        num_image_rows = sum(count > 0 for count in counts)
-        if num_image_rows < input_ids.shape[0]:  # nonzero_static: the row count is known, so no second sync
-            vectors = vectors[torch.nonzero_static(rows_with_image, size=num_image_rows).flatten()]
+        # Image rows first, in batch order: masked_scatter fills the `<align>` slots from the front of its source,
+        # and the leftover text-only rows are never read. A stable sort needs no host sync (boolean indexing would).
+        vectors = vectors[torch.argsort((~rows_with_image).to(torch.uint8), stable=True)]
         inputs_embeds = inputs_embeds.masked_scatter(align_mask.unsqueeze(-1), vectors.to(inputs_embeds.dtype))
         return inputs_embeds, image_features, weights
 

@@ -22,10 +22,10 @@ def check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor) ->
         )
 
 
-def checked_placeholder_counts(image_mask, align_mask, feature_shape, expects_align, levels, num_levels) -> list:
+def check_placeholders(image_mask, align_mask, feature_shape, expects_align, levels, num_levels) -> None:
     """Check `<image>`/`<align>` placeholders (and levels) against the features, loudly and naming samples.
 
-    Returns the `<image>` token count of each sample; the only device-to-host copy of the forward.
+    One device-to-host copy of the per-sample counts (the forward's only one); the messages are built from it.
     """
     num_images, tokens_per_image = feature_shape[:2]
     batch_size = image_mask.shape[0]
@@ -47,7 +47,6 @@ def checked_placeholder_counts(image_mask, align_mask, feature_shape, expects_al
                 f"Sample {index} has alignment level {level}, outside 0..{num_levels - 1} "
                 f"(N-1 = strongest). Compute levels with `aligngpt-hf levels --num-levels {num_levels}`."
             )
-    return tokens_per_row
 
 
 def _check_image_tokens(tokens_per_row: list, num_images: int, tokens_per_image: int) -> None:
