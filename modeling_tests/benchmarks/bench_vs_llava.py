@@ -1,13 +1,15 @@
 """AlignGPT vs transformers' LLaVA at identical dimensions and shared weights: train step and greedy decode.
 
-    python modeling_tests/benchmarks/bench_vs_llava.py [--repeats 9] [--out results.json]
+    python modeling_tests/benchmarks/bench_vs_llava.py [--repeats 15] [--out results.json]
 
 Three models share every weight LLaVA has: AlignGPT (adaptive gate, one ALIGN position per image sample), LLaVA, and
 a control, AlignGPT with `alignment_mode="none"` on LLaVA's inputs, which runs LLaVA's computation through our code.
 Small shared CPUs drift by tens of percent between seconds, so each repeat runs all three back to back in a rotated
-order and the ratios are medians of the per-repeat ratios (paired), with the ratio of the fastest runs beside them.
-The control's ratio shows how far the harness itself is from 1.00. Prints everything and writes it as JSON. Not a
-test: timings depend on the machine and are never asserted.
+order and the ratios are medians of the per-repeat ratios (paired), with their quartiles and the ratio of the fastest
+runs beside them. The control's ratio shows how far the harness itself is from 1.00. Because wall-clock ratios on a
+shared machine stay noisy, the matmul FLOPs of one train step and one `generate` call are counted too
+(`torch.utils.flop_counter`; deterministic, attention kernels excluded). Prints everything and writes it as JSON. Not
+a test: timings depend on the machine and are never asserted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration
@@ -86,13 +89,25 @@ def paired_timings(functions: dict, repeats: int, warmup: int = 1) -> dict:
 
 
 def summarise(times: dict, reference: str = "llava") -> dict:
-    """Median and fastest seconds per model, and each model's paired median ratio to the reference."""
+    """Median and fastest seconds per model, and each model's paired ratios to the reference (median, quartiles)."""
     summary = {name: {"median_s": statistics.median(values), "min_s": min(values)} for name, values in times.items()}
     for name, values in times.items():
         paired = [value / base for value, base in zip(values, times[reference])]
         summary[name]["paired_ratio"] = statistics.median(paired)
+        summary[name]["paired_ratio_quartiles"] = statistics.quantiles(paired, n=4)[::2] if len(paired) > 1 else []
         summary[name]["min_ratio"] = min(values) / min(times[reference])
     return summary
+
+
+def matmul_flops(functions: dict, reference: str = "llava") -> dict:
+    """FLOPs of one call per function (matmuls and convolutions, forward and backward) and the ratio to the reference."""
+    counts = {}
+    for name, function in functions.items():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            function()
+        counts[name] = counter.get_total_flops()
+    return {name: {"flops": count, "ratio": count / counts[reference]} for name, count in counts.items()}
 
 
 def train_step(model, batch):
@@ -111,7 +126,7 @@ def decode(model, batch):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="bench_vs_llava.json")
     args = parser.parse_args(argv)
     ours, llava, control = build_models()
@@ -125,19 +140,22 @@ def main(argv=None):
                "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
     for model in models.values():
         model.train()
-    train = paired_timings({name: train_step(model, batches[inputs_of[name]]) for name, model in models.items()},
-                           args.repeats)
+    steps = {name: train_step(model, batches[inputs_of[name]]) for name, model in models.items()}
+    results["train_step_flops"] = matmul_flops(steps)
+    train = paired_timings(steps, args.repeats)
     for model in models.values():
         model.eval()
     with torch.no_grad():
-        generate = paired_timings({name: decode(model, prompts[inputs_of[name]]) for name, model in models.items()},
-                                  args.repeats)
+        generations = {name: decode(model, prompts[inputs_of[name]]) for name, model in models.items()}
+        results["decode_flops"] = matmul_flops(generations)
+        generate = paired_timings(generations, args.repeats)
     results["train_step"] = summarise(train)
     results["decode"] = summarise(generate)
     new_tokens = DIMS["batch"] * DIMS["new_tokens"]
     for entry in results["decode"].values():  # speed, not time: LLaVA-relative tokens/s
         entry["tokens_per_s"] = new_tokens / entry["median_s"]
         entry["paired_speed_ratio"], entry["min_speed_ratio"] = 1 / entry.pop("paired_ratio"), 1 / entry.pop("min_ratio")
+        entry["paired_speed_ratio_quartiles"] = [1 / ratio for ratio in entry.pop("paired_ratio_quartiles")][::-1]
     results["train_step_ratio"] = results["train_step"]["aligngpt"]["paired_ratio"]
     results["decode_speed_ratio"] = results["decode"]["aligngpt"]["paired_speed_ratio"]
     results["raw_seconds"] = {"train_step": train, "decode": generate}
