@@ -8,6 +8,7 @@ All alignment logic lives in `AlignGPTModel.forward`, because TRL's SFTTrainer t
 
 import math
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 from shutil import copyfile
 
@@ -61,9 +62,14 @@ class AlignGPTCausalLMOutputWithPast(CausalLMOutputWithPast):
     alignment_weights: torch.FloatTensor | None = None
 
 
+@lru_cache
+def _field_names(output_class) -> frozenset:
+    return frozenset(field.name for field in fields(output_class))
+
+
 def _output_fields(output_class, outputs, **extra) -> dict:
     """The non-None entries of `outputs` that `output_class` has, under whatever names this transformers uses."""
-    names = {field.name for field in fields(output_class)}
+    names = _field_names(output_class)
     return {**{key: value for key, value in outputs.items() if key in names}, **extra}
 
 
