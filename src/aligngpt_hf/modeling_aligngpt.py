@@ -274,11 +274,12 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         levels = None
         if alignment_levels is not None and self.config.uses_alignment_token:
             levels = torch.as_tensor(alignment_levels, device=input_ids.device).long().reshape(-1)
+        image_tokens_per_row = image_mask.sum(-1)
         check_placeholders(
-            image_mask, align_mask, image_features.shape, self.config.uses_alignment_token,
+            image_tokens_per_row, align_mask.sum(-1), image_features.shape, self.config.uses_alignment_token,
             levels, self.config.num_alignment_levels,
         )
-        images_per_row = image_mask.sum(-1) // image_features.shape[1]
+        images_per_row = image_tokens_per_row // image_features.shape[1]
         inputs_embeds = word_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
         if not self.config.uses_alignment_token:
             return inputs_embeds, image_features, None

@@ -22,16 +22,16 @@ def check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor) ->
         )
 
 
-def check_placeholders(image_mask, align_mask, feature_shape, expects_align, levels, num_levels) -> None:
-    """Check `<image>`/`<align>` placeholders (and levels) against the features, loudly and naming samples.
+def check_placeholders(image_tokens_per_row, align_per_row, feature_shape, expects_align, levels, num_levels) -> None:
+    """Check `<image>`/`<align>` counts per sample (and levels) against the features, loudly and naming samples.
 
     One device-to-host copy of the per-sample counts (the forward's only one); the messages are built from it.
     """
     num_images, tokens_per_image = feature_shape[:2]
-    batch_size = image_mask.shape[0]
+    batch_size = image_tokens_per_row.shape[0]
     if levels is not None and levels.numel() != batch_size:
         raise ValueError(f"`alignment_levels` has {levels.numel()} entries for a batch of {batch_size} samples.")
-    rows = [image_mask.sum(-1), align_mask.sum(-1)] + ([levels] if levels is not None else [])
+    rows = [image_tokens_per_row, align_per_row] + ([levels] if levels is not None else [])
     tokens_per_row, align_per_row, *level_list = torch.stack(rows).tolist()
     _check_image_tokens(tokens_per_row, num_images, tokens_per_image)
     if not expects_align and any(align_per_row):
