@@ -16,7 +16,7 @@ from aligngpt_hf import AlignGPTForConditionalGeneration  # noqa: E402
 from aligngpt_hf.tiny import build_config, build_processor, build_tokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "aligngpt_original_tiny"
+ORIGINAL_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "aligngpt_original_tiny"
 
 
 def package_free_env(hf_home: Path, **overrides: str) -> dict:

@@ -26,8 +26,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration  # noqa: E402
-from aligngpt_hf.recipes_mplug_owl import MPLUG_OWL_CONFIG  # noqa: E402
 from aligngpt_hf.tiny import build_config, build_processor, build_tokenizer  # noqa: E402
+from aligngpt_hf.training.mplug_owl import MPLUG_OWL_CONFIG  # noqa: E402
 
 HUB_CONFIGS = Path(__file__).resolve().parents[2] / "hub_configs"
 

@@ -1,4 +1,4 @@
-"""Pairs/second of `aligngpt_hf.levels.score_pairs` on this machine (a script, not a test).
+"""Pairs/second of `aligngpt_hf.levels.compute.score_pairs` on this machine (a script, not a test).
 
 Runs the real pipeline (JPEG files on disk -> threaded decode + preprocessing -> datasets.map -> both towers
 -> cosine) with a small random CLIP, then the same run with the text tower replaced by a constant (the
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from aligngpt_hf.levels import _open_image, load_scorer, pairs_from_llava_json, score_pairs
+from aligngpt_hf.levels.compute import _open_image, load_scorer, pairs_from_llava_json, score_pairs
 
 WORDS = ("a photo of the small large red blue green dog cat man woman street car tree house on in with near "
          "sitting standing next to white black old new city beach").split()

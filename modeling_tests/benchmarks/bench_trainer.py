@@ -24,9 +24,9 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProces
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from aligngpt_hf import AlignGPTInstructConfig, AlignGPTInstructTrainer  # noqa: E402
-from aligngpt_hf.data import synthetic_dataset  # noqa: E402
-from aligngpt_hf.processing_aligngpt import VICUNA_V1_CHAT_TEMPLATE  # noqa: E402
+from aligngpt_hf.models.processing_aligngpt import VICUNA_V1_CHAT_TEMPLATE  # noqa: E402
 from aligngpt_hf.tiny import build_config, build_processor, build_tokenizer  # noqa: E402
+from aligngpt_hf.training.data import synthetic_dataset  # noqa: E402
 
 
 class StepTimer(TrainerCallback):

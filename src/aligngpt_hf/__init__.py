@@ -11,21 +11,21 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_aligngpt import AlignGPTConfig
-from .modeling_aligngpt import AlignGPTForConditionalGeneration, AlignGPTModel, AlignGPTPreTrainedModel
-from .processing_aligngpt import AlignGPTProcessor
+from .models.configuration_aligngpt import AlignGPTConfig
+from .models.modeling_aligngpt import AlignGPTForConditionalGeneration, AlignGPTModel, AlignGPTPreTrainedModel
+from .models.processing_aligngpt import AlignGPTProcessor
 
 __version__ = "0.1.0"
 
 # Heavier parts (TRL trainers, data adapters, conversion) load on first use, not at import.
 _LAZY_EXPORTS = {
-    "AlignGPTPretrainConfig": "aligngpt_hf.trainers",
-    "AlignGPTPretrainTrainer": "aligngpt_hf.trainers",
-    "AlignGPTInstructConfig": "aligngpt_hf.trainers",
-    "AlignGPTInstructTrainer": "aligngpt_hf.trainers",
-    "load_llava_json": "aligngpt_hf.data",
-    "convert_checkpoint": "aligngpt_hf.convert",
-    "push_to_hub": "aligngpt_hf.hub",
+    "AlignGPTPretrainConfig": "aligngpt_hf.training.trainers",
+    "AlignGPTPretrainTrainer": "aligngpt_hf.training.trainers",
+    "AlignGPTInstructConfig": "aligngpt_hf.training.trainers",
+    "AlignGPTInstructTrainer": "aligngpt_hf.training.trainers",
+    "load_llava_json": "aligngpt_hf.training.data",
+    "convert_checkpoint": "aligngpt_hf.conversion.convert",
+    "push_to_hub": "aligngpt_hf.hub.push",
 }
 
 

@@ -13,14 +13,14 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("aligngpt_hf.convert", "convert a released original-layout AlignGPT checkpoint to this layout"),
-    "levels": ("aligngpt_hf.levels", "score image-caption pairs with CLIP and bucket them into alignment levels"),
-    "pretrain": ("aligngpt_hf.training_cli", "stage 1: train the projector and level table (YAML recipe)"),
-    "instruct": ("aligngpt_hf.training_cli", "stage 2: instruction-tune LLM, projector and gate (YAML recipe)"),
-    "push": ("aligngpt_hf.hub", "publish a trained or converted folder to the Hub with remote code and a card"),
-    "inspect": ("aligngpt_hf.inspect_alignment", "plot the gate's alignment weights for an image and prompts"),
-    "answer": ("aligngpt_hf.answer", "answer a LLaVA-style question JSONL into an answer JSONL (benchmarks)"),
-    "demo": ("aligngpt_hf.demo", "the whole pipeline end to end on an embedded synthetic task, offline"),
+    "convert": ("aligngpt_hf.conversion.convert", "convert a released original-layout AlignGPT checkpoint to this layout"),
+    "levels": ("aligngpt_hf.levels.compute", "score image-caption pairs with CLIP and bucket them into alignment levels"),
+    "pretrain": ("aligngpt_hf.training.cli", "stage 1: train the projector and level table (YAML recipe)"),
+    "instruct": ("aligngpt_hf.training.cli", "stage 2: instruction-tune LLM, projector and gate (YAML recipe)"),
+    "push": ("aligngpt_hf.hub.push", "publish a trained or converted folder to the Hub with remote code and a card"),
+    "inspect": ("aligngpt_hf.evaluation.inspect_alignment", "plot the gate's alignment weights for an image and prompts"),
+    "answer": ("aligngpt_hf.evaluation.answer", "answer a LLaVA-style question JSONL into an answer JSONL (benchmarks)"),
+    "demo": ("aligngpt_hf.demo.pipeline", "the whole pipeline end to end on an embedded synthetic task, offline"),
 }
 
 

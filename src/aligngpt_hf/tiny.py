@@ -19,9 +19,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .configuration_aligngpt import AlignGPTConfig
-from .modeling_aligngpt import AlignGPTForConditionalGeneration
-from .processing_aligngpt import VICUNA_V1_SYSTEM, AlignGPTProcessor
+from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
+from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
+from aligngpt_hf.models.processing_aligngpt import VICUNA_V1_SYSTEM, AlignGPTProcessor
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<align>"]
 DEFAULT_CORPUS = [

@@ -1,0 +1,74 @@
+"""The tree's rules: the remote-code unit stands alone, and dependencies flow cli -> capabilities -> models."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "aligngpt_hf"
+REMOTE_CODE_ALLOWED = {"torch", "transformers"} | set(sys.stdlib_module_names)
+# capability -> the other parts of the package it may import (models is allowed everywhere outside models/)
+CAPABILITY_IMPORTS = {
+    "training": {"models", "tiny", "conversion"},  # conversion: load_stage1_artefact / is_stage1_artefact only
+    "levels": {"models", "tiny"},
+    "conversion": {"models"},
+    "hub": {"models", "tiny"},
+    "evaluation": {"models"},
+    "demo": {"models", "tiny", "training", "levels", "evaluation"},
+}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(relative level, absolute-or-relative module name) of every import in a file, nested ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module or ""))
+    return found
+
+
+def test_remote_code_files_import_only_torch_transformers_stdlib_and_their_folder():
+    files = sorted((PACKAGE / "models").glob("*.py"))
+    assert {f.name for f in files} >= {"configuration_aligngpt.py", "modeling_aligngpt.py", "processing_aligngpt.py"}
+    offenders = []
+    for path in files:
+        for level, module in _imports(path):
+            if level == 1 and (PACKAGE / "models" / f"{module.split('.')[0]}.py").is_file():
+                continue
+            if level == 0 and module.split(".")[0] in REMOTE_CODE_ALLOWED:
+                continue
+            offenders.append(f"{path.name}: {'.' * level}{module}")
+    assert not offenders, f"remote-code files may import only torch, transformers, stdlib and ./: {offenders}"
+
+
+@pytest.mark.parametrize("capability", sorted(CAPABILITY_IMPORTS))
+def test_capability_imports_flow_one_way(capability):
+    allowed = CAPABILITY_IMPORTS[capability] | {capability}
+    offenders = []
+    for path in sorted((PACKAGE / capability).glob("*.py")):
+        for level, module in _imports(path):
+            if level:
+                offenders.append(f"{path.name}: relative import {'.' * level}{module} (use aligngpt_hf.{capability}...)")
+                continue
+            parts = module.split(".")
+            if parts[0] == "aligngpt_hf" and len(parts) > 1 and parts[1] not in allowed:
+                offenders.append(f"{path.name}: {module}")
+    assert not offenders, f"{capability}/ may import only {sorted(allowed)} of the package: {offenders}"
+
+
+def test_every_capability_folder_documents_what_it_owns():
+    for folder in [*CAPABILITY_IMPORTS, "models"]:
+        init = PACKAGE / folder / "__init__.py"
+        docstring = ast.get_docstring(ast.parse(init.read_text()))
+        assert docstring and len(docstring.split()) >= 20, f"{init} needs a docstring saying what it owns and imports"
+        assert "import" in docstring.lower(), f"{init}'s docstring must say what the folder may import"
+
+
+def test_package_root_holds_only_the_entry_points():
+    top_level = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert top_level == ["__init__.py", "cli.py", "tiny.py"], top_level

@@ -1,0 +1,102 @@
+"""`aligngpt-hf pretrain|instruct RECIPE [--field value ...]`: shipped recipes, tiny end-to-end run, from-parts start."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from aligngpt_hf.cli import main
+from aligngpt_hf.training.cli import RECIPES_DIR, accelerate_config_path, build_from_components, parse_recipe
+
+GPU_ONLY = ["--bf16", "false", "--tf32", "false", "--use_cpu", "true"]
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_paper_recipes(size):
+    for stage, lr, global_batch in (("pretrain", 1e-3, 256), ("instruct", 2e-5, 128)):
+        raw = yaml.safe_load((RECIPES_DIR / f"{stage}_{size}.yaml").read_text())
+        assert raw["bf16"] is True and raw["tf32"] is True and raw["gradient_checkpointing"] is True
+        script, args = parse_recipe(stage, f"{stage}_{size}", GPU_ONLY)
+        assert args.learning_rate == lr and args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.03
+        assert args.num_train_epochs == 1 and args.max_length == 2048 and args.weight_decay == 0
+        assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == global_batch
+    assert script.model_name_or_path == f"checkpoints/aligngpt-{size}-pretrain" and args.group_by_modality_length
+
+
+def test_overrides_beat_the_recipe_and_unknown_recipes_are_named():
+    _, args = parse_recipe("pretrain", "pretrain_tiny", ["--learning_rate", "0.5", "--max_steps", "2"])
+    assert args.learning_rate == 0.5 and args.max_steps == 2
+    with pytest.raises(FileNotFoundError, match=r"^No recipe 'nope': not a file, nor a shipped recipe \(instruct_13b, "):
+        parse_recipe("pretrain", "nope")
+    assert accelerate_config_path("zero3").read_text().count("zero_stage: 3") == 1
+
+
+def test_tiny_recipes_run_both_stages_and_lora_merge(tmp_path):
+    stage1, stage2, lora = tmp_path / "stage1", tmp_path / "stage2", tmp_path / "lora"
+    assert main(["pretrain", "pretrain_tiny", "--output_dir", str(stage1), "--disable_tqdm", "true"]) == 0
+    assert (stage1 / "model.safetensors").is_file() and (stage1 / "processor_config.json").is_file()
+    common = ["--model_name_or_path", str(stage1), "--disable_tqdm", "true", "--max_steps", "2"]
+    assert main(["instruct", "instruct_tiny", "--output_dir", str(stage2), *common]) == 0
+    assert main(["instruct", "instruct_tiny", "--output_dir", str(lora), *common, "--use_lora", "true",
+                 "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]) == 0
+    assert (lora / "adapter_model.safetensors").is_file() and (lora / "merged" / "model.safetensors").is_file()
+    from aligngpt_hf import AlignGPTForConditionalGeneration
+
+    merged = AlignGPTForConditionalGeneration.from_pretrained(lora / "merged")
+    start = AlignGPTForConditionalGeneration.from_pretrained(stage1)
+    assert merged.config.aligngpt_stage == "instruct"
+    assert not torch.equal(merged.model.language_model.layers[0].self_attn.q_proj.weight,
+                           start.model.language_model.layers[0].self_attn.q_proj.weight)
+    torch.testing.assert_close(merged.model.vision_tower.embeddings.patch_embedding.weight,
+                               start.model.vision_tower.embeddings.patch_embedding.weight)
+
+
+def test_build_from_components_copies_pretrained_weights(tokenizer, tmp_path):
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel, LlamaForCausalLM
+
+    from aligngpt_hf.tiny import build_config
+
+    config = build_config(tokenizer)
+    torch.manual_seed(3)
+    llm, vision = LlamaForCausalLM(config.text_config), CLIPVisionModel(config.vision_config)
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    vision.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+    model, processor = build_from_components(str(tmp_path / "llm"), str(tmp_path / "clip"), num_alignment_levels=4)
+    assert model.config.num_alignment_levels == 4 and processor.image_seq_length == 16
+    assert model.config.text_config.vocab_size % 64 == 0
+    vocab = len(tokenizer)
+    torch.testing.assert_close(model.lm_head.weight[:vocab], llm.lm_head.weight)
+    ours = model.model.vision_tower.state_dict()
+    assert ours.keys() == vision.state_dict().keys()
+    for name, tensor in vision.state_dict().items():
+        torch.testing.assert_close(ours[name], tensor)
+    assert processor.image_processor.do_pad is True
+
+
+def test_instruct_cli_starts_from_a_converted_stage1_artefact(make_model, tokenizer, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel, LlamaForCausalLM
+
+    source = make_model(seed=5)
+    artefact = tmp_path / "artefact"
+    source.config.save_pretrained(artefact)
+    tensors = {k: v.contiguous() for k, v in source.state_dict().items()
+               if k.startswith("model.multi_modal_projector.") or k == "model.alignment.level_embeddings"}
+    save_file(tensors, artefact / "stage1.safetensors")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(artefact)
+    CLIPVisionModel(source.config.vision_config).save_pretrained(tmp_path / "clip")
+    (artefact / "aligngpt_stage.json").write_text(json.dumps(
+        {"stage": "pretrain", "weights": "stage1.safetensors", "tensors": sorted(tensors),
+         "vision_tower": str(tmp_path / "clip")}))
+    LlamaForCausalLM(source.config.text_config).save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    out = tmp_path / "stage2"
+    assert main(["instruct", "instruct_tiny", "--model_name_or_path", str(artefact), "--language_model",
+                 str(tmp_path / "llm"), "--output_dir", str(out), "--max_steps", "1", "--disable_tqdm", "true"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()

@@ -1,0 +1,5 @@
+"""`aligngpt-hf demo`: the whole pipeline (tiny CLIP -> levels -> stage 1 -> stage 2 -> evaluation) on an
+embedded synthetic shapes task, offline on a CPU in minutes. `task` makes the data, `pipeline` runs it.
+
+The demo is a client of the other capabilities: it may import any of them through their documented functions.
+"""

@@ -1,0 +1,166 @@
+"""Show which alignment levels the gate picks for an image under different instructions: `aligngpt-hf inspect`.
+
+The paper's claim is that different instructions need different degrees of image-text alignment. The gate makes that
+decision per prompt (softmax weights over the N-1 local levels; the global level is always added with weight 1), and
+the model reports it as `alignment_weights`. This module collects those weights for one image and a list of prompts,
+prints them as a table and draws one bar chart per prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+PLOT_EXTRA_HINT = 'Plotting needs matplotlib: pip install "aligngpt-hf[plot]"'
+
+
+def _as_rgb_image(image):
+    from PIL import Image
+
+    if isinstance(image, str | Path):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+
+
+@torch.no_grad()
+def alignment_weights_for_prompts(
+    model, processor, image, prompts: Sequence[str], batch_size: int = 8
+) -> torch.Tensor:
+    """Gate weights [P, N-1] (float32, CPU) for `image` under each prompt, rendered with the chat template.
+
+    Only the base model runs (the gate sits before the language model's LM head), in batches of `batch_size`.
+    """
+    if not prompts:
+        raise ValueError("Give at least one prompt.")
+    mode = model.config.alignment_mode
+    if mode not in ("adaptive", "local"):
+        raise ValueError(
+            f"alignment_mode={mode!r} has no gate, so there are no alignment weights to report; load the model with "
+            "alignment_mode='adaptive' (or 'local')."
+        )
+    image = _as_rgb_image(image)
+    base = model.base_model if hasattr(model, "base_model") else model
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                add_generation_prompt=True,
+            )
+            for prompt in chunk
+        ]
+        batch = processor(text=texts, images=[image] * len(chunk), padding=True, return_tensors="pt")
+        rows.append(base(**batch.to(model.device)).alignment_weights.float().cpu())
+    return torch.cat(rows)
+
+
+def format_weights_table(weights: torch.Tensor, prompts: Sequence[str], width: int = 40) -> str:
+    """Plain-text table: one row per prompt, one column per local level, plus the level the gate favours."""
+    num_levels = weights.shape[1]
+    header = f"{'prompt':<{width}} " + " ".join(f"{'L' + str(k):>6}" for k in range(num_levels)) + "    top"
+    lines = [header, "-" * len(header)]
+    for prompt, row in zip(prompts, weights.tolist()):
+        label = textwrap.shorten(prompt.replace("\n", " "), width=width, placeholder="...")
+        cells = " ".join(f"{value:6.3f}" for value in row)
+        lines.append(f"{label:<{width}} {cells}    L{max(range(num_levels), key=row.__getitem__)}")
+    if len(prompts) > 1:
+        spread = (weights.max(0).values - weights.min(0).values).max().item()
+        lines.append(f"largest difference between prompts on one level: {spread:.4f}")
+    lines.append(f"(levels L0..L{num_levels - 1} are local; the global level L{num_levels} is always added at 1.0)")
+    return "\n".join(lines)
+
+
+def plot_alignment_weights(
+    weights: torch.Tensor, prompts: Sequence[str], out_path: str | Path, title: str | None = None
+) -> Path:
+    """One bar chart per prompt (levels on the x axis, shared y axis) saved as PNG; returns the path."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(PLOT_EXTRA_HINT) from error
+
+    values = weights.float().cpu()
+    count, num_levels = values.shape
+    columns = min(count, 3)
+    grid_rows = math.ceil(count / columns)
+    figure = Figure(figsize=(4.2 * columns, 3.3 * grid_rows + 0.6), layout="constrained")
+    axes = figure.subplots(grid_rows, columns, squeeze=False, sharey=True)
+    top = max(float(values.max()) * 1.15, 1.5 / num_levels)
+    levels = list(range(num_levels))
+    for index, axis in enumerate(axes.flat):
+        if index >= count:
+            axis.axis("off")
+            continue
+        row = values[index].tolist()
+        best = max(levels, key=row.__getitem__)
+        colours = ["#d95f02" if level == best else "#1b9e77" for level in levels]
+        axis.bar(levels, row, color=colours, edgecolor="black", linewidth=0.4)
+        axis.axhline(1.0 / num_levels, color="grey", linestyle="--", linewidth=0.8)
+        axis.set_title("\n".join(textwrap.wrap(prompts[index], 40)[:2]), fontsize=9)
+        axis.set_xticks(levels, [f"L{level}" for level in levels], fontsize=8)
+        axis.set_ylim(0, top)
+        axis.set_xlabel("local alignment level", fontsize=8)
+        if index % columns == 0:
+            axis.set_ylabel("gate weight", fontsize=8)
+    figure.suptitle(
+        title or f"AlignGPT gate weights per prompt (dashed: uniform; global level L{num_levels} always at 1.0)",
+        fontsize=10,
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path, dpi=110, format="png")
+    return out_path
+
+
+def load_model_and_processor(model_id: str, dtype: str = "auto", device: str = "cpu", revision: str | None = None):
+    """In-library classes for a local folder or a Hub repo id (any checkpoint with `model_type="aligngpt"`)."""
+    from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
+    from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
+
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AlignGPTForConditionalGeneration.from_pretrained(model_id, dtype=torch_dtype, revision=revision)
+    processor = AlignGPTProcessor.from_pretrained(model_id, revision=revision)
+    return model.to(device).eval(), processor
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="model folder or Hub repo id")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--prompt", action="append", required=True, help="instruction (repeat for several)")
+    parser.add_argument("--out", required=True, metavar="PLOT.png", help="where to write the bar charts")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the weights as JSON")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--revision", default=None)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib  # noqa: F401  (fail before loading a 7B model, not after)
+    except ImportError as error:
+        raise SystemExit(PLOT_EXTRA_HINT) from error
+    model, processor = load_model_and_processor(args.model, args.dtype, args.device, args.revision)
+    weights = alignment_weights_for_prompts(model, processor, args.image, args.prompt)
+    print(format_weights_table(weights, args.prompt))
+    path = plot_alignment_weights(weights, args.prompt, args.out)
+    print(f"Plot written to {path}")
+    if args.json:
+        record = {"model": args.model, "image": str(args.image), "prompts": args.prompt, "weights": weights.tolist()}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+__all__ = [
+    "alignment_weights_for_prompts",
+    "format_weights_table",
+    "load_model_and_processor",
+    "plot_alignment_weights",
+]

@@ -1,0 +1,367 @@
+"""Training data for AlignGPT: LLaVA JSON adapter, the stage-1 "plain" template and the batch collator.
+
+Rows follow TRL's vision format, `{"images": [...], "messages": [...]}`, so the same data works with the stock
+`SFTTrainer`. Images are decoded lazily (a `datasets.Image` feature holding paths, or paths decoded in the collator),
+and everything that can go wrong with a sample (overlong, no supervised token, missing level) raises an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl.data_utils import prepare_multimodal_messages
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_PLACEHOLDER = "<image>"
+LEVEL_COLUMN = "alignment_level"
+
+# Stage 1 ("plain", spec/aligngpt.md §4.3): BOS, one <image> per image of the user turns (their text is dropped), then
+# each assistant text followed by "\n" inside {% generation %}: labels = caption + "\n", no EOS. The processor inserts
+# <align> after BOS and keeps the assistant mask right.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '\\n' }}{% endgeneration %}"
+    "{%- elif message['role'] == 'user' and message['content'] is not string -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}<image>{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, check_images: bool = True):
+    """Load a LLaVA-format JSON/JSONL file as a `datasets.Dataset` in TRL's vision format, images decoded lazily.
+
+    Columns: `id`, `images` (a `List(Image())` feature holding paths; files are opened on row access), `messages`
+    (`<image>` placeholders become `{"type": "image"}` parts at the front of their turn) and, when the file has the
+    `similarity` field (the integer level 0..N-1 of the AlignGPT pre-training JSON), `alignment_level`.
+    `image_folder` defaults to the JSON's folder. With `check_images`, missing image files raise here, not mid-run.
+
+    Example:
+
+    ```python
+    >>> from aligngpt_hf import load_llava_json
+    >>> ds = load_llava_json("blip_laion_cc_sbu_558k_with_similarity_number.json", "LLaVA-Pretrain/images")  # doctest: +SKIP
+    >>> ds[0]["alignment_level"], ds[0]["images"][0].size  # doctest: +SKIP
+    ```
+    """
+    import datasets
+
+    path = Path(path)
+    records = _read_records(path)
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    rows = [_convert_record(record, index, folder) for index, record in enumerate(records)]
+    if check_images:
+        _check_image_files(rows)
+    has_level = any(row[LEVEL_COLUMN] is not None for row in rows)
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "images": datasets.List(datasets.Image()),
+            "messages": datasets.List(
+                {
+                    "role": datasets.Value("string"),
+                    "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")}),
+                }
+            ),
+            **({LEVEL_COLUMN: datasets.Value("int64")} if has_level else {}),
+        }
+    )
+    if not has_level:
+        for row in rows:
+            row.pop(LEVEL_COLUMN)
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def _read_records(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = json.loads(text)
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of LLaVA records, got {type(records).__name__}.")
+    return records
+
+
+def _convert_record(record: dict, index: int, folder: Path) -> dict:
+    """One LLaVA record -> one TRL vision row; errors name the record."""
+    name = str(record.get("id", index))
+    images = record.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    turns = record.get("conversations")
+    if not turns:
+        raise ValueError(f"Record {name!r} (#{index}) has no `conversations`.")
+    messages, placeholders = [], 0
+    for turn in turns:
+        role = ROLES.get(turn.get("from"))
+        if role is None:
+            raise ValueError(
+                f"Record {name!r} (#{index}) has a turn from {turn.get('from')!r}; expected one of {sorted(ROLES)}."
+            )
+        value = turn.get("value") or ""
+        count = value.count(IMAGE_PLACEHOLDER)
+        placeholders += count
+        text = value.replace(IMAGE_PLACEHOLDER, "").strip("\n") if count else value
+        content = [{"type": "image", "text": None}] * count + [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": content})
+    if placeholders == 0 and images:  # LLaVA puts the image at the front of the first human turn
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is not None:
+            first_user["content"] = [{"type": "image", "text": None}] * len(images) + first_user["content"]
+            placeholders = len(images)
+    if placeholders != len(images):
+        raise ValueError(
+            f"Record {name!r} (#{index}) has {placeholders} `<image>` placeholder(s) for {len(images)} image(s)."
+        )
+    level = record.get("similarity")
+    if level is not None and (isinstance(level, bool) or not float(level).is_integer()):
+        raise ValueError(
+            f"Record {name!r} (#{index}) has `similarity`={level!r}; AlignGPT's pre-training JSON stores the integer "
+            "alignment level there. Compute levels with `aligngpt-hf levels`."
+        )
+    return {
+        "id": name,
+        "images": [str(folder / image) for image in images],
+        "messages": messages,
+        LEVEL_COLUMN: None if level is None else int(level),
+    }
+
+
+def _check_image_files(rows: list[dict]) -> None:
+    missing = [(row["id"], image) for row in rows for image in row["images"] if not os.path.isfile(image)]
+    if missing:
+        shown = ", ".join(f"{name!r}: {image}" for name, image in missing[:3])
+        raise FileNotFoundError(
+            f"{len(missing)} image file(s) not found (first: {shown}). Check `image_folder`, or pass "
+            "`check_images=False` to defer the error to the first access."
+        )
+
+
+def open_image(image: Any):
+    """A path (or `{"path": ...}` from an undecoded Image feature) -> RGB PIL image; PIL images pass through."""
+    from PIL import Image
+
+    if isinstance(image, dict):
+        image = image.get("path") or image.get("bytes")
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, bytes):
+        import io
+
+        return Image.open(io.BytesIO(image)).convert("RGB")
+    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+
+
+def as_messages_example(example: dict) -> dict:
+    """Normalise one row to `{"messages", "images", ...}`: `image` -> `images`, prompt + completion -> messages."""
+    example = dict(example)
+    if "image" in example:
+        image = example.pop("image")
+        example["images"] = [] if image is None else [image]
+    if "messages" not in example:
+        if "prompt" in example and "completion" in example and isinstance(example["prompt"], list):
+            example["messages"] = list(example.pop("prompt")) + list(example.pop("completion"))
+        else:
+            raise ValueError(
+                f"AlignGPT trainers take conversational rows (`messages`, or `prompt` + `completion` lists of "
+                f"messages) with `images`; got keys {sorted(example)}. Convert LLaVA JSON with `load_llava_json`."
+            )
+    example["images"] = [open_image(image) for image in example.get("images") or []]
+    return example
+
+
+def sample_name(example: dict, index: int) -> str:
+    return f"{example['id']!r}" if example.get("id") is not None else f"#{index} of the batch"
+
+
+@dataclass
+class AlignGPTDataCollator(DataCollatorForVisionLanguageModeling):
+    """TRL's VLM collator made safe for AlignGPT: no truncation ever, labels only where they belong, extra inputs.
+
+    * Renders every row with `chat_template` (the plain template in stage 1, vicuna_v1 in stage 2) and no truncation;
+      a row longer than `max_length` (image tokens and `<align>` included) raises, naming the sample.
+    * Labels: the `{% generation %}` spans (assistant answers + EOS; caption + "\\n" in stage 1) when
+      `assistant_only_loss`, else every text token; `<image>`/`<align>`/padding never. A batch with no label raises.
+    * `level_column`: copies each row's level into `alignment_levels` (stage 1); `gate_text_mask`: adds
+      `(labels == -100) & attention_mask`, so the gate averages the prompt only, as at inference.
+
+    Example:
+
+    ```python
+    >>> from aligngpt_hf.training.data import AlignGPTDataCollator, synthetic_dataset
+    >>> from aligngpt_hf.tiny import build_processor
+    >>> collator = AlignGPTDataCollator(processor=build_processor(), max_length=2048, assistant_only_loss=True,
+    ...                                 gate_text_mask=True)
+    >>> batch = collator([synthetic_dataset(2, "instruct")[i] for i in range(2)])
+    >>> sorted(batch)
+    ['attention_mask', 'gate_text_mask', 'input_ids', 'labels', 'pixel_values']
+    ```
+    """
+
+    level_column: str | None = None
+    gate_text_mask: bool = False
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        examples = [as_messages_example(example) for example in examples]
+        messages = [prepare_multimodal_messages(ex["messages"], images=ex["images"]) for ex in examples]
+        output = self.processor.apply_chat_template(
+            messages,
+            chat_template=self.chat_template,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            return_assistant_tokens_mask=True,
+            processor_kwargs={
+                "padding": True,
+                "padding_side": "right",
+                "pad_to_multiple_of": self.pad_to_multiple_of,
+                "add_special_tokens": False,
+            },
+        )
+        self._check_lengths(output["attention_mask"], examples)
+        output["labels"] = self._labels(output, examples)
+        if self.level_column is not None:
+            output["alignment_levels"] = self._levels(examples, output["input_ids"])
+        if self.gate_text_mask:
+            output["gate_text_mask"] = (output["labels"] == -100) & output["attention_mask"].bool()
+        return output
+
+    def _check_lengths(self, attention_mask: torch.Tensor, examples: list[dict]) -> None:
+        if self.max_length is None:
+            return
+        lengths = attention_mask.sum(-1).tolist()
+        for index, length in enumerate(lengths):
+            if length > self.max_length:
+                raise ValueError(
+                    f"Sample {sample_name(examples[index], index)} is {length} tokens long (its "
+                    f"{len(examples[index]['images'])} image(s) and `<align>` included) but `max_length` is "
+                    f"{self.max_length}. Image tokens are never cut: raise `max_length`, shorten the sample, or set "
+                    "`skip_overlong_samples=True` to drop such samples before training (they are counted)."
+                )
+
+    def _labels(self, output, examples: list[dict]) -> torch.Tensor:
+        input_ids, attention_mask = output["input_ids"], output["attention_mask"]
+        assistant_masks = output.pop("assistant_masks")
+        labels = input_ids.clone()
+        labels[attention_mask == 0] = -100
+        if self.assistant_only_loss:
+            labels[torch.as_tensor(assistant_masks) == 0] = -100
+        for token_id in (self.processor.image_token_id, self.processor.alignment_token_id):
+            labels[input_ids == token_id] = -100
+        if not (labels != -100).any():
+            names = ", ".join(sample_name(example, index) for index, example in enumerate(examples))
+            raise ValueError(
+                f"Every label of this batch is -100 (samples {names}): nothing would be learned and the loss would "
+                "be a silent 0. Each sample needs an assistant turn (a caption in stage 1) that the chat template "
+                "marks with {% generation %}."
+            )
+        return labels
+
+    def _levels(self, examples: list[dict], input_ids: torch.Tensor) -> torch.LongTensor:
+        has_image = (input_ids == self.processor.image_token_id).any(-1).tolist()
+        levels = []
+        for index, example in enumerate(examples):
+            level = example.get(self.level_column)
+            if level is None and has_image[index]:
+                raise ValueError(
+                    f"Sample {sample_name(example, index)} has an image but no `{self.level_column}`: stage 1 feeds "
+                    "each pair's alignment level to the model. Add levels with `aligngpt-hf levels` (LLaVA JSON "
+                    "field `similarity`)."
+                )
+            levels.append(0 if level is None else int(level))
+        return torch.tensor(levels, dtype=torch.long)
+
+
+def undecoded(dataset):
+    """The dataset without image decoding (image columns as paths/bytes), for cheap passes over all rows."""
+    import datasets
+
+    for column in ("images", "image"):
+        feature = dataset.features.get(column) if dataset.features else None
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(feature, (datasets.List, datasets.Sequence)) and isinstance(feature.feature, datasets.Image):
+            dataset = dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    return dataset
+
+
+def image_count(row: dict) -> int:
+    if "images" in row:
+        return len(row["images"] or [])
+    return 0 if row.get("image") is None else 1
+
+
+def sample_token_lengths(dataset, processor, chat_template: str | None = None) -> list[int]:
+    """Exact token length of every row as the collator builds it (image tokens and `<align>` included), no images
+    decoded: the rendered text's tokens plus `image_seq_length - 1` per `<image>` and one `<align>` per image row."""
+    tokenizer = processor.tokenizer
+    per_image = processor.image_seq_length - 1
+    lengths = []
+    for row in undecoded(dataset):
+        row = dict(row)
+        count = image_count(row)
+        row.pop("image", None)
+        row["images"] = []
+        example = as_messages_example(row)
+        messages = prepare_multimodal_messages(example["messages"], images=[None] * count)
+        text = processor.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        align = 1 if count and getattr(processor, "add_alignment_token", True) else 0
+        lengths.append(length + count * per_image + align)
+    return lengths
+
+
+SYNTHETIC_COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def synthetic_dataset(num_samples: int = 16, stage: str = "pretrain", text_only_every: int = 0, num_levels: int = 8,
+                      image_size: int = 32):
+    """A tiny in-memory dataset of coloured squares in TRL's vision format, for smoke runs and tests (no files).
+
+    `pretrain` rows carry a caption and `alignment_level`; `instruct` rows a question and answer; with
+    `text_only_every=k`, every k-th row is text-only (`images: []`).
+    """
+    import datasets
+    from PIL import Image
+
+    names = list(SYNTHETIC_COLOURS)
+    rows = []
+    for index in range(num_samples):
+        colour = names[index % len(names)]
+        image = Image.new("RGB", (image_size + 8 * (index % 3), image_size), SYNTHETIC_COLOURS[colour])
+        text_only = text_only_every and index % text_only_every == text_only_every - 1
+        if stage == "pretrain":
+            user, answer = "Render a clear and concise summary of the photo.", f"A {colour} square."
+        elif text_only:
+            user, answer = "How many?", "There are two circles."
+        else:
+            user, answer = "What colour is the shape?", f"The shape is {colour}."
+        rows.append({
+            "id": f"{stage}-{index}",
+            "images": [] if text_only else [image],
+            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+            LEVEL_COLUMN: index % num_levels,
+        })
+    return datasets.Dataset.from_list(rows)
+
+
+__all__ = [
+    "LEVEL_COLUMN",
+    "PLAIN_CHAT_TEMPLATE",
+    "AlignGPTDataCollator",
+    "load_llava_json",
+    "sample_token_lengths",
+    "synthetic_dataset",
+]

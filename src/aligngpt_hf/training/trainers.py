@@ -1,0 +1,499 @@
+"""AlignGPT's two training stages as TRL `SFTTrainer` subclasses (spec/aligngpt.md §2.3, §3.3, §4).
+
+Only documented hooks are overridden: the data collator (rendering, labels, levels, gate mask, length safety),
+`create_optimizer` (separate projector / vision-tower learning rates), `_get_train_sampler` (`group_by_modality_length`,
+mPLUG-Owl's 1:1 `modality_batching="separate"`) and
+`_set_signature_columns_if_needed` (keeps the level column). Training runs through TRL's fused LM head, which passes
+every extra batch key (`alignment_levels`, `gate_text_mask`) on to `model.model`, where the alignment logic lives.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from aligngpt_hf.training.data import LEVEL_COLUMN, PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator, sample_token_lengths
+from aligngpt_hf.training.sampler import (
+    EXHAUSTION_MODES,
+    ModalityLengthGroupedSampler,
+    SeparateModalitySampler,
+    modality_lengths,
+)
+from aligngpt_hf.training.stage_handoff import STAGE_ATTRIBUTE, check_alignment_trained, load_for_instruct, merge_lora
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR = "multi_modal_projector"
+VISION_TOWER = "vision_tower"
+MODALITY_BATCHING = ("mixed", "separate")
+GATE_MODULES = ("alignment.fc1", "alignment.fc2")
+LORA_LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_EXCLUDE = r".*(vision_tower|multi_modal_projector|alignment).*"
+
+
+def _bf16_default(config) -> bool:
+    """bf16 where the hardware has it (TRL's unconditional default breaks CPU runs)."""
+    if config.fp16 or config.use_cpu or not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class _AlignGPTTrainingConfig(SFTConfig):
+    projector_lr: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the multimodal projector (LLaVA's `mm_projector_lr`); None = `learning_rate`."},
+    )
+    group_by_modality_length: bool = field(
+        default=False,
+        metadata={"help": "LLaVA's sampler: batches of one modality (image or text-only), grouped by length."},
+    )
+    skip_overlong_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop (and count) samples longer than `max_length` before training instead of raising. Image "
+            "tokens are never truncated. Costs one tokenisation pass over the dataset at start-up."
+        },
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (paper: cosine)."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up steps; a value < 1 is a ratio (paper: 0.03)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper: 0)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (paper: 1)."})
+    max_length: int | None = field(
+        default=2048,
+        metadata={"help": "Longest sample in tokens, image tokens and `<align>` included; longer samples raise."},
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = _bf16_default(self)
+        super().__post_init__()
+
+
+@dataclass
+class AlignGPTPretrainConfig(_AlignGPTTrainingConfig):
+    """Stage-1 settings (paper defaults: lr 1e-3, cosine, warm-up 0.03, 1 epoch, max length 2048).
+
+    Example:
+
+    ```python
+    >>> from aligngpt_hf import AlignGPTPretrainConfig
+    >>> args = AlignGPTPretrainConfig(output_dir="out/stage1", per_device_train_batch_size=2, max_steps=3)
+    >>> args.learning_rate, args.lr_scheduler_type.value
+    (0.001, 'cosine')
+    ```
+    """
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate (paper stage 1: 1e-3)."})
+    train_vision_tower: bool = field(
+        default=False,
+        metadata={"help": "Also train the vision tower (mPLUG-Owl recipe); AlignGPT keeps it frozen."},
+    )
+    vision_lr_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "With `train_vision_tower`: vision-tower learning rate = `learning_rate` x this (mPLUG-Owl "
+                  "v1 gives no value; its released code hints 0.1). None = `learning_rate`."},
+    )
+    train_level_table: bool = field(
+        default=True,
+        metadata={"help": "Train the level table (AlignGPT). False for a pure mPLUG-Owl stage 1 (e.g. with "
+                  "`alignment_mode='none'`, which has no table)."},
+    )
+    level_column: str = field(
+        default=LEVEL_COLUMN, metadata={"help": "Dataset column holding each pair's alignment level (0..N-1)."}
+    )
+
+    def __post_init__(self):
+        if self.vision_lr_multiplier is not None and not self.train_vision_tower:
+            raise ValueError("`vision_lr_multiplier` sets the vision tower's learning rate, but the vision tower is "
+                             "frozen; set `train_vision_tower=True` (or drop the multiplier).")
+        super().__post_init__()
+
+
+@dataclass
+class AlignGPTInstructConfig(_AlignGPTTrainingConfig):
+    """Stage-2 settings (paper defaults: lr 2e-5, cosine, warm-up 0.03, 1 epoch, max length 2048, modality grouping).
+
+    Example:
+
+    ```python
+    >>> from aligngpt_hf import AlignGPTInstructConfig
+    >>> args = AlignGPTInstructConfig(output_dir="out/stage2", per_device_train_batch_size=2, max_steps=3)
+    >>> args.learning_rate, args.assistant_only_loss, args.group_by_modality_length
+    (2e-05, True, True)
+    ```
+    """
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate (paper stage 2: 2e-5)."})
+    assistant_only_loss: bool = field(
+        default=True, metadata={"help": "Supervise only assistant answers and their EOS (vicuna_v1 `</s>`)."}
+    )
+    group_by_modality_length: bool = field(
+        default=True,
+        metadata={"help": "LLaVA's sampler: batches of one modality (image or text-only), grouped by length."},
+    )
+    allow_untrained_alignment: bool = field(
+        default=False,
+        metadata={
+            "help": "Start stage 2 from a model whose projector and level table carry no stage-1 marker (e.g. an "
+            "old converted checkpoint). Off by default: training the gate on an untrained level table is silent waste."
+        },
+    )
+    train_projector: bool = field(
+        default=True,
+        metadata={"help": "Train the multimodal projector in stage 2 (full fine-tuning: unfrozen; LoRA: saved in "
+                  "`modules_to_save`). AlignGPT/LLaVA: True. mPLUG-Owl: its paper's abstract says True, its §3.2 "
+                  "and released code False (spec/mplug-owl.md §1.6)."},
+    )
+    modality_batching: str = field(
+        default="mixed",
+        metadata={"help": "`mixed`: batches as `group_by_modality_length` says. `separate` (mPLUG-Owl paper): "
+                  "micro-batches alternate one text-only and one image batch, so each optimizer step sees them 1:1 "
+                  "when processes x gradient_accumulation_steps is even; overrides `group_by_modality_length`."},
+    )
+    modality_batching_on_exhausted: str = field(
+        default="cycle",
+        metadata={"help": "`separate` batching when one modality runs out: `cycle` (reshuffle and reuse the "
+                  "shorter one until the longer is used once per epoch) or `stop` (end the epoch at the shorter one). "
+                  "Repeated/unused counts are logged and kept in `trainer.modality_batching_counts`."},
+    )
+
+    def __post_init__(self):
+        if self.modality_batching not in MODALITY_BATCHING:
+            raise ValueError(f"`modality_batching` must be one of {MODALITY_BATCHING}, got {self.modality_batching!r}.")
+        if self.modality_batching_on_exhausted not in EXHAUSTION_MODES:
+            raise ValueError(f"`modality_batching_on_exhausted` must be one of {EXHAUSTION_MODES}, got "
+                             f"{self.modality_batching_on_exhausted!r}.")
+        super().__post_init__()
+
+
+class _StageMarkerCallback(TrainerCallback):
+    """Marks the config once an optimizer step has run, so saved folders and checkpoints say what was trained."""
+
+    def __init__(self, config, stage: str):
+        self.config, self.stage = config, stage
+
+    def on_step_end(self, args, state, control, **kwargs):
+        setattr(self.config, STAGE_ATTRIBUTE, self.stage)
+
+
+def freeze_for_pretrain(model, train_vision_tower: bool = False, train_level_table: bool = True) -> None:
+    """Stage 1: only the projector and the level table (plus the vision tower for the mPLUG-Owl recipe) train."""
+    base = model.model
+    if train_level_table and not hasattr(base, "alignment"):
+        raise ValueError("Stage 1 trains the level table, but this model has none (`alignment_mode='none'`); pass "
+                         "`train_level_table=False` for a projector(+vision)-only stage 1.")
+    model.requires_grad_(False)
+    base.multi_modal_projector.requires_grad_(True)
+    if train_level_table:
+        base.alignment.level_embeddings.requires_grad_(True)
+    base.vision_tower.requires_grad_(train_vision_tower)
+
+
+def freeze_for_instruct(model, train_projector: bool = True) -> None:
+    """Stage 2: LLM (embeddings and LM head included), projector and gate train; vision tower and level table don't.
+    `train_projector=False` also freezes the projector (mPLUG-Owl's released stage 2)."""
+    model.requires_grad_(True)
+    model.model.vision_tower.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(train_projector)
+    if hasattr(model.model, "alignment"):
+        model.model.alignment.level_embeddings.requires_grad_(False)
+
+
+def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, **kwargs):
+    """LoRA on the language model only (never the vision tower), projector and gate trained in full and saved
+    alongside the adapter (`modules_to_save`); the level table stays frozen. Defaults follow LLaVA's LoRA recipe."""
+    from peft import LoraConfig
+
+    kwargs.setdefault("target_modules", LORA_LM_TARGETS)
+    kwargs.setdefault("modules_to_save", [PROJECTOR, *GATE_MODULES])
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM", **kwargs)
+
+
+def _prepare_peft_config(peft_config, model, train_projector: bool = True):
+    """Keep adapters off the vision tower/projector/gate and save the gate (and, if trained, the projector) with the
+    adapter; `train_projector=False` refuses a `modules_to_save` that names the projector."""
+    if getattr(peft_config, "exclude_modules", None) is None and hasattr(peft_config, "exclude_modules"):
+        peft_config.exclude_modules = LORA_EXCLUDE
+    if not train_projector and PROJECTOR in (peft_config.modules_to_save or []):
+        raise ValueError(f"`train_projector=False`, but the LoRA config's `modules_to_save` names `{PROJECTOR}`; "
+                         "drop it there or set `train_projector=True`.")
+    wanted = [PROJECTOR] * train_projector + [name for name in GATE_MODULES if getattr(model.model, "alignment", None) is not None
+                            and hasattr(model.model.alignment, name.split(".")[1])]
+    saved = list(peft_config.modules_to_save or [])
+    peft_config.modules_to_save = saved + [name for name in wanted if name not in saved]
+    return peft_config
+
+
+def _check_peft_model(model) -> None:
+    names = [name for name, _ in model.named_parameters()]
+    for module, why in ((VISION_TOWER, "AlignGPT keeps it frozen"), (PROJECTOR, "it trains in full or not at all")):
+        hits = [name for name in names if "lora_" in name and f".{module}." in name]
+        if hits:
+            raise ValueError(
+                f"LoRA reached the {module.replace('_', ' ')} ({hits[0]}, ...); {why}. Target language-model "
+                f"modules only, e.g. `target_modules={LORA_LM_TARGETS!r}` (see `aligngpt_lora_config`)."
+            )
+    table = [n for n, p in model.named_parameters() if "level_embeddings" in n and p.requires_grad]
+    if table:
+        raise ValueError(f"The level table must stay frozen in stage 2, but {table[0]} trains; remove it from "
+                         "`modules_to_save` (save `alignment.fc1`/`alignment.fc2` for the gate).")
+
+
+class _AlignGPTTrainer(SFTTrainer):
+    """Shared machinery of both stages; see the public subclasses."""
+
+    _config_class = _AlignGPTTrainingConfig
+    _stage = ""
+
+    def __init__(self, model, args=None, train_dataset=None, processing_class=None, data_collator=None,
+                 peft_config=None, **kwargs):
+        if args is None:
+            args = self._config_class(output_dir=f"aligngpt-{self._stage}")
+        if not isinstance(args, self._config_class):
+            raise TypeError(f"{type(self).__name__} takes `args={self._config_class.__name__}(...)`, "
+                            f"got {type(args).__name__}.")
+        model, processing_class = self._load(model, processing_class, args)
+        self._check_start(model, args, peft_config)
+        self.num_skipped_samples = 0
+        self.modality_batching_counts = None  # `modality_batching='separate'`: repeated/unused samples per modality
+        if args.skip_overlong_samples and args.max_length is not None and train_dataset is not None:
+            train_dataset = self._drop_overlong(train_dataset, processing_class, args)
+        if data_collator is None:
+            data_collator = self._collator(model, processing_class, args)
+        if peft_config is None:
+            self._freeze(model, args)
+        else:
+            peft_config = _prepare_peft_config(peft_config, model, getattr(args, "train_projector", True))
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         processing_class=processing_class, peft_config=peft_config, **kwargs)
+        if peft_config is not None:
+            _check_peft_model(self.model)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.add_callback(_StageMarkerCallback(base.config, self._stage))
+
+    @staticmethod
+    def _load(model, processing_class, args):
+        if isinstance(model, str):
+            from transformers import AutoModelForImageTextToText
+
+            init_kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
+            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            name = model
+            model = AutoModelForImageTextToText.from_pretrained(name, **init_kwargs)
+        if processing_class is None:
+            from transformers import AutoProcessor
+
+            processing_class = AutoProcessor.from_pretrained(model.name_or_path, trust_remote_code=args.trust_remote_code)
+        return model, processing_class
+
+    def _check_start(self, model, args, peft_config) -> None:
+        """Stage-specific preconditions (overridden)."""
+
+    def _freeze(self, model, args) -> None:
+        raise NotImplementedError
+
+    def _collator(self, model, processor, args) -> AlignGPTDataCollator:
+        raise NotImplementedError
+
+    def _drop_overlong(self, dataset, processor, args):
+        """Drop and count samples that do not fit `max_length` (never truncate: image tokens must stay whole)."""
+        template = PLAIN_CHAT_TEMPLATE if self._stage == "pretrain" else None
+        lengths = sample_token_lengths(dataset, processor, chat_template=template)
+        keep = [index for index, length in enumerate(lengths) if length <= args.max_length]
+        self.num_skipped_samples = len(lengths) - len(keep)
+        if not keep:
+            raise ValueError(f"All {len(lengths)} samples are longer than max_length={args.max_length} (image tokens "
+                             "and `<align>` included); raise `max_length`.")
+        if self.num_skipped_samples:
+            logger.warning(
+                "Skipped %d of %d samples longer than max_length=%d (skip_overlong_samples=True).",
+                self.num_skipped_samples, len(lengths), args.max_length,
+            )
+            dataset = dataset.select(keep)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = ["id", getattr(self.args, "level_column", LEVEL_COLUMN)]
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
+
+    def _group_learning_rates(self) -> dict[str, float]:
+        """Module name -> learning rate for modules that do not use `learning_rate`."""
+        rates = {}
+        if self.args.projector_lr is not None:
+            rates[PROJECTOR] = self.args.projector_lr
+        multiplier = getattr(self.args, "vision_lr_multiplier", None)
+        if multiplier is not None:
+            rates[VISION_TOWER] = self.args.learning_rate * multiplier
+        return rates
+
+    def create_optimizer(self, model=None):
+        """With `projector_lr` / `vision_lr_multiplier`, the projector / vision tower get their own parameter groups
+        and learning rates (each split by weight decay as usual)."""
+        rates = self._group_learning_rates()
+        if not rates or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = {}
+        for name, param in opt_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            module = next((m for m in rates if f"{m}." in name), None)
+            groups.setdefault((module, name in decay), []).append(param)
+        param_groups = []
+        for (module, decays), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if module is not None:
+                group["lr"] = rates[module]
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss, but an image-token mismatch keeps its own message: TRL blames `max_length` for it, while our
+        collator never truncates, so the cause lies elsewhere (processor `image_seq_length`, hand-built inputs)."""
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        except ValueError as error:
+            cause = error.__cause__
+            if isinstance(cause, ValueError) and "Image features and image tokens do not match" in str(cause):
+                raise cause from None
+            raise
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if getattr(self.args, "modality_batching", "mixed") == "separate" and dataset is not None:
+            return self._separate_modality_sampler(dataset)
+        if not self.args.group_by_modality_length or dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        return ModalityLengthGroupedSampler(
+            modality_lengths(dataset),
+            batch_size=self.args.per_device_train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+        )
+
+
+    def _separate_modality_sampler(self, dataset) -> SeparateModalitySampler:
+        """mPLUG-Owl's 1:1 text-only / image micro-batches; warns when a step cannot hold one of each."""
+        if not hasattr(dataset, "__len__"):
+            raise ValueError("modality_batching='separate' needs a dataset with a length (not an iterable dataset).")
+        if (self.args.world_size * self.args.gradient_accumulation_steps) % 2:
+            logger.warning("modality_batching='separate' with processes x gradient_accumulation_steps = %d (odd): "
+                           "optimizer steps alternate between modalities instead of holding one batch of each.",
+                           self.args.world_size * self.args.gradient_accumulation_steps)
+        sampler = SeparateModalitySampler(modality_lengths(dataset), batch_size=self.args.per_device_train_batch_size,
+                                          seed=self.args.seed, on_exhausted=self.args.modality_batching_on_exhausted)
+        self.modality_batching_counts = sampler.counts
+        return sampler
+
+
+class AlignGPTPretrainTrainer(_AlignGPTTrainer):
+    """Stage 1 (paper §4.1): `[BOS][ALIGN][IMG x K] caption \\n`, loss on the caption and "\\n" only, each pair's level
+    fed as `alignment_levels`; trains the projector and the level table (and the vision tower with
+    `train_vision_tower=True`). Rows in TRL's vision format; any row is rendered with the plain template.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from datasets import Dataset
+    >>> from PIL import Image
+    >>> from aligngpt_hf import AlignGPTPretrainConfig, AlignGPTPretrainTrainer
+    >>> from aligngpt_hf.tiny import build_model, build_processor, build_tokenizer
+    >>> tokenizer = build_tokenizer(); processor = build_processor(tokenizer)
+    >>> model = build_model(tokenizer)
+    >>> rows = [{"images": [Image.new("RGB", (32, 32), (200, 0, 0))], "alignment_level": 3,
+    ...          "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A red square."}]}]
+    >>> args = AlignGPTPretrainConfig(output_dir="/tmp/aligngpt-stage1", max_steps=2, per_device_train_batch_size=1,
+    ...                               report_to="none", save_strategy="no", gradient_checkpointing=False, use_cpu=True)
+    >>> trainer = AlignGPTPretrainTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+    ...                                   processing_class=processor)
+    >>> trainer.train().global_step  # doctest: +ELLIPSIS
+    {...}
+    2
+    ```
+    """
+
+    _config_class = AlignGPTPretrainConfig
+    _stage = "pretrain"
+
+    def _check_start(self, model, args, peft_config) -> None:
+        if peft_config is not None:
+            raise ValueError("Stage 1 trains the projector and level table in full; LoRA (`peft_config`) is a "
+                             "stage-2 option (AlignGPTInstructTrainer).")
+
+    def _freeze(self, model, args) -> None:
+        freeze_for_pretrain(model, args.train_vision_tower, args.train_level_table)
+
+    def _collator(self, model, processor, args) -> AlignGPTDataCollator:
+        return AlignGPTDataCollator(processor=processor, max_length=args.max_length,
+                                    pad_to_multiple_of=args.pad_to_multiple_of, assistant_only_loss=True,
+                                    chat_template=PLAIN_CHAT_TEMPLATE, level_column=args.level_column)
+
+
+class AlignGPTInstructTrainer(_AlignGPTTrainer):
+    """Stage 2 (paper §4.1): vicuna_v1 conversations, loss on assistant answers + `</s>`, adaptive gate fed the prompt
+    only; trains LLM + projector + gate, the vision tower and level table stay frozen. With `peft_config` (see
+    `aligngpt_lora_config`): LoRA on the language model, projector and gate saved alongside; `merge_lora` folds it.
+    Text-only rows may be mixed with image rows (they get no `<align>`). Refuses an untrained level table/projector.
+
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> from PIL import Image
+    >>> from aligngpt_hf import AlignGPTInstructConfig, AlignGPTInstructTrainer
+    >>> from aligngpt_hf.tiny import build_model, build_processor, build_tokenizer
+    >>> tokenizer = build_tokenizer(); processor = build_processor(tokenizer)
+    >>> model = build_model(tokenizer)
+    >>> rows = [{"images": [Image.new("RGB", (32, 32), (200, 0, 0))],
+    ...          "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Red."}]},
+    ...         {"images": [], "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi."}]}]
+    >>> args = AlignGPTInstructConfig(output_dir="/tmp/aligngpt-stage2", max_steps=2, per_device_train_batch_size=2,
+    ...                               report_to="none", save_strategy="no", gradient_checkpointing=False, use_cpu=True,
+    ...                               allow_untrained_alignment=True)  # a real run starts from a stage-1 folder
+    >>> trainer = AlignGPTInstructTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+    ...                                   processing_class=processor)
+    >>> trainer.train().global_step  # doctest: +ELLIPSIS
+    {...}
+    2
+    ```
+    """
+
+    _config_class = AlignGPTInstructConfig
+    _stage = "instruct"
+
+    def _check_start(self, model, args, peft_config) -> None:
+        check_alignment_trained(model.config, args.allow_untrained_alignment)
+
+    def _freeze(self, model, args) -> None:
+        freeze_for_instruct(model, args.train_projector)
+
+    def _collator(self, model, processor, args) -> AlignGPTDataCollator:
+        scope_prompt = getattr(model.config, "gate_text_scope", "prompt") == "prompt"
+        return AlignGPTDataCollator(processor=processor, max_length=args.max_length,
+                                    pad_to_multiple_of=args.pad_to_multiple_of,
+                                    assistant_only_loss=args.assistant_only_loss, gate_text_mask=scope_prompt)
+
+
+__all__ = [
+    "AlignGPTInstructConfig",
+    "AlignGPTInstructTrainer",
+    "AlignGPTPretrainConfig",
+    "AlignGPTPretrainTrainer",
+    "aligngpt_lora_config",
+    "check_alignment_trained",
+    "freeze_for_instruct",
+    "freeze_for_pretrain",
+    "load_for_instruct",
+    "merge_lora",
+]
