@@ -22,8 +22,8 @@ try:
     from lmms_eval.api.model import lmms
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "The lmms-eval plugin needs lmms-eval: `pip install 'aligngpt-hf[eval]'` (see the README, section 'lmms-eval', for the "
-        "light install that avoids torchvision)."
+        "The lmms-eval plugin needs lmms-eval: from the clone of aligngpt-hf, `pip install -e '.[eval]'` (see "
+        "docs/evaluation.md#lmms-eval for the light install that avoids torchvision)."
     ) from error
 
 import torch

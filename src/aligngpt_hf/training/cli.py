@@ -4,7 +4,7 @@ A thin shell over the library: the recipe fills `AlignGPTScriptArguments` (model
 `AlignGPTPretrainConfig`/`AlignGPTInstructConfig`; command-line `--field value` pairs override it. RECIPE may be a path
 or the name of a shipped recipe (`pretrain_7b`, `instruct_13b`, `pretrain_tiny`, `mplug-owl-stage1`, ...; `-` and `_`
 are interchangeable in names). Multi-GPU: run the same command
-under `accelerate launch --config_file <shipped config> -m aligngpt_hf.cli ...` (see the README, "Paper runs on 8 GPUs").
+under `accelerate launch --config_file <shipped config> -m aligngpt_hf.cli ...` (see docs/training.md#paper-runs-on-8-gpus).
 
 Heavy imports (TRL, datasets) happen inside the functions, so `aligngpt-hf --help` stays fast.
 """
