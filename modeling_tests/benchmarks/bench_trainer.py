@@ -46,7 +46,7 @@ class StepTimer(TrainerCallback):
 def common_args(opts, output_dir: str) -> dict:
     return dict(output_dir=output_dir, max_steps=opts.warmup + opts.steps, per_device_train_batch_size=opts.batch,
                 learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, report_to="none",
-                save_strategy="no", logging_steps=10_000, gradient_checkpointing=False, disable_tqdm=True,
+                save_strategy="no", logging_steps=10_000, activation_checkpointing=False, disable_tqdm=True,
                 dataloader_num_workers=0, assistant_only_loss=True, max_length=None, seed=0,
                 use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available())
 

@@ -59,7 +59,7 @@ def test_abstractor_matches_independent_computation(make_model):
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
         visual = model.model.vision_tower.post_layernorm(hidden)  # CLS kept, post-LN on all 17 tokens
         expected = reference_abstractor(model.model.multi_modal_projector, visual)
-        features = model.model.get_image_features(pixels)
+        features = torch.stack(model.model.get_image_features(pixels).pooler_output)
     assert features.shape == (3, 7, 32)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
 

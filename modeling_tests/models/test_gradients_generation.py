@@ -141,7 +141,7 @@ def test_gradient_checkpointing_matches_plain_backward(make_model, processor, im
     for checkpointing in (False, True):
         model = make_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model(**batch, labels=labels).loss.backward()
         grads.append(model.model.multi_modal_projector.linear_1.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])

@@ -135,7 +135,7 @@ def test_trainer_skips_and_counts_overlong_samples(make_model, processor, tmp_pa
         with_indices=True)
     args = AlignGPTInstructConfig(output_dir=str(tmp_path), max_length=160, skip_overlong_samples=True, use_cpu=True,
                                   report_to="none", allow_untrained_alignment=True, max_steps=1,
-                                  per_device_train_batch_size=2, gradient_checkpointing=False)
+                                  per_device_train_batch_size=2, activation_checkpointing=False)
     trainer = AlignGPTInstructTrainer(model=make_model(), args=args, train_dataset=dataset,
                                       processing_class=processor)
     assert trainer.num_skipped_samples == 1 and len(trainer.train_dataset) == 5

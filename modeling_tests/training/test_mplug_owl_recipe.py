@@ -23,7 +23,7 @@ from aligngpt_hf.training.mplug_owl import MPLUG_OWL_TINY_CONFIG, mplug_owl_lora
 from aligngpt_hf.training.sampler import SeparateModalitySampler, separate_modality_indices
 from aligngpt_hf.training.stage_handoff import load_for_instruct
 
-FAST = dict(per_device_train_batch_size=2, report_to="none", save_strategy="no", gradient_checkpointing=False,
+FAST = dict(per_device_train_batch_size=2, report_to="none", save_strategy="no", activation_checkpointing=False,
             use_cpu=True, dataloader_num_workers=0, logging_steps=1, warmup_steps=0, disable_tqdm=True)
 GPU_ONLY = ["--bf16", "false", "--tf32", "false", "--use_cpu", "true"]
 

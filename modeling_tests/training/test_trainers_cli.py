@@ -16,7 +16,7 @@ GPU_ONLY = ["--bf16", "false", "--tf32", "false", "--use_cpu", "true"]
 def test_paper_recipes(size):
     for stage, lr, global_batch in (("pretrain", 1e-3, 256), ("instruct", 2e-5, 128)):
         raw = yaml.safe_load((RECIPES_DIR / f"{stage}_{size}.yaml").read_text())
-        assert raw["bf16"] is True and raw["tf32"] is True and raw["gradient_checkpointing"] is True
+        assert raw["bf16"] is True and raw["tf32"] is True and raw["activation_checkpointing"] is True
         script, args = parse_recipe(stage, f"{stage}_{size}", GPU_ONLY)
         assert args.learning_rate == lr and args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.03
         assert args.num_train_epochs == 1 and args.max_length == 2048 and args.weight_decay == 0

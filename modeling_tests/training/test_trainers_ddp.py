@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].sum().item()),
                                           with_kwargs=True)
     args = AlignGPTInstructConfig(output_dir=out, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
-                                  use_cpu=True, report_to="none", save_strategy="no", gradient_checkpointing=False,
+                                  use_cpu=True, report_to="none", save_strategy="no", activation_checkpointing=False,
                                   dataloader_num_workers=0, disable_tqdm=True)
     trainer = AlignGPTInstructTrainer(model=model, args=args, processing_class=processor,
                                       train_dataset=synthetic_dataset(16, "instruct", text_only_every=2))

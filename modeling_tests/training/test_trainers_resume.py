@@ -28,7 +28,7 @@ def make_trainer(make_model, processor, output_dir, callbacks=()):
     model.config.aligngpt_stage = "pretrain"
     args = AlignGPTInstructConfig(
         output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, seed=11,
-        save_strategy="steps", save_steps=3, report_to="none", gradient_checkpointing=False, use_cpu=True,
+        save_strategy="steps", save_steps=3, report_to="none", activation_checkpointing=False, use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True, group_by_modality_length=True,
     )
     dataset = synthetic_dataset(8, "instruct", text_only_every=2)  # 4 steps per epoch: the resume crosses an epoch

@@ -1,8 +1,9 @@
-"""The `aligngpt-hf` console script: one thin subcommand per library entry point.
+"""The `aligngpt-hf` console script: a table from subcommand to the module that runs it.
 
-Each subcommand lives in the module that implements it, which exposes two functions:
-`add_cli_arguments(parser)` (declares the options) and `run_cli(args) -> int` (calls the library).
-Modules are imported only when their subcommand is used, so `aligngpt-hf --help` stays fast.
+Each subcommand's module exposes `add_cli_arguments(parser)` (declares the options) and `run_cli(args) -> int` (calls
+the library). Only the module of the subcommand being run is imported, and those modules import TRL, datasets and
+other heavy libraries inside their functions, so `aligngpt-hf --help` and `aligngpt-hf SUBCOMMAND --help` cost little
+more than `import aligngpt_hf` (which registers the Auto classes and so loads torch and transformers).
 """
 
 from __future__ import annotations
@@ -24,20 +25,27 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested_subcommand(argv: list[str]) -> str | None:
+    """The subcommand named on the command line: its module is the only one imported."""
+    return next((token for token in argv if token in SUBCOMMANDS), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the named subcommand's options are declared (the others list their help line)."""
     parser = argparse.ArgumentParser(
         prog="aligngpt-hf",
         description="AlignGPT for Hugging Face: alignment levels, training, conversion, publishing.",
+        epilog="Run `aligngpt-hf COMMAND --help` for a command's options.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    requested = _requested_subcommand(argv) if argv is not None else None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue  # subcommand not shipped in this build
-        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        subparser = subparsers.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        if argv is not None and name != requested:
+            continue
+        module = importlib.import_module(module_name)
         if name in ("pretrain", "instruct"):
             module.add_cli_arguments(subparser, stage=name)
         else:
@@ -47,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -247,8 +247,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-missing-images", action="store_true", help="skip and count, instead of failing")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="128 = model_vqa_loader; 1024 = model_vqa")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper setting)")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling cut-off (only with --temperature > 0)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam-search width (1 = greedy or sampling)")
     parser.add_argument(
         "--batch-size",
         type=int,

@@ -137,9 +137,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", required=True, help="instruction (repeat for several)")
     parser.add_argument("--out", required=True, metavar="PLOT.png", help="where to write the bar charts")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the weights as JSON")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--revision", default=None)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights dtype (auto = as saved)")
+    parser.add_argument("--device", default="cpu", help="torch device to run the model on (e.g. cpu, cuda)")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -364,7 +364,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--license", default=None, help=f"card licence id (default {DEFAULT_LICENSE})")
     parser.add_argument("--auto-model", choices=("generation", "base"), default="generation",
                         help="class `AutoModel` loads: generation (what lmms-eval needs, default) or base backbone")
-    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--commit-message", default=None, help="commit message on the Hub (default: a generated one)")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN / the cached login)")
 
 
