@@ -23,7 +23,7 @@ FAST = dict(
     per_device_train_batch_size=2,
     report_to="none",
     save_strategy="no",
-    gradient_checkpointing=False,
+    activation_checkpointing=False,
     use_cpu=True,
     dataloader_num_workers=0,
     logging_steps=1,
@@ -258,13 +258,13 @@ def test_load_for_instruct_takes_the_language_model_from_a_base_llm(make_model, 
 
 
 def test_gradient_checkpointing_keeps_the_trainable_sets(make_model, processor, tmp_path):
-    model, trainer = run_stage1(make_model, processor, tmp_path, max_steps=1, gradient_checkpointing=True)
+    model, trainer = run_stage1(make_model, processor, tmp_path, max_steps=1, activation_checkpointing=True)
     before = snapshot(model)
     trainer.train()
     assert changed(model, before) == sorted(PROJECTOR + ["model.alignment.level_embeddings"])
     model = make_model().train()
     model.config.aligngpt_stage = "pretrain"
-    trainer = AlignGPTInstructTrainer(model=model, args=instruct_args(tmp_path, max_steps=1, gradient_checkpointing=True),
+    trainer = AlignGPTInstructTrainer(model=model, args=instruct_args(tmp_path, max_steps=1, activation_checkpointing=True),
                                       train_dataset=synthetic_dataset(2, "instruct"), processing_class=processor)
     before = snapshot(model)
     trainer.train()
