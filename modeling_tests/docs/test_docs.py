@@ -216,6 +216,18 @@ def test_cli_commands_name_real_subcommands_options_and_recipes():
     assert not problems, "\n".join(problems)
 
 
+def test_accelerate_config_commands_print_shipped_files(capsys):
+    """`$(python -m aligngpt_hf.training.cli --accelerate-config NAME)` in the docs prints a file that exists."""
+    from aligngpt_hf.training.cli import main
+
+    names = {name for path in DOC_FILES for name in
+             re.findall(r"python -m aligngpt_hf\.training\.cli --accelerate-config (\w+)", path.read_text())}
+    assert names, "the docs show no accelerate-config command any more: drop this test or fix the pattern"
+    for name in sorted(names):
+        assert main(["--accelerate-config", name]) == 0
+        assert Path(capsys.readouterr().out.strip()).is_file(), name
+
+
 def test_readme_quick_start_saves_a_model_that_reloads_through_remote_code(tmp_path, monkeypatch):
     """The README's first two snippets: generate, save, reload with trust_remote_code; same logits."""
     blocks = [code for language, code, reason in code_blocks((REPO_ROOT / "README.md").read_text()) if
