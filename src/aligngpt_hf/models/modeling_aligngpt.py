@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .abstractor_aligngpt import AlignGPTVisualAbstractor
 from .configuration_aligngpt import AlignGPTConfig
+from .packing_aligngpt import check_packed_call, is_packed_call, packed_image_text_dots, packed_segments, segment_sum
 from .placeholders_aligngpt import check_no_placeholders, check_placeholders
 
 # Auto classes written into `auto_map` on save, so every loader finds its entry with trust_remote_code.
@@ -237,11 +238,15 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 "AlignGPT locates `<image>` and `<align>` placeholders through `input_ids`; pass `input_ids` "
                 "(not `inputs_embeds`) together with `pixel_values`."
             )
-        image_features = alignment_weights = None
+        image_features = alignment_weights = segments = None
+        if is_packed_call(attention_mask, position_ids, (input_ids if input_ids is not None else inputs_embeds).shape[1]):
+            segments = packed_segments(position_ids, kwargs.get("cu_seq_lens_q"))  # None: one sample per row
+            if segments is not None:
+                use_cache = check_packed_call(self.language_model.config, use_cache, kwargs)
         if input_ids is not None:
             word_embeds = self.get_input_embeddings()(input_ids)
             inputs_embeds, image_features, alignment_weights = self._merge_multimodal(
-                input_ids, word_embeds, pixel_values, attention_mask, alignment_levels, gate_text_mask
+                input_ids, word_embeds, pixel_values, attention_mask, alignment_levels, gate_text_mask, segments
             )
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
@@ -256,10 +261,12 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             AlignGPTModelOutputWithPast, outputs, image_hidden_states=image_features, alignment_weights=alignment_weights
         ))
 
-    def _merge_multimodal(self, input_ids, word_embeds, pixel_values, attention_mask, alignment_levels, gate_mask):
+    def _merge_multimodal(self, input_ids, word_embeds, pixel_values, attention_mask, alignment_levels, gate_mask,
+                          segments=None):
         """Scatter image features into `<image>` slots and alignment vectors into `<align>` slots.
 
         All placeholder checks share one device-to-host copy (LLaVA makes one too), so a GPU step waits once.
+        `segments` (packed rows, see packing_aligngpt.py): counts, levels and the gate run per sample, not per row.
         """
         image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
         if pixel_values is None or pixel_values.shape[0] == 0:
@@ -274,9 +281,12 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         levels = None
         if alignment_levels is not None and self.config.uses_alignment_token:
             levels = torch.as_tensor(alignment_levels, device=input_ids.device).long().reshape(-1)
-        image_tokens_per_row = image_mask.sum(-1)
+        if segments is None:
+            image_tokens_per_row, align_per_row = image_mask.sum(-1), align_mask.sum(-1)
+        else:
+            image_tokens_per_row, align_per_row = segment_sum(image_mask, *segments), segment_sum(align_mask, *segments)
         check_placeholders(
-            image_tokens_per_row, align_mask.sum(-1), image_features.shape, self.config.uses_alignment_token,
+            image_tokens_per_row, align_per_row, image_features.shape, self.config.uses_alignment_token,
             levels, self.config.num_alignment_levels,
         )
         images_per_row = image_tokens_per_row // image_features.shape[1]
@@ -291,9 +301,12 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         else:
             if self.config.uses_gate:
                 text_mask = _gate_text_mask(image_mask, align_mask, attention_mask, gate_mask)
-                dots = _image_text_dots(word_embeds, text_mask, image_features, images_per_row)
+                if segments is None:
+                    dots = _image_text_dots(word_embeds, text_mask, image_features, images_per_row)
+                else:
+                    dots = packed_image_text_dots(word_embeds, text_mask, image_features, images_per_row, *segments)
                 weights = self.alignment.gate(dots)
-            vectors = self.alignment.vectors_for_weights(weights, input_ids.shape[0])
+            vectors = self.alignment.vectors_for_weights(weights, images_per_row.shape[0])
             if weights is not None:
                 weights = weights.masked_fill(~rows_with_image.unsqueeze(-1), float("nan"))
         # Image rows first, in batch order: masked_scatter fills the `<align>` slots from the front of its source,

@@ -17,6 +17,13 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from aligngpt_hf.training.data import LEVEL_COLUMN, PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator, sample_token_lengths
+from aligngpt_hf.training.packing import (
+    PackedDataset,
+    check_packed_attention,
+    check_packing_args,
+    hidden_from_trl,
+    prepare_packing,
+)
 from aligngpt_hf.training.sampler import (
     EXHAUSTION_MODES,
     ModalityLengthGroupedSampler,
@@ -68,10 +75,23 @@ class _AlignGPTTrainingConfig(SFTConfig):
         metadata={"help": "Longest sample in tokens, image tokens and `<align>` included; longer samples raise."},
     )
 
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Bin whole samples (images, text-only, multi-image; never cut) into packs of <= `max_length` "
+                  "tokens (best-fit decreasing), one row per pack, no padding inside (docs/packing.md). Losses and "
+                  "gradients equal the padded run's; `per_device_train_batch_size` then counts packs."},
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Lay each batch's samples end to end in one row (no padding, `position_ids` restart per "
+                  "sample); implied by `packing`. Needs sdpa/eager/flex or flash-attention (varlen)."},
+    )
+
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = _bf16_default(self)
         super().__post_init__()
+        check_packing_args(self)
 
 
 @dataclass
@@ -265,12 +285,22 @@ class _AlignGPTTrainer(SFTTrainer):
             train_dataset = self._drop_overlong(train_dataset, processing_class, args)
         if data_collator is None:
             data_collator = self._collator(model, processing_class, args)
+        packed_dataset = None
+        if args.packing or args.padding_free:
+            template = PLAIN_CHAT_TEMPLATE if self._stage == "pretrain" else None
+            data_collator, packed_dataset = prepare_packing(args, processing_class, train_dataset, data_collator,
+                                                            template)
         if peft_config is None:
             self._freeze(model, args)
         else:
             peft_config = _prepare_peft_config(peft_config, model, getattr(args, "train_projector", True))
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         processing_class=processing_class, peft_config=peft_config, **kwargs)
+        with hidden_from_trl(args):
+            super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                             processing_class=processing_class, peft_config=peft_config, **kwargs)
+        if args.packing or args.padding_free:
+            check_packed_attention(self.model)
+        if packed_dataset is not None:
+            self.train_dataset = packed_dataset
         if peft_config is not None:
             _check_peft_model(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -375,7 +405,7 @@ class _AlignGPTTrainer(SFTTrainer):
         if not self.args.group_by_modality_length or dataset is None or not hasattr(dataset, "__len__"):
             return super()._get_train_sampler(train_dataset)
         return ModalityLengthGroupedSampler(
-            modality_lengths(dataset),
+            dataset.modality_lengths if isinstance(dataset, PackedDataset) else modality_lengths(dataset),
             batch_size=self.args.per_device_train_batch_size,
             world_size=self.args.world_size * self.args.gradient_accumulation_steps,
             seed=self.args.seed,
