@@ -101,21 +101,23 @@ def test_scores_equal_independent_cosine(tiny_clip, tmp_path):
 @pytest.mark.parametrize("count,num_levels", [(103, 8), (16, 8), (9, 2), (50, 7), (8, 8)])
 def test_quantile_levels_balanced_and_ascending(count, num_levels):
     rng = np.random.default_rng(count)
-    scores = np.round(rng.normal(0.2, 0.05, size=count), 2)  # rounding makes ties
-    levels, edges = assign_levels(scores, num_levels, "quantile")
+    scores = rng.normal(0.2, 0.05, size=count)  # distinct scores (ties: test_quantile_ties_share_one_level)
+    levels, edges = assign_levels(scores, num_levels, "quantile", tie_tolerance=0)
     counts = np.bincount(levels, minlength=num_levels)
     assert counts.sum() == count and counts.max() - counts.min() <= 1 and len(counts) == num_levels
     order = np.lexsort((np.arange(count), scores))  # score, then original index
     assert np.all(np.diff(levels[order]) >= 0)
     assert levels.dtype == np.int64 and levels.min() == 0 and levels.max() == num_levels - 1
     assert len(edges) == num_levels + 1 and np.all(np.diff(edges) >= 0)
-    np.testing.assert_array_equal(levels, assign_levels(scores, num_levels, "quantile")[0])
+    np.testing.assert_array_equal(levels, assign_levels(scores, num_levels, "quantile", tie_tolerance=0)[0])
 
 
-def test_quantile_ties_broken_by_original_index():
-    levels, _ = assign_levels([0.2, 0.1, 0.2, 0.2, 0.1, 0.3], 3, "quantile")
-    # ranks: 0.1@1, 0.1@4, 0.2@0, 0.2@2, 0.2@3, 0.3@5 -> levels by rank 0,0,1,1,2,2
-    assert levels.tolist() == [1, 0, 1, 2, 0, 2]
+def test_quantile_ties_share_one_level():
+    levels, _, ties = assign_levels([0.2, 0.1, 0.2, 0.2, 0.1, 0.3], 3, "quantile", return_ties=True)
+    # ranks: 0.1@1, 0.1@4 | 0.2@0, 0.2@2, 0.2@3 | 0.3@5; by rank the 0.2s would get 1,1,2: the group takes the
+    # level of its middle rank (3 * 3 // 6 = 1), and the report counts it as a tie across a boundary
+    assert levels.tolist() == [1, 0, 1, 1, 0, 2]
+    assert ties == {"tie_tolerance": 1e-4, "num_tie_groups_across_boundary": 1, "num_pairs_in_those_groups": 3}
 
 
 def test_uniform_bins_match_hand_computed_edges():

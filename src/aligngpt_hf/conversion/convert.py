@@ -182,13 +182,20 @@ def _convert_pretrain(files, shapes, config, expected, output, orig, vision_towe
 
 def load_stage1_artefact(folder: str | Path) -> tuple[AlignGPTConfig, dict[str, torch.Tensor]]:
     """Read a stage-1 artefact written by `convert_checkpoint`: (AlignGPTConfig, {target key: tensor})."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if not is_stage1_artefact(folder):
         raise ConversionError(f"{folder} is not a stage-1 artefact (no {STAGE_FILE} with stage 'pretrain').")
     marker = json.loads((folder / STAGE_FILE).read_text())
-    return AlignGPTConfig.from_pretrained(folder), load_file(folder / marker["weights"])
+    weights = folder / marker["weights"]
+    config = AlignGPTConfig.from_pretrained(folder)
+    try:
+        return config, load_file(weights)
+    except (SafetensorError, OSError) as error:
+        raise ConversionError(f"{weights} is missing, truncated or corrupt ({error}); rerun stage 1 or restore it.") \
+            from None
 
 
 def is_stage1_artefact(folder: str | Path) -> bool:

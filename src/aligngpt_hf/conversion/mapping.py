@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # Rows of the LLM vocabulary tables may grow (new `<image>`/`<align>` rows, padding); the original rows are kept.
@@ -282,7 +282,11 @@ class _PickleFile:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as error:
-            raise ConversionError(f"{path} is not a plain state dict of tensors ({error}).") from error
+            raise ConversionError(refused_pickle_message(path, error)) from None
+        except (RuntimeError, EOFError, OSError) as error:
+            raise ConversionError(
+                f"{path} is truncated or corrupt ({str(error).splitlines()[0][:120]}); re-download or re-copy it."
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConversionError(f"{path} does not hold a flat {{name: tensor}} state dict.")
         self.state = state
@@ -300,9 +304,23 @@ class _PickleFile:
         return self.state[key]
 
 
+def refused_pickle_message(path: Path, error: Exception) -> str:
+    """Why a pickle was refused, without torch's advice to load it with `weights_only=False` (that runs its code)."""
+    if "truncated" in str(error) or "EOF" in str(error):
+        return f"{path} is truncated or corrupt (the pickle ends early); re-download or re-copy it."
+    return (
+        f"{path} was refused: it is a pickle holding more than tensors, and unpickling it could run arbitrary code. "
+        "AlignGPT only reads plain tensor state dicts (weights_only). Get the checkpoint from a source you trust in "
+        "safetensors format, or convert it there."
+    )
+
+
 class _SafetensorsFile:
     def __init__(self, path: Path):
-        self.handle = safe_open(str(path), framework="pt")
+        try:
+            self.handle = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise ConversionError(f"{path} is truncated or corrupt ({error}); re-download or re-copy it.") from None
 
     def keys(self):
         return self.handle.keys()

@@ -15,9 +15,13 @@ import argparse
 import json
 import math
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from aligngpt_hf.models.image_processing_utils_aligngpt import load_image as open_rgb
+from aligngpt_hf.models.image_processing_utils_aligngpt import resolve_image_path
 
 ANSWER_ID_NAMESPACE = uuid.UUID("6f7a2b1e-4c1d-5e0a-9b2f-a11c9e7d0001")
 
@@ -40,22 +44,40 @@ class AnswerReport:
 def read_questions(path: str | Path) -> list[dict]:
     """Question records (`question_id`, `text`, optional `image`/`category`); errors name the line."""
     questions = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}).") from error
-            missing = [key for key in ("question_id", "text") if key not in record]
-            if missing:
-                raise ValueError(
-                    f"{path}:{line_number}: question record lacks {missing}; the LLaVA question format is "
-                    '{"question_id": ..., "image": "file.jpg", "text": "question + task suffix", "category": ...}.'
-                )
-            questions.append(record)
+    for line_number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}).") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_number}: expected a question object, got the {type(record).__name__} "
+                             f"{str(record)[:40]!r}.")
+        missing = [key for key in ("question_id", "text") if key not in record]
+        if missing:
+            raise ValueError(
+                f"{path}:{line_number}: question record lacks {missing}; the LLaVA question format is "
+                '{"question_id": ..., "image": "file.jpg", "text": "question + task suffix", "category": ...}.'
+            )
+        if not isinstance(record["text"], str) or not isinstance(record.get("image") or "", str):
+            name = "text" if not isinstance(record["text"], str) else "image"
+            raise ValueError(f"{path}:{line_number}: `{name}` is {record[name]!r}; expected a string.")
+        questions.append(record)
+    if not questions:
+        raise ValueError(f"{path} holds no questions; check the --questions file.")
     return questions
+
+
+def _lines(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a non-UTF-8 file is named with the line of the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte {error.start}); re-save the file as UTF-8.") from None
+    return list(enumerate(text.splitlines(), start=1))
 
 
 def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> list:
@@ -86,20 +108,19 @@ def build_prompt(processor, text: str, with_image: bool = True) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def load_image(question: dict, image_folder: str | Path):
-    """The question's image as RGB, or a FileNotFoundError naming the question_id; None for text-only records."""
-    from PIL import Image
-
+def load_image(question: dict, image_folder: str | Path, allow_outside_image_folder: bool = False):
+    """The question's image as RGB (the package's one loader), or an error naming the question_id; None for
+    text-only records. A path resolving outside `image_folder` is refused unless `allow_outside_image_folder`."""
     if not question.get("image"):
         return None
-    path = Path(image_folder) / question["image"]
+    where = f"question_id {question['question_id']!r}"
+    path = Path(resolve_image_path(question["image"], image_folder, allow_outside_image_folder, where))
     if not path.is_file():
         raise FileNotFoundError(
-            f"question_id {question['question_id']!r}: image {str(path)!r} not found "
+            f"{where}: image {str(path)!r} not found "
             f"(`image` {question['image']!r} is read relative to --image-folder {str(image_folder)!r})."
         )
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return open_rgb(path, where)
 
 
 def generation_kwargs(max_new_tokens: int = 128, temperature: float = 0.0, top_p=None, num_beams: int = 1) -> dict:
@@ -136,14 +157,42 @@ def generate_answers(model, processor, prompts: list[str], images: list, alignme
 
 
 def answered_ids(path: str | Path) -> set[str]:
-    """question_ids already in an answers file (JSON-encoded, so 5 and "5" stay distinct)."""
+    """question_ids already in an answers file (JSON-encoded, so 5 and "5" stay distinct).
+
+    A last line cut short (a run killed while writing it) is removed with a warning and its question answered
+    again; a bad line elsewhere is an error naming the file and line, since answers before it may be wrong too.
+    """
     done = set()
-    if Path(path).is_file():
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    done.add(json.dumps(json.loads(line)["question_id"]))
+    if not Path(path).is_file():
+        return done
+    lines = _lines(path)
+    for line_number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            done.add(json.dumps(json.loads(line)["question_id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if line_number == len(lines) and not Path(path).read_bytes().endswith(b"\n"):
+                _drop_last_line(path, line)
+                continue
+            raise ValueError(
+                f"{path}:{line_number}: not an answer record ({line[:60]!r}); --resume cannot trust this file. "
+                "Delete that line (or the file) and rerun with --resume."
+            ) from None
+    data = Path(path).read_bytes()
+    if data and not data.endswith(b"\n"):  # a complete last record without its newline: the next one goes below
+        with open(path, "ab") as handle:
+            handle.write(b"\n")
     return done
+
+
+def _drop_last_line(path: str | Path, line: str) -> None:
+    data = Path(path).read_bytes()
+    cut = data.rstrip(b"\n").rfind(b"\n") + 1
+    with open(path, "r+b") as handle:
+        handle.truncate(cut)
+    warnings.warn(f"{path}: removed its last line, cut short by an interrupted run ({line[:40]!r}...); that question "
+                  "is answered again.", stacklevel=3)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -169,6 +218,7 @@ def answer_questions(
     resume: bool = False,
     skip_missing_images: bool = False,
     alignment_level: int | None = None,
+    allow_outside_image_folder: bool = False,
     progress: bool = True,
     **gen_kwargs,
 ) -> AnswerReport:
@@ -189,7 +239,7 @@ def answer_questions(
             loaded = []
             for question in batch:
                 try:
-                    loaded.append((question, load_image(question, image_folder)))
+                    loaded.append((question, load_image(question, image_folder, allow_outside_image_folder)))
                 except FileNotFoundError:
                     if not skip_missing_images:
                         raise
@@ -245,6 +295,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process answers")
     parser.add_argument("--resume", action="store_true", help="keep the answers file; skip question_ids in it")
     parser.add_argument("--skip-missing-images", action="store_true", help="skip and count, instead of failing")
+    parser.add_argument("--allow-outside-image-folder", action="store_true",
+                        help="read `image` paths that resolve outside --image-folder (refused by default)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="128 = model_vqa_loader; 1024 = model_vqa")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper setting)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling cut-off (only with --temperature > 0)")
@@ -293,6 +345,7 @@ def run_cli(args: argparse.Namespace) -> int:
         resume=args.resume,
         skip_missing_images=args.skip_missing_images,
         alignment_level=args.alignment_level,
+        allow_outside_image_folder=args.allow_outside_image_folder,
         progress=not args.no_progress,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

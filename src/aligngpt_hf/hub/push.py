@@ -109,10 +109,45 @@ def load_for_publishing(folder: str | Path):
             "`AlignGPTProcessor(image_processor=..., tokenizer=..., image_seq_length=...).save_pretrained(FOLDER)` "
             "(or `aligngpt-hf convert ... --tokenizer SRC`)."
         )
-    model = AlignGPTForConditionalGeneration.from_pretrained(folder, dtype="auto")
+    model = _load_weights(AlignGPTForConditionalGeneration, folder)
     processor = AlignGPTProcessor.from_pretrained(folder)
     _check_model_matches_processor(model.config, processor)
     return model.eval(), processor
+
+
+def _load_weights(model_class, folder: Path):
+    """`from_pretrained`, with a truncated shard or a refused pickle named (transformers' errors omit the file, and
+    torch's advice to retry with `weights_only=False` would run the pickle's code)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return model_class.from_pretrained(folder, dtype="auto")
+    except pickle.UnpicklingError:
+        names = ", ".join(p.name for p in sorted(folder.glob("*.bin")))
+        raise ValueError(
+            f"{folder}: the pickle weights ({names}) were refused: they hold more than tensors, and unpickling them "
+            "could run arbitrary code. Publish safetensors weights only (`model.save_pretrained(FOLDER)` writes them)."
+        ) from None
+    except (SafetensorError, OSError, RuntimeError) as error:
+        broken = [p.name for p in sorted(folder.glob("*.safetensors")) if _safetensors_problem(p)]
+        if not broken:
+            raise
+        raise ValueError(
+            f"{folder}: weight file(s) {', '.join(broken)} are truncated or corrupt ({error}); re-download or "
+            "re-save them (`model.save_pretrained(FOLDER)`)."
+        ) from None
+
+
+def _safetensors_problem(path: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return False
+    except (SafetensorError, OSError):
+        return True
 
 
 def _check_model_matches_processor(config, processor) -> None:
@@ -171,8 +206,8 @@ def complete_auto_maps(folder: Path, auto_model: str = "generation") -> None:
 
     def config_map(data):
         data["auto_map"] = {**data.get("auto_map", {}), **REMOTE_AUTO_MAP, **PROCESSOR_AUTO_MAP}
-        if auto_model == "generation":
-            data["auto_map"]["AutoModel"] = GENERATION_CLASS
+        # REMOTE_AUTO_MAP (and the installed package) map AutoModel to the generation class; "base" opts out here
+        data["auto_map"]["AutoModel"] = GENERATION_CLASS if auto_model == "generation" else "modeling_aligngpt.AlignGPTModel"
 
     def tokenizer_map(data):
         for leaked in ("is_local", "local_files_only"):  # loader arguments transformers writes back on re-save

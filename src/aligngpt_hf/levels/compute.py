@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -39,8 +40,10 @@ import numpy as np
 import torch
 
 from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, load_scorer
+from aligngpt_hf.models.image_processing_utils_aligngpt import resolve_image_path, to_rgb
 
 BINNINGS = ("quantile", "uniform")
+DEFAULT_TIE_TOLERANCE = 1e-4  # cosine scores closer than this are float noise (batching, fp32 vs bf16 kernels)
 SKIP_HINT = "pass --skip-bad (skip_bad=True) to skip such records; they are counted and listed in the report"
 _CACHE_VERSION = "levels-v1"
 _SCORE_FEATURES = {
@@ -80,45 +83,36 @@ def pairs_from_llava_json(path: str | os.PathLike) -> tuple[list[dict], Any]:
     return records, Dataset.from_dict(table)
 
 
-def _open_image(value, image_folder: str | None):
-    """Decode one image to RGB; return (image, original mode) or raise ValueError with the reason."""
+def _open_image(value, image_folder: str | None, allow_outside: bool = False):
+    """Decode one image to RGB with the package's one loader; return (image, original mode) or raise ValueError.
+
+    Paths resolve inside `image_folder`; one outside it is refused unless `allow_outside` (a hostile JSON could
+    otherwise make the scorer read any file)."""
     from PIL import Image
 
     if value is None:
         raise ValueError("no image")
-    if isinstance(value, Image.Image):
-        image = value
-    else:
-        source = value
-        if isinstance(value, dict):  # datasets.Image(decode=False)
-            source = value.get("bytes") or value.get("path")
-            if isinstance(source, bytes):
-                import io
-
-                source = io.BytesIO(source)
-        if isinstance(source, str):
-            source = os.path.join(image_folder, source) if image_folder and not os.path.isabs(source) else source
-            if not os.path.exists(source):
-                raise ValueError(f"image file not found: {source}")
-        try:
-            image = Image.open(source)
+    if isinstance(value, dict):  # datasets.Image(decode=False)
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str) and image_folder:
+        value = resolve_image_path(value, image_folder, allow_outside, "`image`")
+    if isinstance(value, str) and not os.path.isfile(value):
+        raise ValueError(f"image file not found: {value}")
+    try:
+        if isinstance(value, Image.Image):
+            return to_rgb(value, "image"), value.mode
+        with Image.open(io.BytesIO(value) if isinstance(value, bytes) else value) as image:
             image.load()
-        except Exception as error:  # PIL raises many types for truncated or foreign files
-            raise ValueError(f"corrupt or unreadable image ({type(error).__name__}: {error})") from None
-    mode = image.mode
-    if mode != "RGB":
-        try:
-            image = image.convert("RGB")
-        except Exception as error:
-            raise ValueError(f"cannot convert {mode} image to RGB ({error})") from None
-    return image, mode
+            return to_rgb(image, "image"), image.mode
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"corrupt or unreadable image ({type(error).__name__}: {error})") from None
 
 
 # ----------------------------------------------------------------------------------------------- scoring
 
 
 def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, id_column: str | None,
-                  image_folder: str | None, pool: ThreadPoolExecutor, skip_bad: bool):
+                  image_folder: str | None, pool: ThreadPoolExecutor, skip_bad: bool, allow_outside: bool = False):
     """The `datasets.map` function: decode + preprocess images in threads, score the good rows.
 
     On an accelerator the worker threads decode batch k+1 of the chunk while the model scores batch k, so the
@@ -130,9 +124,9 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
 
     def prepare(value):
         try:
-            image, mode = _open_image(value, image_folder)
+            image, mode = _open_image(value, image_folder, allow_outside)
             return scorer.preprocess_image(image), mode, ""
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             return None, "", str(error)
 
     def fn(batch: dict[str, list], indices: list[int], chunk_end: int) -> dict[str, list]:
@@ -168,6 +162,29 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
     return fn
 
 
+def _score_chunk(source, rows: range, fn, batch_size: int, features, cache_file: str | None, base: str, chunk: int,
+                 num_chunks: int):
+    """One chunk through `datasets.map`, cached; a cut-short cache file (a run killed while writing it) is named."""
+    import pyarrow
+
+    if cache_file is not None and os.path.isfile(cache_file):
+        try:
+            with pyarrow.memory_map(cache_file) as handle:
+                pyarrow.ipc.open_stream(handle).read_all()
+        except (pyarrow.ArrowInvalid, OSError) as error:
+            raise ValueError(
+                f"levels cache chunk {cache_file} is truncated or corrupt ({error}); delete that file (or the whole "
+                "cache folder) and rerun: only this chunk is scored again."
+            ) from None
+    # The dataset is selected by contiguous row range, so `with_indices` gives global row numbers.
+    return source.select(rows).map(
+        lambda batch, idx, start=rows.start, end=rows.stop: fn(batch, [start + i for i in idx], end),
+        batched=True, batch_size=batch_size, with_indices=True, remove_columns=source.column_names,
+        features=features, cache_file_name=cache_file, load_from_cache_file=cache_file is not None,
+        new_fingerprint=f"{base}{chunk:05d}", desc=f"alignment scores, chunk {chunk + 1}/{num_chunks}",
+    )
+
+
 def default_cache_dir(output: str | os.PathLike) -> Path:
     output = Path(output)
     return output.parent / f".{output.stem}.levels-cache"
@@ -177,7 +194,7 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
                 id_column: str | None = "id", image_folder: str | None = None, batch_size: int = 64,
                 num_workers: int | None = None, chunk_size: int = 10_000, cache_dir: str | os.PathLike | None = None,
                 skip_bad: bool = False, shard_index: int = 0, num_shards: int = 1, fingerprint: str | None = None,
-                progress: bool = True):
+                progress: bool = True, allow_outside_image_folder: bool = False):
     """Add `alignment_score` (raw cosine; NaN for skipped rows) plus bookkeeping columns to `dataset`.
 
     Rows are scored in chunks of `chunk_size`; with a `cache_dir` every finished chunk is an Arrow file
@@ -217,20 +234,14 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
         disable_progress_bar()
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            fn = _batch_scorer(scorer, source, image_column, text_column, id_column, image_folder, pool, skip_bad)
+            fn = _batch_scorer(scorer, source, image_column, text_column, id_column, image_folder, pool, skip_bad,
+                               allow_outside_image_folder)
             for chunk in mine:
                 rows = range(chunk * chunk_size, min(len(dataset), (chunk + 1) * chunk_size))
                 cache_file = None
                 if cache_dir is not None:
                     cache_file = str(Path(cache_dir) / f"scores-{base}-{chunk:05d}-of-{num_chunks:05d}.arrow")
-                # The dataset is selected by contiguous row range, so `with_indices` gives global row numbers.
-                part = source.select(rows).map(
-                    lambda batch, idx, start=rows.start, end=rows.stop: fn(batch, [start + i for i in idx], end),
-                    batched=True, batch_size=batch_size, with_indices=True, remove_columns=source.column_names,
-                    features=features, cache_file_name=cache_file, load_from_cache_file=cache_file is not None,
-                    new_fingerprint=f"{base}{chunk:05d}", desc=f"alignment scores, chunk {chunk + 1}/{num_chunks}",
-                )
-                parts.append(part)
+                parts.append(_score_chunk(source, rows, fn, batch_size, features, cache_file, base, chunk, num_chunks))
         if not parts:  # more shards than chunks: this process has nothing to do
             parts = [Dataset.from_dict({name: [] for name in _SCORE_FEATURES}, features=features)]
         selected = [r for c in mine for r in range(c * chunk_size, min(len(dataset), (c + 1) * chunk_size))]
@@ -244,19 +255,36 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
 # ----------------------------------------------------------------------------------------------- bucketing
 
 
-def assign_levels(scores, num_levels: int = 8, binning: str = "quantile") -> tuple[np.ndarray, np.ndarray]:
-    """Bucket scores into levels 0..N-1 (0 = lowest scores); return (levels, edges of length N+1).
+def tie_groups(sorted_scores: np.ndarray, tolerance: float) -> np.ndarray:
+    """Group id per sorted score: a group starts at a score and takes every following score within `tolerance` of
+    that first one (anchored, so a dense run of scores never chains into one huge group)."""
+    groups = np.empty(sorted_scores.size, dtype=np.int64)
+    group, anchor = -1, -np.inf
+    for position, score in enumerate(sorted_scores.tolist()):
+        if score - anchor > tolerance:
+            group, anchor = group + 1, score
+        groups[position] = group
+    return groups
 
-    `quantile`: rank by (score, original index) - ties broken by position, deterministic - and give rank r
-    the level floor(r * N / count), so level sizes differ by at most one; edges[k] is the lowest score of
-    level k (edges[N] the maximum). `uniform`: N equal-width bins between min and max score; a score equal
-    to an inner edge goes to the upper bin and the maximum to the top bin.
+
+def assign_levels(scores, num_levels: int = 8, binning: str = "quantile", tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+                  return_ties: bool = False):
+    """Bucket scores into levels 0..N-1 (0 = lowest scores); return (levels, edges of length N+1) [, ties].
+
+    Scores within `tie_tolerance` of each other are ties (float noise: the same pair scored in another batch) and
+    always share a level. `quantile`: rank by (score, original index) and give rank r the level
+    floor(r * N / count), a tie group taking the level of its middle rank, so level sizes differ by at most one plus
+    the size of a tie group; edges[k] is the lowest score of level k (edges[N] the maximum). `uniform`: N
+    equal-width bins between min and max score; a tie group takes the bin of its mean score. `ties` (with
+    `return_ties`) counts the tie groups that straddled a level boundary and were kept together.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if binning not in BINNINGS:
         raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
     if int(num_levels) != num_levels or num_levels < 2:
         raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
+    if not tie_tolerance >= 0:
+        raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance!r}")
     num_levels = int(num_levels)
     if scores.ndim != 1 or scores.size == 0:
         raise ValueError("no scores to bucket: the dataset is empty (or every record was skipped)")
@@ -265,20 +293,32 @@ def assign_levels(scores, num_levels: int = 8, binning: str = "quantile") -> tup
     if num_levels > scores.size:
         raise ValueError(f"num_levels={num_levels} is larger than the number of scored pairs ({scores.size}): "
                          "every level needs at least one pair; lower --num-levels or add data")
+    order = np.lexsort((np.arange(scores.size), scores))
+    sorted_scores = scores[order]
+    groups = tie_groups(sorted_scores, tie_tolerance)
+    starts = np.searchsorted(groups, groups, side="left")
+    ends = np.searchsorted(groups, groups, side="right") - 1
     if binning == "quantile":
-        order = np.lexsort((np.arange(scores.size), scores))
-        levels = np.empty(scores.size, dtype=np.int64)
-        levels[order] = np.arange(scores.size, dtype=np.int64) * num_levels // scores.size
-        sorted_scores = scores[order]
-        starts = np.searchsorted(levels[order], np.arange(num_levels), side="left")
-        edges = np.append(sorted_scores[starts], sorted_scores[-1])
-        return levels, edges
-    low, high = float(scores.min()), float(scores.max())
-    if high == low:
-        raise ValueError(f"all {scores.size} scores are equal ({low}); uniform bins are undefined, use quantile")
-    edges = np.linspace(low, high, num_levels + 1)
-    levels = np.searchsorted(edges[1:-1], scores, side="right").astype(np.int64)
-    return levels, edges
+        positional = np.arange(scores.size, dtype=np.int64) * num_levels // scores.size
+        sorted_levels = ((starts + ends) // 2) * num_levels // scores.size
+    else:
+        low, high = float(scores.min()), float(scores.max())
+        if high - low <= tie_tolerance:
+            raise ValueError(f"all {scores.size} scores are equal within tie_tolerance={tie_tolerance} ({low}..{high});"
+                             " uniform bins are undefined, use quantile")
+        edges = np.linspace(low, high, num_levels + 1)
+        positional = np.searchsorted(edges[1:-1], sorted_scores, side="right").astype(np.int64)
+        means = np.bincount(groups, weights=sorted_scores) / np.bincount(groups)
+        sorted_levels = np.searchsorted(edges[1:-1], means[groups], side="right").astype(np.int64)
+    levels = np.empty(scores.size, dtype=np.int64)
+    levels[order] = sorted_levels
+    if binning == "quantile":
+        level_starts = np.searchsorted(sorted_levels, np.arange(num_levels), side="left")
+        edges = np.append(sorted_scores[np.minimum(level_starts, scores.size - 1)], sorted_scores[-1])
+    split = np.unique(groups[positional != positional[starts]])
+    ties = {"tie_tolerance": float(tie_tolerance), "num_tie_groups_across_boundary": int(split.size),
+            "num_pairs_in_those_groups": int(np.isin(groups, split).sum())}
+    return (levels, edges, ties) if return_ties else (levels, edges)
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -314,12 +354,22 @@ def _load_input(input: Any, split: str | None):
     return pairs_from_llava_json(path)
 
 
-def _distributed_shard(num_shards: int | None, shard_index: int | None):
-    """Under `accelerate launch` (WORLD_SIZE > 1) shard by process; otherwise use the given options."""
-    if num_shards is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def _distributed_shard(num_shards: int | None, shard_index: int | None, device: str | None = None):
+    """Under `accelerate launch` (WORLD_SIZE > 1) shard by process; otherwise use the given options.
+
+    Without a GPU (or with `device="cpu"`) the processes join a gloo group: accelerate's GPU default would leave
+    each of them alone, every one scoring everything and writing OUTPUT.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if num_shards is None and world_size > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        cpu = device == "cpu" or (device is None and not torch.accelerator.is_available())
+        state = PartialState(cpu=cpu)
+        if state.num_processes != world_size:
+            raise RuntimeError(f"WORLD_SIZE={world_size} but accelerate formed a group of {state.num_processes} "
+                               f"(distributed type {state.distributed_type}); pass --device cpu, or split by hand "
+                               "with --num-shards/--shard-index")
         return state, state.num_processes, state.process_index, state.device
     return None, num_shards or 1, shard_index or 0, None
 
@@ -331,7 +381,9 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
                              num_workers: int | None = None, chunk_size: int = 10_000,
                              cache_dir: str | os.PathLike | None = None, num_shards: int | None = None,
                              shard_index: int | None = None, plot: bool = True, examples_per_level: int = 3,
-                             device: str | None = None, progress: bool = True) -> LevelsResult:
+                             device: str | None = None, progress: bool = True,
+                             tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+                             allow_outside_image_folder: bool = False) -> LevelsResult:
     """Score, bucket and write: OUTPUT JSON (LLaVA records with `similarity` = level) + report + plot.
 
     `input` is a LLaVA JSON path, a `save_to_disk` folder or a `datasets.Dataset` (image + text columns).
@@ -358,12 +410,12 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
     if num_levels > len(dataset):
         raise ValueError(f"num_levels={num_levels} is larger than the number of pairs ({len(dataset)}); "
                          "lower --num-levels or add data")
-    state, num_shards, shard_index, state_device = _distributed_shard(num_shards, shard_index)
+    state, num_shards, shard_index, state_device = _distributed_shard(num_shards, shard_index, device)
     scorer = load_scorer(scorer, device=device or state_device)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(output)
     options = dict(image_column=image_column, text_column=text_column, id_column=id_column, image_folder=image_folder,
                    batch_size=batch_size, num_workers=num_workers, chunk_size=chunk_size, cache_dir=cache_dir,
-                   skip_bad=skip_bad, progress=progress)
+                   skip_bad=skip_bad, progress=progress, allow_outside_image_folder=allow_outside_image_folder)
     start = time.perf_counter()
     scored = score_pairs(dataset, scorer, shard_index=shard_index, num_shards=num_shards, **options)
     if num_shards > 1:
@@ -376,7 +428,7 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
         scored = score_pairs(dataset, scorer, **options)  # every chunk is cached now: this only merges
     seconds = time.perf_counter() - start
     return _finish(scored, records, output, scorer, num_levels, binning, skip_bad, id_column, text_column,
-                   image_column, plot, examples_per_level, seconds, levels_report)
+                   image_column, plot, examples_per_level, seconds, levels_report, tie_tolerance)
 
 
 def _first_error(scored, id_column: str | None) -> ValueError:
@@ -389,7 +441,8 @@ def _first_error(scored, id_column: str | None) -> ValueError:
 
 
 def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, skip_bad, id_column, text_column,
-            image_column, plot, examples_per_level, seconds, levels_report) -> LevelsResult:
+            image_column, plot, examples_per_level, seconds, levels_report,
+            tie_tolerance: float = DEFAULT_TIE_TOLERANCE) -> LevelsResult:
     """Bucket the good rows, write OUTPUT JSON (+ dataset), report JSON/markdown and the plot."""
     errors = scored["alignment_error"]
     good = [i for i, error in enumerate(errors) if not error]
@@ -398,7 +451,7 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
     if not good:
         raise ValueError(f"every one of the {len(errors)} records was skipped; see the reasons with --skip-bad")
     kept = scored.select(good)
-    levels, edges = assign_levels(kept["alignment_score"], num_levels, binning)
+    levels, edges, ties = assign_levels(kept["alignment_score"], num_levels, binning, tie_tolerance, return_ties=True)
     kept = kept.add_column("alignment_level", levels.tolist())
     scores = np.asarray(kept["alignment_score"])
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +474,7 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
         scores=scores, levels=levels, edges=edges, num_levels=num_levels, binning=binning, scorer=scorer.name,
         captions=kept[text_column], ids=ids, errors=errors, modes=scored["alignment_image_mode"],
         truncated=scored["alignment_truncated"], max_length=scorer.max_length, seconds=seconds,
-        examples_per_level=examples_per_level)
+        examples_per_level=examples_per_level, ties=ties)
     files.update(levels_report.write_report(report, output, plot=plot, scores=scores, edges=edges, extra_files=files))
     return LevelsResult(output=output, report=report, dataset=kept, files=files)
 
@@ -439,7 +492,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--binning", choices=BINNINGS, default="quantile",
                         help="quantile: equal-count levels by rank (default); uniform: equal-width score bins")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad records; they are counted in the report")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="image-caption pairs scored per forward pass")
     parser.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default min(8, CPUs))")
     parser.add_argument("--chunk-size", type=int, default=10_000, help="rows per cached chunk (resume granularity)")
     parser.add_argument("--cache-dir", default=None, help="score cache (default: .<output stem>.levels-cache/ next to OUTPUT); delete it after "
@@ -451,6 +504,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-shards", type=int, default=None,
                         help="score only every K-th chunk (set automatically under `accelerate launch`)")
     parser.add_argument("--shard-index", type=int, default=None, help="which of the --num-shards this process runs")
+    parser.add_argument("--tie-tolerance", type=float, default=DEFAULT_TIE_TOLERANCE,
+                        help="scores closer than this are ties and share a level (raise to 1e-3 for bf16 scoring)")
+    parser.add_argument("--allow-outside-image-folder", action="store_true",
+                        help="read `image` paths that resolve outside --image-folder (refused by default)")
     parser.add_argument("--device", default=None, help="default: cuda (bf16) when available, else cpu (fp32)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG histogram (no matplotlib needed)")
 
@@ -461,7 +518,8 @@ def run_cli(args: argparse.Namespace) -> int:
         binning=args.binning, skip_bad=args.skip_bad, image_column=args.image_column, text_column=args.text_column,
         id_column=args.id_column, split=args.split, batch_size=args.batch_size, num_workers=args.num_workers,
         chunk_size=args.chunk_size, cache_dir=args.cache_dir, num_shards=args.num_shards,
-        shard_index=args.shard_index, plot=not args.no_plot, device=args.device)
+        shard_index=args.shard_index, plot=not args.no_plot, device=args.device, tie_tolerance=args.tie_tolerance,
+        allow_outside_image_folder=args.allow_outside_image_folder)
     if not result.complete:
         if result.report:
             print(f"shard {result.report['shard_index']}/{result.report['num_shards']} scored "

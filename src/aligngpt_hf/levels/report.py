@@ -33,7 +33,7 @@ def require_matplotlib():
 
 
 def build_report(*, scores, levels, edges, num_levels, binning, scorer, captions, ids, errors, modes, truncated,
-                 max_length, seconds, examples_per_level=3) -> dict:
+                 max_length, seconds, examples_per_level=3, ties: dict | None = None) -> dict:
     """Counts and ranges per level plus the skipped/converted/truncated bookkeeping over all input rows."""
     scores, levels = np.asarray(scores, dtype=np.float64), np.asarray(levels)
     per_level = []
@@ -76,6 +76,7 @@ def build_report(*, scores, levels, edges, num_levels, binning, scorer, captions
         "score_median": float(np.median(scores)),
         "score_max": float(scores.max()),
         "levels": per_level,
+        "ties": ties or {},
         "seconds": seconds,
         "pairs_per_second": len(errors) / seconds if seconds > 0 else None,
     }
@@ -92,7 +93,8 @@ def report_markdown(report: dict) -> str:
         + (f" (e.g. {', '.join(map(str, report['truncated_ids'][:5]))})" if report["truncated_ids"] else ""),
         f"* scores: min {report['score_min']:.4f}, median {report['score_median']:.4f}, "
         f"mean {report['score_mean']:.4f}, max {report['score_max']:.4f}",
-        f"* edges: {', '.join(f'{e:.4f}' for e in report['edges'])}", "",
+        f"* edges: {', '.join(f'{e:.4f}' for e in report['edges'])}",
+        *_ties_line(report.get("ties") or {}), "",
         "| level | count | min score | max score | examples |", "|---|---|---|---|---|",
     ]
     for level in report["levels"]:
@@ -104,6 +106,13 @@ def report_markdown(report: dict) -> str:
         lines += ["", "## Skipped records", ""]
         lines += [f"* `{s['id']}` (row {s['row']}): {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def _ties_line(ties: dict) -> list[str]:
+    if not ties:
+        return []
+    return [f"* ties (scores within {ties['tie_tolerance']:g}) kept in one level across a boundary: "
+            f"{ties['num_tie_groups_across_boundary']} group(s), {ties['num_pairs_in_those_groups']} pair(s)"]
 
 
 def _short(text: str, width: int = 70) -> str:

@@ -156,6 +156,46 @@ class AlignGPTConfig(PreTrainedConfig):
             raise ValueError(
                 f"`image_token_id` and `alignment_token_id` must differ, both are {self.image_token_id}."
             )
+        self._check_sizes()
+
+    def _check_sizes(self):
+        """Sizes must be positive integers and `vision_feature_layer` must index the tower's hidden states."""
+        sizes = ["gate_hidden_size", "abstractor_num_queries", "abstractor_num_layers", "abstractor_num_heads",
+                 "abstractor_intermediate_size"] + (["image_seq_length"] if self.image_seq_length is not None else [])
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        layers = getattr(self.vision_config, "num_hidden_layers", None)
+        layer = self.vision_feature_layer
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"`vision_feature_layer` must be an integer (e.g. -2), got {layer!r}.")
+        if layers is not None and not -(layers + 1) <= layer <= layers:
+            raise ValueError(
+                f"`vision_feature_layer={layer}` is outside the vision tower's {layers + 1} hidden states "
+                f"(embeddings + {layers} layers): use a value in {-(layers + 1)}..{layers} (AlignGPT uses -2)."
+            )
+
+    def check_token_ids(self, vocab_size: int | None = None):
+        """Called when a model is built: `<image>`/`<align>` ids inside the vocabulary and distinct from BOS/EOS/PAD
+        (a config alone may precede the tokenizer resize, so this is not checked at config creation)."""
+        vocab_size = vocab_size or self.text_config.vocab_size
+        text = self.text_config
+        specials = {name: getattr(text, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        for name in ("image_token_id", "alignment_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+                raise ValueError(
+                    f"`{name}={value!r}` is outside the language model's vocabulary (0..{vocab_size - 1}). Add the "
+                    "token to the tokenizer, resize `text_config.vocab_size`, and set the id the tokenizer gives."
+                )
+            for special, special_id in specials.items():
+                ids = special_id if isinstance(special_id, (list, tuple)) else [special_id]
+                if value in ids:
+                    raise ValueError(
+                        f"`{name}={value}` is also the text model's `{special}`; `<image>`/`<align>` need their own "
+                        "tokens (tokenizer.add_special_tokens) so they never collide with BOS/EOS/padding."
+                    )
 
     def _resolve_image_seq_length(self, given: int | None) -> int:
         """Tokens per image in the LLM sequence: the gate's input width."""

@@ -8,10 +8,13 @@ forward, so a GPU step waits on the host no more often than transformers' LLaVA.
 import torch
 
 
-def check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor) -> None:
+def check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor, input_ids=None, vocab_size=None) -> None:
     """Image-free input (text-only batches, every decoding step): one host sync, details only on failure."""
-    if not (image_mask | align_mask).any():
+    bad_ids = out_of_vocabulary(input_ids, vocab_size)
+    if not (image_mask | align_mask | bad_ids).any():
         return
+    if bad_ids.any():
+        raise_out_of_vocabulary(input_ids, vocab_size)
     if image_mask.any():
         rows = image_mask.any(-1).nonzero().flatten().tolist()
         raise ValueError(f"Samples {rows} contain `<image>` tokens but no `pixel_values` were given.")
@@ -22,8 +25,10 @@ def check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor) ->
         )
 
 
-def check_placeholders(image_tokens_per_row, align_per_row, feature_shape, expects_align, levels, num_levels) -> None:
-    """Check `<image>`/`<align>` counts per sample (and levels) against the features, loudly and naming samples.
+def check_placeholders(image_tokens_per_row, align_per_row, feature_shape, expects_align, levels, num_levels,
+                       input_ids=None, vocab_size=None) -> None:
+    """Check `<image>`/`<align>` counts per sample (and levels, and token ids) against the features, loudly and
+    naming samples.
 
     One device-to-host copy of the per-sample counts (the forward's only one); the messages are built from it.
     """
@@ -31,8 +36,14 @@ def check_placeholders(image_tokens_per_row, align_per_row, feature_shape, expec
     batch_size = image_tokens_per_row.shape[0]
     if levels is not None and levels.numel() != batch_size:
         raise ValueError(f"`alignment_levels` has {levels.numel()} entries for a batch of {batch_size} samples.")
+    bad_per_row = None  # the total, broadcast: packed rows count per sample, the failure message recounts per row
+    if input_ids is not None:
+        bad_per_row = out_of_vocabulary(input_ids, vocab_size).sum().expand_as(image_tokens_per_row)
     rows = [image_tokens_per_row, align_per_row] + ([levels] if levels is not None else [])
+    rows += [bad_per_row.to(image_tokens_per_row.dtype)] if bad_per_row is not None else []
     tokens_per_row, align_per_row, *level_list = torch.stack(rows).tolist()
+    if bad_per_row is not None and any(level_list.pop()):
+        raise_out_of_vocabulary(input_ids, vocab_size)
     _check_image_tokens(tokens_per_row, num_images, tokens_per_image)
     if not expects_align and any(align_per_row):
         raise ValueError(
@@ -75,3 +86,59 @@ def _check_alignment_tokens(align_per_row: list, rows_with_image: list) -> None:
         else:
             reason = f"has {count} `<align>` tokens; exactly one is expected"
         raise ValueError(f"Sample {index} {reason}.")
+
+
+def check_model_inputs(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels) -> None:
+    """Shapes and dtypes, without a host sync (the token-id range rides on the placeholder check's one copy)."""
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if attention_mask is not None and tokens is not None and attention_mask.dim() == 2:
+        if attention_mask.shape[0] != tokens.shape[0] or attention_mask.shape[1] < tokens.shape[1]:
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input ids have "
+                f"{tuple(tokens.shape[:2])} (batch, sequence): the batch sizes must match and the mask must cover "
+                "every token (plus the cached ones). Build both with the same processor call."
+            )
+    if pixel_values is not None and pixel_values.dim() < 4:
+        raise ValueError(
+            f"`pixel_values` has shape {tuple(pixel_values.shape)}; expected (num_images, channels, height, width). "
+            "Add the batch dimension (`pixel_values.unsqueeze(0)`) or build inputs with the processor."
+        )
+    if alignment_levels is not None:
+        levels = torch.as_tensor(alignment_levels)
+        if levels.is_floating_point() or levels.dtype == torch.bool:
+            raise TypeError(
+                f"`alignment_levels` must be integers (level 0..N-1), got {levels.dtype} values "
+                f"{levels.flatten()[:8].tolist()}; levels are never rounded or truncated."
+            )
+
+
+def out_of_vocabulary(input_ids, vocab_size) -> torch.Tensor:
+    """Mask of token ids outside the embedding table (all False when not checked); no host sync."""
+    if input_ids is None or vocab_size is None:
+        return torch.zeros((), dtype=torch.bool)
+    return (input_ids < 0) | (input_ids >= vocab_size)
+
+
+def safe_token_ids(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Ids clamped into the table for the embedding lookup only, so an out-of-range id reaches the placeholder check
+    (which names it) instead of a CUDA device-side assert. Decoding steps (one token, from the model) pass as is."""
+    return input_ids.clamp(0, vocab_size - 1) if input_ids.shape[-1] > 1 else input_ids
+
+
+def raise_out_of_vocabulary(input_ids, vocab_size) -> None:
+    bad = input_ids[out_of_vocabulary(input_ids, vocab_size)]
+    rows = out_of_vocabulary(input_ids, vocab_size).any(-1).nonzero().flatten().tolist()
+    raise ValueError(
+        f"Samples {rows} hold token id(s) {sorted(set(bad.tolist()))[:5]}, outside the embedding table "
+        f"(0..{vocab_size - 1}). Tokenize with the model's own processor; after adding tokens, call "
+        "`model.resize_token_embeddings(len(tokenizer))`."
+    )
+
+
+def check_labels(labels: torch.Tensor) -> None:
+    """All labels -100 after the causal shift: the mean loss is 0/0 = NaN. A clear error, as the collator gives."""
+    if labels.numel() and not (labels[..., 1:] != -100).any():
+        raise ValueError(
+            "Every label of this batch is -100 (after the one-token shift): nothing would be learned and the loss "
+            "would be NaN. Each sample needs supervised tokens (an assistant answer, or a caption in stage 1)."
+        )

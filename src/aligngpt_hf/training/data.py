@@ -17,6 +17,8 @@ import torch
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from aligngpt_hf.models.image_processing_utils_aligngpt import check_conversation, load_image, resolve_image_path
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
 LEVEL_COLUMN = "alignment_level"
@@ -40,13 +42,16 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, check_images: bool = True):
+def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, check_images: bool = True,
+                    allow_outside_image_folder: bool = False, num_alignment_levels: int | None = None):
     """Load a LLaVA-format JSON/JSONL file as a `datasets.Dataset` in TRL's vision format, images decoded lazily.
 
     Columns: `id`, `images` (a `List(Image())` feature holding paths; files are opened on row access), `messages`
     (`<image>` placeholders become `{"type": "image"}` parts at the front of their turn) and, when the file has the
     `similarity` field (the integer level 0..N-1 of the AlignGPT pre-training JSON), `alignment_level`.
-    `image_folder` defaults to the JSON's folder. With `check_images`, missing image files raise here, not mid-run.
+    `image_folder` defaults to the JSON's folder; an `image` path that resolves outside it (`../x.png`, an absolute
+    path) is refused unless `allow_outside_image_folder=True`. With `check_images`, missing image files raise here,
+    not mid-run; with `num_alignment_levels`, levels outside 0..N-1 too. Every error names the file and the record.
 
     Example:
 
@@ -61,9 +66,13 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
     path = Path(path)
     records = _read_records(path)
     folder = Path(image_folder) if image_folder is not None else path.parent
-    rows = [_convert_record(record, index, folder) for index, record in enumerate(records)]
+    rows = [
+        _convert_record(record, index, folder, path, allow_outside_image_folder, num_alignment_levels)
+        for index, record in enumerate(records)
+    ]
+    _check_supervised(rows, path)
     if check_images:
-        _check_image_files(rows)
+        _check_image_files(rows, path)
     has_level = any(row[LEVEL_COLUMN] is not None for row in rows)
     features = datasets.Features(
         {
@@ -85,31 +94,68 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
 
 
 def _read_records(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    """JSON list or JSONL -> records; errors name the file and the line (JSONL) or line:column (JSON)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such LLaVA JSON/JSONL file.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte {error.start}); re-save the file as UTF-8.") from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty: it holds no LLaVA records.")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    records = json.loads(text)
-    if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a JSON list of LLaVA records, got {type(records).__name__}.")
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}).") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}). A file with one record per line "
+                "must be named *.jsonl."
+            ) from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path} must hold a JSON list of LLaVA records, got {type(records).__name__}.")
+    if not records:
+        raise ValueError(f"{path} holds no records (an empty list): there is nothing to train on.")
     return records
 
 
-def _convert_record(record: dict, index: int, folder: Path) -> dict:
-    """One LLaVA record -> one TRL vision row; errors name the record."""
+def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_outside: bool = False,
+                    num_levels: int | None = None) -> dict:
+    """One LLaVA record -> one TRL vision row; errors name the file, the record and the field."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: record #{index} is a {type(record).__name__}, not a JSON object.")
     name = str(record.get("id", index))
+    where = f"{path}: record {name!r} (#{index})"
     images = record.get("image") or []
-    images = [images] if isinstance(images, str) else list(images)
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+        raise ValueError(f"{where} has `image`={record.get('image')!r}; expected a path or a list of paths.")
     turns = record.get("conversations")
     if not turns:
-        raise ValueError(f"Record {name!r} (#{index}) has no `conversations`.")
+        raise ValueError(f"{where} has no `conversations`.")
+    if not isinstance(turns, list):
+        raise ValueError(f"{where} has `conversations` of type {type(turns).__name__}; expected a list of turns "
+                         '({"from": "human"|"gpt", "value": ...}).')
     messages, placeholders = [], 0
-    for turn in turns:
+    for turn_index, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where}: `conversations[{turn_index}]` is a {type(turn).__name__}, not an object.")
         role = ROLES.get(turn.get("from"))
         if role is None:
-            raise ValueError(
-                f"Record {name!r} (#{index}) has a turn from {turn.get('from')!r}; expected one of {sorted(ROLES)}."
-            )
-        value = turn.get("value") or ""
+            raise ValueError(f"{where} has a turn from {turn.get('from')!r}; expected one of {sorted(ROLES)}.")
+        value = turn.get("value")
+        value = "" if value is None else value
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: `conversations[{turn_index}].value` is {value!r}; expected a string.")
         count = value.count(IMAGE_PLACEHOLDER)
         placeholders += count
         text = value.replace(IMAGE_PLACEHOLDER, "").strip("\n") if count else value
@@ -121,47 +167,58 @@ def _convert_record(record: dict, index: int, folder: Path) -> dict:
             first_user["content"] = [{"type": "image", "text": None}] * len(images) + first_user["content"]
             placeholders = len(images)
     if placeholders != len(images):
-        raise ValueError(
-            f"Record {name!r} (#{index}) has {placeholders} `<image>` placeholder(s) for {len(images)} image(s)."
-        )
-    level = record.get("similarity")
-    if level is not None and (isinstance(level, bool) or not float(level).is_integer()):
-        raise ValueError(
-            f"Record {name!r} (#{index}) has `similarity`={level!r}; AlignGPT's pre-training JSON stores the integer "
-            "alignment level there. Compute levels with `aligngpt-hf levels`."
-        )
+        raise ValueError(f"{where} has {placeholders} `<image>` placeholder(s) for {len(images)} image(s).")
     return {
         "id": name,
-        "images": [str(folder / image) for image in images],
+        "images": [resolve_image_path(image, folder, allow_outside, f"{where} `image`") for image in images],
         "messages": messages,
-        LEVEL_COLUMN: None if level is None else int(level),
+        LEVEL_COLUMN: _record_level(record.get("similarity"), where, num_levels),
     }
 
 
-def _check_image_files(rows: list[dict]) -> None:
+def _record_level(level, where: str, num_levels: int | None) -> int | None:
+    """The `similarity` field: an integer level; floats, strings and negative or too-large values are refused."""
+    if level is None:
+        return None
+    integral = isinstance(level, int) or (isinstance(level, float) and level.is_integer())
+    if isinstance(level, bool) or not integral:
+        raise ValueError(
+            f"{where} has `similarity`={level!r}; AlignGPT's pre-training JSON stores the integer alignment level "
+            "there (never rounded). Compute levels with `aligngpt-hf levels`."
+        )
+    if level < 0 or (num_levels is not None and level >= num_levels):
+        top = "N-1" if num_levels is None else num_levels - 1
+        raise ValueError(
+            f"{where} has `similarity`={level!r}, outside the levels 0..{top}. Recompute levels with "
+            f"`aligngpt-hf levels --num-levels N` for the model's N."
+        )
+    return int(level)
+
+
+def _check_supervised(rows: list[dict], path: Path) -> None:
+    """A record without an assistant turn would train on zero tokens: refuse them all at once, listed."""
+    empty = [row["id"] for row in rows if not any(m["role"] == "assistant" for m in row["messages"])]
+    if empty:
+        raise ValueError(
+            f"{path}: {len(empty)} record(s) have no assistant (`gpt`) turn and would train on nothing (first: "
+            f"{', '.join(map(repr, empty[:5]))}). Add the answer or caption, or remove them."
+        )
+
+
+def _check_image_files(rows: list[dict], path: Path | None = None) -> None:
     missing = [(row["id"], image) for row in rows for image in row["images"] if not os.path.isfile(image)]
     if missing:
         shown = ", ".join(f"{name!r}: {image}" for name, image in missing[:3])
         raise FileNotFoundError(
-            f"{len(missing)} image file(s) not found (first: {shown}). Check `image_folder`, or pass "
-            "`check_images=False` to defer the error to the first access."
+            f"{path or 'dataset'}: {len(missing)} image file(s) not found (first: {shown}). Check `image_folder`, or "
+            "pass `check_images=False` to defer the error to the first access."
         )
 
 
-def open_image(image: Any):
-    """A path (or `{"path": ...}` from an undecoded Image feature) -> RGB PIL image; PIL images pass through."""
-    from PIL import Image
-
-    if isinstance(image, dict):
-        image = image.get("path") or image.get("bytes")
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    if isinstance(image, bytes):
-        import io
-
-        return Image.open(io.BytesIO(image)).convert("RGB")
-    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+def open_image(image: Any, where: str = "image"):
+    """A path, bytes, `{"path"|"bytes": ...}` (an undecoded Image feature) or PIL image -> RGB PIL image, through the
+    package's one loader (transparency on white, 16-bit scaled), so training sees what the processor sees."""
+    return load_image(image, where)
 
 
 def as_messages_example(example: dict) -> dict:
@@ -178,7 +235,8 @@ def as_messages_example(example: dict) -> dict:
                 f"AlignGPT trainers take conversational rows (`messages`, or `prompt` + `completion` lists of "
                 f"messages) with `images`; got keys {sorted(example)}. Convert LLaVA JSON with `load_llava_json`."
             )
-    example["images"] = [open_image(image) for image in example.get("images") or []]
+    name = f"sample {example['id']!r}" if example.get("id") is not None else "sample"
+    example["images"] = [open_image(image, f"{name} image {i}") for i, image in enumerate(example.get("images") or [])]
     return example
 
 
@@ -212,9 +270,15 @@ class AlignGPTDataCollator(DataCollatorForVisionLanguageModeling):
 
     level_column: str | None = None
     gate_text_mask: bool = False
+    num_alignment_levels: int | None = None
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         examples = [as_messages_example(example) for example in examples]
+        for index, example in enumerate(examples):
+            try:
+                check_conversation(example["messages"])
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"Sample {sample_name(example, index)}: {error}") from None
         messages = [prepare_multimodal_messages(ex["messages"], images=ex["images"]) for ex in examples]
         output = self.processor.apply_chat_template(
             messages,
@@ -260,12 +324,18 @@ class AlignGPTDataCollator(DataCollatorForVisionLanguageModeling):
             labels[torch.as_tensor(assistant_masks) == 0] = -100
         for token_id in (self.processor.image_token_id, self.processor.alignment_token_id):
             labels[input_ids == token_id] = -100
-        if not (labels != -100).any():
+        empty = [index for index, row in enumerate((labels[:, 1:] != -100).any(-1).tolist()) if not row]
+        if len(empty) == len(examples):
             names = ", ".join(sample_name(example, index) for index, example in enumerate(examples))
             raise ValueError(
                 f"Every label of this batch is -100 (samples {names}): nothing would be learned and the loss would "
                 "be a silent 0. Each sample needs an assistant turn (a caption in stage 1) that the chat template "
                 "marks with {% generation %}."
+            )
+        if empty:
+            raise ValueError(
+                f"Sample {sample_name(examples[empty[0]], empty[0])} has no supervised token (no assistant turn, or "
+                "an empty one) and would train on nothing. Add the answer (a caption in stage 1) or remove the sample."
             )
         return labels
 
@@ -280,8 +350,20 @@ class AlignGPTDataCollator(DataCollatorForVisionLanguageModeling):
                     "each pair's alignment level to the model. Add levels with `aligngpt-hf levels` (LLaVA JSON "
                     "field `similarity`)."
                 )
-            levels.append(0 if level is None else int(level))
+            levels.append(0 if level is None else self._check_level(level, example, index))
         return torch.tensor(levels, dtype=torch.long)
+
+    def _check_level(self, level, example: dict, index: int) -> int:
+        """An integer in 0..N-1, checked here so the error names the record, not a batch position mid-training."""
+        integral = isinstance(level, int) or (isinstance(level, float) and level.is_integer())
+        top = self.num_alignment_levels
+        if isinstance(level, bool) or not integral or level < 0 or (top is not None and level >= top):
+            allowed = f"0..{top - 1}" if top is not None else "an integer >= 0"
+            raise ValueError(
+                f"Sample {sample_name(example, index)} has `{self.level_column}`={level!r}; levels must be integers "
+                f"in {allowed} (never rounded). Recompute them with `aligngpt-hf levels`."
+            )
+        return int(level)
 
 
 def undecoded(dataset):

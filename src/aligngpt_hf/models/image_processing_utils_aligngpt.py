@@ -1,0 +1,201 @@
+# Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
+"""The one image-loading path of AlignGPT (processor, training data, levels, answer) and the input-message checks.
+
+Remote-code file (copied next to the weights with `processing_aligngpt.py`): it imports only transformers and the
+standard library. Why one path: the same picture must become the same pixels in training, level scoring and
+evaluation. Every mode becomes RGB the same way: transparency is composited on WHITE (as transformers'
+`convert_to_rgb` does), 16-bit and 32-bit integer greyscale is scaled to 8 bits (not clipped), float greyscale in
+0..1 is scaled by 255. Empty (0x0) images and objects that are not images are refused, naming the input.
+"""
+
+import io
+import os
+from pathlib import Path
+
+from transformers.image_utils import PIL
+
+ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = ("image", "text")
+_ARRAY_TYPES = ("ndarray", "Tensor")  # numpy / torch images pass through to the image processor unchanged
+
+
+def resolve_image_path(value, image_folder=None, allow_outside: bool = False, where: str = "image") -> str:
+    """`value` joined to `image_folder`; a path that resolves outside the folder is refused unless `allow_outside`.
+
+    Why: LLaVA JSON files come from strangers; `../../etc/x` or `/home/me/private.png` must not be read silently.
+    """
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise TypeError(f"{where}: expected an image path (string), got {type(value).__name__} {value!r}.")
+    if image_folder is None:
+        return str(value)
+    folder = Path(image_folder).resolve()
+    path = (folder / value).resolve()
+    if not allow_outside and path != folder and folder not in path.parents:
+        raise ValueError(
+            f"{where}: image path {str(value)!r} resolves to {path}, outside the image folder {folder}. Move the file "
+            "into the folder, or allow paths outside it explicitly with `allow_outside_image_folder=True` "
+            "(CLI: --allow-outside-image-folder)."
+        )
+    return str(path)
+
+
+def to_rgb(image, where: str = "image"):
+    """A PIL image of any mode -> RGB; transparency on white, 16/32-bit integer and float greyscale rescaled."""
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"{where} is empty ({image.width}x{image.height} pixels); give an image with pixels.")
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        image = image.convert("I") if mode != "I" else image
+        high = image.getextrema()[1]
+        scale = 1 / 257 if mode.startswith("I;16") or high > 255 else 1.0
+        if mode == "I" and high > 65535:
+            scale = 255 / high
+        return image.point(lambda value: value * scale).convert("L").convert("RGB")
+    if mode == "F":
+        high = image.getextrema()[1]
+        return image.point(lambda value: value * (255.0 if high <= 1.0 else 1.0)).convert("L").convert("RGB")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(image, where: str = "image", image_folder=None, allow_outside: bool = False):
+    """A path, bytes, `{"path"|"bytes": ...}` (an undecoded `datasets.Image`) or PIL image -> RGB PIL image.
+
+    Errors name `where` (the record, sample or question) and say what to do.
+    """
+    if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, PIL.Image.Image):
+        return to_rgb(image, where)
+    if isinstance(image, (bytes, bytearray)):
+        source, name = io.BytesIO(image), "the given bytes"
+    elif isinstance(image, (str, os.PathLike)):
+        source = name = resolve_image_path(image, image_folder, allow_outside, where)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{where}: image file {name} not found. Check the path and the image folder.")
+    else:
+        raise TypeError(
+            f"{where} is a {type(image).__name__}, not an image: pass a PIL image, a path, bytes, or a numpy/torch "
+            "array (H, W, C or C, H, W)."
+        )
+    try:
+        with PIL.Image.open(source) as opened:
+            opened.load()
+            return to_rgb(opened, where)
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(
+            f"{where}: {name} is not a readable image ({type(error).__name__}: {error}). Replace or re-download it."
+        ) from None
+
+
+def load_images(images):
+    """The processor's `images` (one image, a flat list, or one list per sample) with every item loaded to RGB.
+
+    Arrays and tensors pass through unchanged (the image processor checks them); the nesting is kept.
+    """
+    if images is None:
+        return None
+    if not isinstance(images, (list, tuple)):
+        return _load_one(images, "images")
+    loaded = []
+    for index, item in enumerate(images):
+        if isinstance(item, (list, tuple)):
+            loaded.append([_load_one(inner, f"images[{index}][{j}]") for j, inner in enumerate(item)])
+        else:
+            loaded.append(_load_one(item, f"images[{index}]"))
+    return loaded
+
+
+def _load_one(image, where: str):
+    if type(image).__name__ in _ARRAY_TYPES:
+        if 0 in tuple(image.shape):
+            raise ValueError(f"{where} is empty (shape {tuple(image.shape)}); give an image with pixels.")
+        return image
+    return load_image(image, where)
+
+
+def check_conversation(conversation) -> None:
+    """Refuse messages the chat templates would render wrong or drop: unknown roles, unknown content types, content
+    that is neither a string nor a list of parts. Accepts one conversation or a batch (list of conversations)."""
+    batch = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+    for sample, messages in enumerate(batch):
+        prefix = f"conversation {sample}, " if len(batch) > 1 else ""
+        for index, message in enumerate(messages):
+            where = f"{prefix}message {index}"
+            if not isinstance(message, dict):
+                raise TypeError(f"{where} is a {type(message).__name__}; expected {{'role': ..., 'content': ...}}.")
+            role = message.get("role")
+            if role not in ROLES:
+                raise ValueError(f"{where} has role {role!r}; AlignGPT's chat template knows only {list(ROLES)}.")
+            if role == "system" and index > 0:
+                raise ValueError(f"{where} is a `system` message; only the first message may be one.")
+            _check_content(message.get("content"), where)
+
+
+def _check_content(content, where: str) -> None:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, (list, tuple)):
+        raise TypeError(
+            f"{where} has content of type {type(content).__name__}; give a string or a list of parts like "
+            "[{'type': 'image'}, {'type': 'text', 'text': ...}]."
+        )
+    for part_index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in CONTENT_TYPES:
+            raise ValueError(
+                f"{where}, content part {part_index} has type {kind!r}; accepted types: {list(CONTENT_TYPES)} "
+                "(an image part is {'type': 'image'} plus the image in `images`)."
+            )
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise TypeError(f"{where}, content part {part_index} is a text part whose `text` is not a string.")
+
+
+def call_with_truncation_check(call, processor, images, text, kwargs: dict):
+    """Run the processor's tokenization; with truncation, refuse a sample that lost image tokens or `<align>` (left
+    truncation cuts BOS/`<align>`, right truncation image tokens), naming it and the length it needs."""
+    text_kwargs = kwargs.get("text_kwargs") or {}
+    if text is None or not (kwargs.get("truncation") or text_kwargs.get("truncation")):
+        return call(images=images, text=text, **kwargs)
+    texts = [text] if isinstance(text, str) else list(text)
+    try:
+        outputs = call(images=images, text=text, **kwargs)
+    except ValueError as error:
+        if "token count" not in str(error):  # transformers' own check of cut image tokens, without the sample
+            raise
+        outputs = None
+    cut = _cut_samples(outputs["input_ids"], texts, processor) if outputs is not None else None
+    if cut == []:
+        return outputs
+    untruncated = {key: value for key, value in kwargs.items() if key not in ("truncation", "max_length")}
+    if text_kwargs:
+        untruncated["text_kwargs"] = {k: v for k, v in text_kwargs.items() if k not in ("truncation", "max_length")}
+    lengths = [len(ids) for ids in call(images=images, text=text, **untruncated)["input_ids"]]
+    max_length = kwargs.get("max_length", text_kwargs.get("max_length"))
+    index = cut[0] if cut else next(i for i, n in enumerate(lengths) if max_length is None or n > max_length)
+    side = getattr(processor.tokenizer, "truncation_side", "right")
+    raise ValueError(
+        f"Sample {index} needs {lengths[index]} tokens (its image tokens and `<align>` included) but truncating it to "
+        f"max_length={max_length} ({side} side) would cut its image placeholders or BOS/`<align>`. Raise "
+        "`max_length` or pass `truncation=False`: image and alignment tokens are never cut."
+    )
+
+
+def _cut_samples(input_ids, texts, processor) -> list:
+    """Indices of samples whose image tokens or `<align>` did not survive tokenization."""
+    rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
+    cut = []
+    for index, (row, text) in enumerate(zip(rows, texts)):
+        wanted = text.count(processor.image_token) * processor.image_seq_length
+        got = sum(1 for token in row if token == processor.image_token_id)
+        if got != wanted or (wanted and processor.add_alignment_token and processor.alignment_token_id not in row):
+            cut.append(index)
+    return cut
+
+
+__all__ = ["call_with_truncation_check", "check_conversation", "load_image", "load_images", "resolve_image_path", "to_rgb"]
