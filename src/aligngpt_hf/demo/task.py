@@ -3,6 +3,9 @@
 Everything is generated from a seed (no files ship with the package). A scene has a colour, a shape, a size, a side
 and a count; a caption names all five, and a corrupted caption changes k of them, so a pair's true alignment is
 "5 - k attributes right" — what the CLIP scores and the levels should recover.
+
+Held-out sets are balanced by construction (every answer value equally often, half of the caption checks true), and
+chance is still measured on them, as the accuracy of the best constant answer.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ SIDES = ("left", "right")
 COUNTS = ("one", "two", "three")
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "side": SIDES, "count": COUNTS}
 
-QUESTION_KINDS = ("colour", "shape", "position", "count", "yes/no")
-CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "position": 1 / len(SIDES), "count": 1 / len(COUNTS),
-          "yes/no": 1 / 2}
+CHECK = "caption check"  # "does this one-attribute caption match the picture?" (yes/no, balanced)
+QUESTION_KINDS = ("colour", "shape", "position", "count", CHECK)
 QUESTIONS = {
     "colour": "What colour are the shapes?",
     "shape": "What shape are they?",
-    "position": "Are the shapes on the left or on the right?",
+    "position": "Which side are the shapes on?",  # no answer word in the prompt to copy
     "count": "How many shapes are there?",
 }
+ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": SIDES, "count": COUNTS, CHECK: ("yes", "no")}
+CHECKED = ("colour", "shape")  # attributes a caption check names, one at a time
 TEXT_ONLY = [
     ("What comes after one?", "two"), ("What comes after two?", "three"), ("Is a square round?", "no"),
     ("Is a circle round?", "yes"), ("Name a colour.", "red"), ("How many sides has a triangle?", "three"),
@@ -45,8 +49,9 @@ class Scene:
     jitter: int = 0  # small vertical offset so equal scenes still give different images
 
     @classmethod
-    def random(cls, rng: random.Random) -> Scene:
-        return cls(*(rng.choice(values) for values in ATTRIBUTES.values()), jitter=rng.randint(-2, 2))
+    def random(cls, rng: random.Random, **fixed: str) -> Scene:
+        values = {name: fixed.get(name) or rng.choice(options) for name, options in ATTRIBUTES.items()}
+        return cls(**values, jitter=rng.randint(-2, 2))
 
     def caption(self) -> str:
         plural = "" if self.count == "one" else "s"
@@ -96,26 +101,57 @@ def caption_pairs(count: int, rng: random.Random, wrong_share: float) -> list[di
     return pairs
 
 
+def check_question(attribute: str, value: str) -> str:
+    """A caption that names one attribute: "red shapes", "circles"."""
+    phrase = f"{value} shapes" if attribute == "colour" else f"{value}s"
+    return f"Does the caption match the picture: {phrase}?"
+
+
+def make_question(scene: Scene, kind: str, rng: random.Random, matches: bool | None = None,
+                  attribute: str | None = None) -> dict:
+    """One row `{scene, kind, question, answer}`. A caption check names one attribute (`CHECKED`) with the right
+    value or, for a "no", any other value; the named value alone says nothing about the answer."""
+    if kind != CHECK:
+        return {"scene": scene, "kind": kind, "question": QUESTIONS[kind], "answer": scene.answer(kind)}
+    matches = rng.random() < 0.5 if matches is None else matches
+    attribute = attribute or rng.choice(CHECKED)
+    truth = getattr(scene, attribute)
+    value = truth if matches else rng.choice([v for v in ATTRIBUTES[attribute] if v != truth])
+    return {"scene": scene, "kind": kind, "question": check_question(attribute, value),
+            "answer": "yes" if matches else "no"}
+
+
 def question_rows(count: int, rng: random.Random, kind_weights: dict[str, float]) -> list[dict]:
-    """Instruction rows `{scene, kind, question, answer}`; yes/no asks whether a caption matches the picture."""
+    """Training rows: kinds drawn by `kind_weights`, random scenes, caption checks true half of the time."""
     kinds, weights = zip(*kind_weights.items())
+    return [make_question(Scene.random(rng), rng.choices(kinds, weights)[0], rng) for _ in range(count)]
+
+
+def heldout_rows(per_kind: int, rng: random.Random) -> list[dict]:
+    """Balanced held-out rows on fresh random scenes: each answer value equally often per kind (up to rounding);
+    caption checks alternate yes/no and the attribute they name."""
     rows = []
-    for _ in range(count):
-        scene, kind = Scene.random(rng), rng.choices(kinds, weights)[0]
-        if kind == "yes/no":  # a short caption (colour + shape) that is right, or wrong in one of the two
-            matches = rng.random() < 0.5
-            shown = scene if matches else scene.corrupted(1, rng, among=("colour", "shape"))
-            question = f"Does the caption match the picture: {shown.colour} {shown.shape}s?"
-            answer = "yes" if matches else "no"
-        else:
-            question, answer = QUESTIONS[kind], scene.answer(kind)
-        rows.append({"scene": scene, "kind": kind, "question": question, "answer": answer})
+    for kind in QUESTION_KINDS:
+        for index in range(per_kind):
+            if kind == CHECK:
+                scene = Scene.random(rng)
+                rows.append(make_question(scene, kind, rng, matches=index % 2 == 0,
+                                          attribute=CHECKED[(index // 2) % len(CHECKED)]))
+                continue
+            value = ANSWERS[kind][index % len(ANSWERS[kind])]
+            scene = Scene.random(rng, **{"side" if kind == "position" else kind: value})
+            rows.append(make_question(scene, kind, rng))
     return rows
+
+
+def best_constant_accuracy(answers: list[str]) -> float:
+    """Chance for one kind: the accuracy of always giving its most frequent answer."""
+    return max(answers.count(value) for value in set(answers)) / len(answers) if answers else 0.0
 
 
 def corpus() -> list[str]:
     """Words the tiny tokenizers must know: every caption word, question and answer."""
     sentences = [Scene(*values).caption() for values in itertools.product(*ATTRIBUTES.values())]
-    checks = [f"Does the caption match the picture: {colour} {shape}s?" for colour in COLOURS for shape in SHAPES]
+    checks = [check_question(attribute, value) for attribute in CHECKED for value in ATTRIBUTES[attribute]]
     questions = list(QUESTIONS.values()) + [q for q, _ in TEXT_ONLY] + checks
     return sentences + questions + [a for _, a in TEXT_ONLY] + ["yes no shapes squares circles triangles"]
