@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from aligngpt_hf import (
     AlignGPTInstructConfig,
@@ -222,3 +223,68 @@ def test_packing_settings_are_checked_and_reach_the_cli(tmp_path):
 
     _, args = parse_recipe("instruct", "instruct_tiny", ["--packing", "true", "--output_dir", str(tmp_path)])
     assert args.packing is True and args.padding_free is False
+
+
+def test_lora_with_padding_free_equals_padded_lora(make_model, processor, images, tmp_path):
+    from aligngpt_hf.training.trainers import aligngpt_lora_config
+
+    dataset = Dataset.from_list(mixed_rows(images))
+    weights = []
+    for padding_free in (False, True):
+        model = make_model(seed=5).train()
+        model.config.aligngpt_stage = "pretrain"
+        args = AlignGPTInstructConfig(output_dir=str(tmp_path / str(padding_free)), max_steps=2,
+                                      per_device_train_batch_size=2, padding_free=padding_free, **FAST)
+        trainer = AlignGPTInstructTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                                          peft_config=aligngpt_lora_config(r=4, lora_alpha=8, lora_dropout=0.0))
+        weights.append({name: value for name, value in _weights_after_training(trainer).items() if "lora_" in name})
+    assert weights[0] and weights[0].keys() == weights[1].keys()
+    _assert_same_weights(weights[1], weights[0])
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAfterStep(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise _Killed(f"killed after step {self.step}")
+
+
+def test_packed_run_resumes_to_the_same_weights(make_model, processor, tmp_path):
+    def trainer(output_dir, callbacks=()):
+        model = make_model(seed=0).train()
+        model.config.aligngpt_stage = "pretrain"
+        args = AlignGPTInstructConfig(output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=1,
+                                      packing=True, max_length=300, save_steps=3,
+                                      **{**FAST, "save_strategy": "steps"})
+        return AlignGPTInstructTrainer(model=model, args=args, processing_class=processor, callbacks=list(callbacks),
+                                       train_dataset=synthetic_dataset(8, "instruct", text_only_every=2))
+
+    reference = trainer(tmp_path / "reference")
+    assert 3 < len(reference.train_dataset) < 6  # the resumed part crosses an epoch of packs
+    expected = _weights_after_training(reference)
+    with pytest.raises(_Killed):
+        trainer(tmp_path / "run", [_KillAfterStep(4)]).train()
+    resumed = trainer(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    assert resumed.state.global_step == 6
+    for name, param in resumed.model.named_parameters():
+        assert torch.equal(param, expected[name]), name
+
+
+def test_flash_layout_puts_all_packs_in_one_row_and_pack_lengths_are_checked(processor, images):
+    rows = mixed_rows(images)
+    inner = stage_collator(processor, "instruct")
+    lengths = inner(rows)["attention_mask"].sum(-1).tolist()
+    packed = AlignGPTPackingCollator(inner, max_length=2048, one_row=True)([rows[:2], rows[2:]])
+    assert packed["input_ids"].shape == (1, sum(lengths))  # no padding at all
+    assert packed["cu_seq_lens_q"].tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert packed["max_length_q"] == max(lengths)
+    with pytest.raises(ValueError, match=rf"A pack of samples \[1, 2\] of this batch is {lengths[2] + lengths[3]} "
+                                         r"tokens long, over max_length=\d+: the lengths measured when packing"):
+        AlignGPTPackingCollator(inner, max_length=lengths[2] + lengths[3] - 1)([rows[:1], rows[2:]])

@@ -126,11 +126,14 @@ class AlignGPTPackingCollator:
     Keys: `input_ids`, `labels`, `position_ids` [rows, T]; `gate_text_mask` [rows, T] (always: without an
     `attention_mask` the gate needs it to skip padding); `pixel_values` in pack order; `alignment_levels` per sample;
     `cu_seq_lens_q/k`, `max_length_q/k` (flash-attention varlen; other implementations ignore them).
-    `max_length`: refuse a row longer than this (packing: the lengths measured at start-up must match).
+    `max_length`: refuse a pack longer than this (packing: the lengths measured at start-up must match).
+    `one_row`: all packs of the batch in a single row (no padding at all), for flash-attention varlen, whose cost
+    follows each sample's own length; sdpa/eager build a dense [row x row] mask, so they get one row per pack.
     """
 
     collator: Any
     max_length: int | None = None
+    one_row: bool = False
 
     def __call__(self, features: list) -> dict[str, Any]:
         groups = features if features and isinstance(features[0], list) else [features]
@@ -142,11 +145,24 @@ class AlignGPTPackingCollator:
         lengths = batch["attention_mask"].sum(-1).tolist()
         if "gate_text_mask" not in batch:
             batch["gate_text_mask"] = batch["attention_mask"].bool()
-        rows, start = [], 0
+        spans, start = [], 0
         for group in groups:
-            rows.append(self._row(batch, lengths, range(start, start + len(group))))
+            spans.append(range(start, start + len(group)))
             start += len(group)
-        return self._stack(rows, batch)
+        for span in spans:
+            self._check_pack(lengths, span)
+        if self.one_row:
+            spans = [range(0, start)]
+        return self._stack([self._row(batch, lengths, span) for span in spans], batch)
+
+    def _check_pack(self, lengths: list[int], samples: range) -> None:
+        total = sum(lengths[sample] for sample in samples)
+        if self.max_length is not None and total > self.max_length:
+            raise ValueError(
+                f"A pack of samples {list(samples)} of this batch is {total} tokens long, over "
+                f"max_length={self.max_length}: the lengths measured when packing disagree with the collator's. "
+                "Was the processor or chat template changed after the trainer was built?"
+            )
 
     def _row(self, batch: dict, lengths: list[int], samples: range) -> dict:
         pieces = {key: [] for key in (*PER_TOKEN_KEYS, "position_ids")}
@@ -158,12 +174,6 @@ class AlignGPTPackingCollator:
             pieces["labels"][-1][0] = -100  # predicted from the previous sample's last token: never a target
             pieces["position_ids"].append(torch.arange(length))
         row = {key: torch.cat(values) for key, values in pieces.items()}
-        if self.max_length is not None and row["input_ids"].numel() > self.max_length:
-            raise ValueError(
-                f"A pack of samples {list(samples)} of this batch is {row['input_ids'].numel()} tokens long, over "
-                f"max_length={self.max_length}: the lengths measured when packing disagree with the collator's. "
-                "Was the processor or chat template changed after the trainer was built?"
-            )
         row["sample_lengths"] = [lengths[sample] for sample in samples]
         return row
 
@@ -252,14 +262,18 @@ def hidden_from_trl(args):
         args.packing, args.padding_free = saved
 
 
-def prepare_packing(args, processor, train_dataset, data_collator, chat_template: str | None = None):
+def prepare_packing(args, processor, train_dataset, data_collator, chat_template: str | None = None, model=None):
     """(collator, packed dataset or None) for a trainer: the collator wrapped for padding-free rows and, with
-    `packing=True`, the training set binned into packs of <= `max_length` tokens."""
+    `packing=True`, the training set binned into packs of <= `max_length` tokens. A flash-attention `model` gets
+    all packs of a batch in one row (see `AlignGPTPackingCollator.one_row`)."""
     packed = None
     if args.packing and train_dataset is not None:
         packed = pack_dataset(train_dataset, processor, args.max_length, chat_template,
                               by_modality=args.group_by_modality_length)
-    collator = AlignGPTPackingCollator(data_collator, max_length=args.max_length if args.packing else None)
+    text_config = model.config.get_text_config() if model is not None else None
+    one_row = "flash" in (getattr(text_config, "_attn_implementation", None) or "")
+    collator = AlignGPTPackingCollator(data_collator, max_length=args.max_length if args.packing else None,
+                                       one_row=one_row)
     return collator, packed
 
 

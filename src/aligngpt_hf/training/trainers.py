@@ -289,7 +289,7 @@ class _AlignGPTTrainer(SFTTrainer):
         if args.packing or args.padding_free:
             template = PLAIN_CHAT_TEMPLATE if self._stage == "pretrain" else None
             data_collator, packed_dataset = prepare_packing(args, processing_class, train_dataset, data_collator,
-                                                            template)
+                                                            template, model)
         if peft_config is None:
             self._freeze(model, args)
         else:

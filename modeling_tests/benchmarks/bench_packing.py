@@ -1,0 +1,264 @@
+"""Stage-2 samples/s with padding-free packing: (a) TRL's `SFTTrainer` on transformers' `LlavaForConditionalGeneration`,
+(b) `AlignGPTInstructTrainer` padded with the modality-grouped sampler, (c) `AlignGPTInstructTrainer(packing=True)`.
+
+Identical dimensions (CLIP vision tower + Llama LLM + 2-layer GELU projector, tokenizer, vicuna_v1 template with a
+one-word system prompt, assistant-only loss), one synthetic dataset. The three arms run interleaved in one process:
+each round gives every arm the same number of optimizer steps' worth of its own epoch (arm order rotated per round),
+so drifting machine load hits all alike; samples/s = samples trained / seconds (collation, forward, backward and
+optimizer step included), and the paired per-round ratios are reported with their median.
+
+Lengths follow LLaVA-665K's shape, scaled by s = image_seq_length / 576 (default 64 / 576 = 1/9, so CPU runs take
+minutes; the ratios between text, image and cap are kept):
+* ~94 % one-image rows: conversation text (question + answer) log-normal, median 120 s, 95th percentile 800 s tokens;
+* ~6 % text-only rows: log-normal, median 400 s, 95th percentile 1500 s tokens;
+* every sample (template, `<align>` and image tokens included) capped at 2048 s tokens (= `max_length`, pack size).
+The hidden size keeps the real cap/hidden ratio (2048 / 4096 for a 7B LLM): hidden = cap / 0.5 rounded to heads x 64,
+so linear layers dominate attention as they do at full size.
+
+Peak memory: the largest resident-set growth during one of the arm's steps above the resident set before it (Linux
+VmHWM reset per step, freed memory returned to the OS first: activations + gradients; weights and optimizer
+state are resident in all arms).
+
+    python modeling_tests/benchmarks/bench_packing.py [--samples 384 --rounds 4 --batch 8 --packs 4 --layers 2]
+    python modeling_tests/benchmarks/bench_packing.py --paper   # full-scale padded shares, no model (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import random
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from aligngpt_hf import AlignGPTForConditionalGeneration, AlignGPTInstructConfig, AlignGPTInstructTrainer  # noqa: E402
+from aligngpt_hf.models.processing_aligngpt import VICUNA_V1_CHAT_TEMPLATE  # noqa: E402
+from aligngpt_hf.tiny import build_config, build_processor, build_tokenizer  # noqa: E402
+from aligngpt_hf.training.data import sample_token_lengths  # noqa: E402
+
+WORDS = "the quick brown fox jumps over lazy dog one two three four five six seven eight nine red green blue".split()
+COLOURS = [(220, 30, 30), (30, 180, 40), (30, 40, 220), (230, 220, 30)]
+
+
+def lognormal(rng: random.Random, median: float, p95: float) -> float:
+    return rng.lognormvariate(math.log(median), math.log(p95 / median) / 1.6449)
+
+
+def single_token_words(tokenizer) -> list[str]:
+    return [w for w in WORDS if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1] or ["a"]
+
+
+def llava_665k_like(num_samples: int, scale: float, image_tokens: int, cap: int, tokenizer, image_size: int, seed=0):
+    """Rows in TRL's vision format with text lengths shaped like LLaVA-665K (see the module docstring)."""
+    rng, words = random.Random(seed), single_token_words(tokenizer)
+    rows = []
+    for index in range(num_samples):
+        text_only = rng.random() < 0.06
+        median, p95 = (400, 1500) if text_only else (120, 800)
+        room = cap - 16 - (0 if text_only else image_tokens + 1)  # template and `<align>` take the rest
+        length = max(4, min(round(lognormal(rng, median * scale, p95 * scale)), room))
+        text = [rng.choice(words) for _ in range(length)]
+        question, answer = " ".join(text[: length // 2]), " ".join(text[length // 2:])
+        image = Image.new("RGB", (image_size, image_size), COLOURS[index % len(COLOURS)])
+        rows.append({"images": [] if text_only else [image], "messages": [
+            {"role": "system", "content": "Chat."},
+            {"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+    return Dataset.from_list(rows)
+
+
+def full_scale_token_shares(num_samples: int = 20_000, per_device: int = 16, packs: int = 7, world: int = 8, seed=0):
+    """On paper, at LLaVA-1.5's real sizes (576 image tokens, ~45 template tokens, cap 2048; 8 GPUs x 16 samples):
+    the padded share of the token positions each layout computes. No model runs."""
+    from aligngpt_hf.training.packing import best_fit_decreasing
+    from aligngpt_hf.training.sampler import modality_grouped_indices
+
+    rng, lengths, signed = random.Random(seed), [], []
+    for _ in range(num_samples):
+        text_only = rng.random() < 0.06
+        median, p95 = (400, 1500) if text_only else (120, 800)
+        image = 0 if text_only else 577
+        length = min(45 + image + max(4, round(lognormal(rng, median, p95))), 2048)
+        lengths.append(length)
+        signed.append(-length if text_only else length)
+
+    def padded_share(batches):
+        real = sum(lengths[i] for batch in batches for i in batch)
+        return 1 - real / sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+    random_order = list(range(num_samples))
+    rng.shuffle(random_order)
+    grouped = modality_grouped_indices(signed, per_device, world, torch.Generator().manual_seed(seed))
+    split = [lambda order: [order[i: i + per_device] for i in range(0, len(order), per_device)]][0]
+    bins = best_fit_decreasing(lengths, 2048)
+    pack_lengths = [sum(lengths[i] for i in pack) for pack in bins]
+    steps = [pack_lengths[i: i + packs] for i in range(0, len(pack_lengths), packs)]
+    rows_share = 1 - sum(pack_lengths) / sum(len(step) * max(step) for step in steps)
+    return {"samples": num_samples, "mean_sample_tokens": round(sum(lengths) / num_samples),
+            "samples_per_pack": round(num_samples / len(bins), 2),
+            "padded_share": {"a_random_batches": round(padded_share(split(random_order)), 3),
+                             "b_modality_grouped": round(padded_share(split(grouped)), 3),
+                             "c_packed_row_per_pack": round(rows_share, 3),
+                             "c_packed_one_row_flash_varlen": 0.0}}
+
+
+def common_args(opts, output_dir: str) -> dict:
+    return dict(output_dir=output_dir, per_device_train_batch_size=opts.batch, learning_rate=1e-4, num_train_epochs=1,
+                lr_scheduler_type="constant", warmup_steps=0, report_to="none", save_strategy="no",
+                logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, assistant_only_loss=True, seed=0,
+                use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available())
+
+
+def build_arms(opts, tokenizer, dataset, output_dir: str) -> dict:
+    processor = build_processor(tokenizer, image_size=opts.image_size, patch_size=opts.patch)
+    config = build_config(tokenizer, hidden_size=opts.hidden, num_layers=opts.layers, image_size=opts.image_size,
+                          patch_size=opts.patch, gate_hidden_size=256)
+    config.text_config.num_attention_heads = config.text_config.num_key_value_heads = opts.hidden // 64
+    config.text_config.head_dim = 64
+    config.text_config.max_position_embeddings = 4 * opts.cap
+    arms = {}
+    llava_processor = LlavaProcessor(image_processor=processor.image_processor, tokenizer=tokenizer,
+                                     patch_size=opts.patch, vision_feature_select_strategy="default",
+                                     num_additional_image_tokens=1, chat_template=VICUNA_V1_CHAT_TEMPLATE)
+    llava_config = LlavaConfig(vision_config=config.vision_config, text_config=config.text_config,
+                               image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                               vision_feature_select_strategy="default", image_seq_length=config.image_seq_length,
+                               projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    arms["a_trl_llava_padded"] = SFTTrainer(
+        model=LlavaForConditionalGeneration(llava_config), processing_class=llava_processor, train_dataset=dataset,
+        args=SFTConfig(**common_args(opts, output_dir), max_length=None, activation_checkpointing=False))
+    for name, packing in (("b_aligngpt_padded_grouped", False), ("c_aligngpt_packed", True)):
+        torch.manual_seed(0)
+        model = AlignGPTForConditionalGeneration(config)
+        model.config.aligngpt_stage = "pretrain"
+        extra = dict(packing=True, per_device_train_batch_size=opts.packs) if packing else {}
+        args = AlignGPTInstructConfig(**{**common_args(opts, output_dir), **extra}, max_length=opts.cap,
+                                      group_by_modality_length=True, activation_checkpointing=False)
+        arms[name] = AlignGPTInstructTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    return arms
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """glibc: large blocks as their own mappings (freed at once) and free heap trimmed, so the resident set follows
+    the live tensors and one arm's freed memory does not hide the next arm's peak."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed (no dynamic growth)
+    libc.malloc_trim(0)
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field)) * 1024
+
+
+class Arm:
+    """Drives one trainer step by step over its own epoch (its dataloader, sampler and collator)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.model = trainer, trainer.model
+        trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+        self.pad_id = trainer.processing_class.tokenizer.pad_token_id
+        self.batches = iter(trainer.get_train_dataloader())
+        self.seconds = self.samples = self.tokens = self.padding = self.steps = 0
+        self.peak_growth = 0
+
+    def step(self, timed: bool = True) -> bool:
+        _return_freed_memory_to_the_os()
+        start, base = time.perf_counter(), _rss("VmRSS")
+        with open("/proc/self/clear_refs", "w") as refs:  # reset the peak-RSS mark (Linux)
+            refs.write("5")
+        batch = next(self.batches, None)
+        if batch is None:
+            return False
+        self.model.train()
+        inputs = self.trainer._prepare_inputs(batch)
+        items = (inputs["labels"][..., 1:] != -100).sum()
+        self.trainer.training_step(self.model, inputs, num_items_in_batch=items)
+        self.trainer.optimizer.step()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        if timed:
+            self.seconds += time.perf_counter() - start
+            self.samples += (len(batch["cu_seq_lens_q"]) - 1) if "cu_seq_lens_q" in batch else len(batch["input_ids"])
+            self.tokens += batch["input_ids"].numel()
+            self.padding += int((batch["input_ids"] == self.pad_id).sum())
+            self.steps += 1
+            self.peak_growth = max(self.peak_growth, _rss("VmHWM") - base)
+        return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=384)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--patch", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="(a), (b): samples per step")
+    parser.add_argument("--packs", type=int, default=4, help="(c): packs of <= cap tokens per step")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
+    parser.add_argument("--paper", action="store_true", help="only the full-scale padded shares (no model runs)")
+    opts = parser.parse_args()
+    if opts.paper:
+        print(json.dumps(full_scale_token_shares(), indent=2))
+        return
+    image_tokens = (opts.image_size // opts.patch) ** 2
+    scale = image_tokens / 576
+    opts.cap = round(2048 * scale)
+    opts.hidden = max(64, round(opts.cap / 0.5 / 64) * 64)
+    tokenizer = build_tokenizer()
+    dataset = llava_665k_like(opts.samples, scale, image_tokens, opts.cap, tokenizer, opts.image_size)
+    lengths = sample_token_lengths(dataset, build_processor(tokenizer, image_size=opts.image_size, patch_size=opts.patch))
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as output_dir:
+        arms = {name: Arm(trainer) for name, trainer in build_arms(opts, tokenizer, dataset, output_dir).items()}
+        for arm in arms.values():
+            for _ in range(opts.warmup):
+                arm.step(timed=False)
+        names, rounds = list(arms), []
+        steps_per_round = {name: max(1, len(arm.trainer.get_train_dataloader()) // opts.rounds)
+                           for name, arm in arms.items()}
+        for number in range(opts.rounds):
+            order = names[number % 3:] + names[: number % 3]
+            before = {name: (arms[name].samples, arms[name].seconds) for name in names}
+            for name in order:
+                for _ in range(steps_per_round[name]):
+                    arms[name].step()
+            rounds.append({name: (arms[name].samples - before[name][0]) / max(arms[name].seconds - before[name][1],
+                                                                             1e-9) for name in names})
+    per_arm = {name: {"samples_per_s": round(arm.samples / arm.seconds, 2), "steps": arm.steps,
+                      "samples": arm.samples, "padded_token_share": round(arm.padding / max(arm.tokens, 1), 3),
+                      "tokens_per_step": round(arm.tokens / max(arm.steps, 1)),
+                      "peak_step_memory_mib": round(arm.peak_growth / 2**20, 1)} for name, arm in arms.items()}
+    a, b, c = names
+    ratios = {"c_over_a": [r[c] / r[a] for r in rounds], "c_over_b": [r[c] / r[b] for r in rounds],
+              "b_over_a": [r[b] / r[a] for r in rounds]}
+    sorted_lengths = sorted(lengths)
+    report = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "config": vars(opts),
+        "dataset": {"samples": len(lengths), "text_only_share": round(sum(not r for r in dataset["images"]) / len(lengths), 3),
+                    "sample_tokens_median": sorted_lengths[len(lengths) // 2],
+                    "sample_tokens_p95": sorted_lengths[int(0.95 * len(lengths))], "sample_tokens_max": sorted_lengths[-1]},
+        "arms": per_arm,
+        "paired_ratio_median": {key: round(statistics.median(values), 3) for key, values in ratios.items()},
+        "paired_ratios": {key: [round(v, 3) for v in values] for key, values in ratios.items()},
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
