@@ -21,12 +21,12 @@ from transformers import (
     pipeline,
 )
 
-from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration, AlignGPTModel, AlignGPTProcessor
+from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration, AlignGPTProcessor
 from conftest import package_free_env, user_message
 
 EXPECTED_AUTO_MAP = {
     "AutoConfig": "configuration_aligngpt.AlignGPTConfig",
-    "AutoModel": "modeling_aligngpt.AlignGPTModel",
+    "AutoModel": "modeling_aligngpt.AlignGPTForConditionalGeneration",  # as registered in-library (issue 14 item 9)
     "AutoModelForImageTextToText": "modeling_aligngpt.AlignGPTForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_aligngpt.AlignGPTForConditionalGeneration",
     "AutoProcessor": "processing_aligngpt.AlignGPTProcessor",
@@ -64,7 +64,7 @@ def test_in_library_auto_classes_round_trip(saved):
     model, folder, batch = saved
     assert isinstance(AutoConfig.from_pretrained(folder), AlignGPTConfig)
     assert isinstance(AutoProcessor.from_pretrained(folder), AlignGPTProcessor)
-    assert isinstance(AutoModel.from_pretrained(folder), AlignGPTModel)
+    assert type(AutoModel.from_pretrained(folder)) is AlignGPTForConditionalGeneration
     for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
         loaded = auto_class.from_pretrained(folder).eval()
         assert isinstance(loaded, AlignGPTForConditionalGeneration)
@@ -96,7 +96,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     assert type(processor).__name__ == "AlignGPTProcessor"
     base = AutoModel.from_pretrained(folder, trust_remote_code=True)
-    assert type(base).__name__ == "AlignGPTModel"
+    assert type(base).__name__ == "AlignGPTForConditionalGeneration" and hasattr(base, "generate")
     outputs = {}
     for name, auto_class in (("itt", AutoModelForImageTextToText), ("clm", AutoModelForCausalLM)):
         model = auto_class.from_pretrained(folder, trust_remote_code=True).eval()

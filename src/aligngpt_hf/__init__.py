@@ -38,9 +38,14 @@ def __getattr__(name: str):
 
 
 def register_auto_classes() -> None:
-    """Map `model_type="aligngpt"` to our classes in transformers' Auto factories (safe to call repeatedly)."""
+    """Map `model_type="aligngpt"` to our classes in transformers' Auto factories (safe to call repeatedly).
+
+    `AutoModel` gives the generation class, exactly as the saved `auto_map` says: an installed package's registration
+    wins over a folder's `auto_map`, and lmms-eval's generic `huggingface` wrapper loads custom types through
+    `AutoModel` and then calls `generate` (docs/native.md, "Auto classes"). The backbone is `model.model`.
+    """
     AutoConfig.register(AlignGPTConfig.model_type, AlignGPTConfig, exist_ok=True)
-    AutoModel.register(AlignGPTConfig, AlignGPTModel, exist_ok=True)
+    AutoModel.register(AlignGPTConfig, AlignGPTForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(AlignGPTConfig, AlignGPTForConditionalGeneration, exist_ok=True)
     AutoModelForCausalLM.register(AlignGPTConfig, AlignGPTForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(AlignGPTConfig, AlignGPTProcessor, exist_ok=True)

@@ -6,9 +6,9 @@ All alignment logic lives in `AlignGPTModel.forward`, because TRL's SFTTrainer t
 (`model.model(...)`) with its own fused LM head and never calls the top-level forward.
 """
 
+import inspect
 import math
-from dataclasses import dataclass, fields
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 from shutil import copyfile
 
@@ -17,17 +17,25 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 from .abstractor_aligngpt import AlignGPTVisualAbstractor
 from .configuration_aligngpt import AlignGPTConfig
 from .packing_aligngpt import check_packed_call, is_packed_call, packed_image_text_dots, packed_segments, segment_sum
-from .placeholders_aligngpt import check_no_placeholders, check_placeholders
+from .placeholders_aligngpt import (
+    check_labels,
+    check_model_inputs,
+    check_no_placeholders,
+    check_placeholders,
+    safe_token_ids,
+)
 
 # Auto classes written into `auto_map` on save, so every loader finds its entry with trust_remote_code.
 REMOTE_AUTO_MAP = {
     "AutoConfig": "configuration_aligngpt.AlignGPTConfig",
-    "AutoModel": "modeling_aligngpt.AlignGPTModel",
+    "AutoModel": "modeling_aligngpt.AlignGPTForConditionalGeneration",  # see docs/native.md, "Auto classes"
     "AutoModelForImageTextToText": "modeling_aligngpt.AlignGPTForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_aligngpt.AlignGPTForConditionalGeneration",
 }
@@ -37,6 +45,9 @@ PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_aligngpt.AlignGPTProcessor"}
 @dataclass
 class AlignGPTModelOutputWithPast(BaseModelOutputWithPast):
     r"""
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        The vision tower's output as [`AlignGPTModel.get_image_features`] returns it (`pooler_output`: one
+        `(image_seq_length, hidden_size)` tensor per image), as transformers' LLaVA returns it from 5.24.
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
         Projected image features spliced into the sequence.
     alignment_weights (`torch.FloatTensor` of shape `(batch_size, num_alignment_levels - 1)`, *optional*):
@@ -44,6 +55,7 @@ class AlignGPTModelOutputWithPast(BaseModelOutputWithPast):
         ran: decoding steps, level mode (`alignment_levels` given) and the `global`/`mean`/`none` modes.
     """
 
+    image_outputs: BaseModelOutputWithPooling | None = None
     image_hidden_states: torch.FloatTensor | None = None
     alignment_weights: torch.FloatTensor | None = None
 
@@ -53,25 +65,20 @@ class AlignGPTCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token cross-entropy over labels != -100.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
-    image_hidden_states, alignment_weights: see [`AlignGPTModelOutputWithPast`].
+    image_outputs, image_hidden_states, alignment_weights: see [`AlignGPTModelOutputWithPast`].
 
     The KV cache field is inherited, so it carries the installed transformers' name (`past_key_values` up to 5.23,
     `cache` from 5.24).
     """
 
+    image_outputs: BaseModelOutputWithPooling | None = None
     image_hidden_states: torch.FloatTensor | None = None
     alignment_weights: torch.FloatTensor | None = None
 
 
-@lru_cache
-def _field_names(output_class) -> frozenset:
-    return frozenset(field.name for field in fields(output_class))
-
-
-def _output_fields(output_class, outputs, **extra) -> dict:
-    """The non-None entries of `outputs` that `output_class` has, under whatever names this transformers uses."""
-    names = _field_names(output_class)
-    return {**{key: value for key, value in outputs.items() if key in names}, **extra}
+# The installed transformers' name of the KV-cache output field, read once at import: a plain constant keeps the
+# forward traceable by torch.compile(fullgraph=True) (dataclasses.fields is not).
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class AlignGPTMultiModalProjector(nn.Module):
@@ -137,6 +144,7 @@ class AlignGPTPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # a decoding step traces with fullgraph=True (modeling_tests/models/test_native.py)
 
     def _init_weights(self, module):
         """Level table: Xavier-uniform (as the original). Projector and gate: PyTorch's nn.Linear default."""
@@ -164,7 +172,8 @@ class AlignGPTPreTrainedModel(PreTrainedModel):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         super().save_pretrained(save_directory, *args, **kwargs)
         if processing_file.is_file():
-            copyfile(processing_file, Path(save_directory) / processing_file.name)
+            for path in [str(processing_file), *get_relative_import_files(str(processing_file))]:
+                copyfile(path, Path(save_directory) / Path(path).name)
 
 
 def positions_from_mask(attention_mask: torch.Tensor, sequence_length: int) -> torch.LongTensor:
@@ -180,6 +189,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
 
     def __init__(self, config: AlignGPTConfig):
         super().__init__(config)
+        config.check_token_ids()
         self.vision_tower = AutoModel.from_config(config.vision_config)
         if config.projector_type == "abstractor":
             self.multi_modal_projector = AlignGPTVisualAbstractor(config)
@@ -196,18 +206,47 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        """[num_images, 3, H, W] -> projected features [num_images, image_seq_length, text_hidden]."""
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """[num_images, 3, H, W] -> the vision tower's output with `pooler_output` = one projected
+        `(image_seq_length, text_hidden)` tensor per image, as transformers' LLaVA returns it.
+
+        `vision_feature_layer`/`vision_feature_select_strategy` default to the config's; `output_hidden_states` and
+        `output_attentions` ask the vision tower for them (the hidden states are otherwise left out of the output).
+        """
+        outputs, features = self._image_outputs(pixel_values, vision_feature_layer, vision_feature_select_strategy,
+                                                **kwargs)
+        outputs.pooler_output = list(features)
+        return outputs
+
+    def _image_outputs(self, pixel_values, feature_layer=None, select_strategy=None, **kwargs):
+        """(vision outputs, projected features [num_images, image_seq_length, text_hidden]): the forward's path."""
+        feature_layer = self.config.vision_feature_layer if feature_layer is None else feature_layer
+        select_strategy = select_strategy or self.config.vision_feature_select_strategy
+        keep_hidden = kwargs.pop("output_hidden_states", None)
+        keep_hidden = self.config.vision_config.output_hidden_states if keep_hidden is None else keep_hidden
+        vision_kwargs = {key: kwargs[key] for key in ("output_attentions",) if key in kwargs}
         vision_dtype = self.vision_tower.get_input_embeddings().weight.dtype
-        outputs = self.vision_tower(pixel_values.to(vision_dtype), output_hidden_states=True, return_dict=True)
-        features = outputs.hidden_states[self.config.vision_feature_layer]
-        if self.config.vision_feature_select_strategy == "default":
+        outputs = self.vision_tower(
+            pixel_values.to(vision_dtype), output_hidden_states=True, return_dict=True, **vision_kwargs
+        )
+        features = outputs.hidden_states[feature_layer]
+        if select_strategy == "default":
             features = features[:, 1:]
         if self.config.vision_feature_post_layernorm:
             features = self.vision_tower.post_layernorm(features)
         projector_dtype = next(self.multi_modal_projector.parameters()).dtype
-        return self.multi_modal_projector(features.to(projector_dtype))
+        if not keep_hidden:
+            outputs.hidden_states = None
+        return outputs, self.multi_modal_projector(features.to(projector_dtype))
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -218,6 +257,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         alignment_levels: torch.LongTensor | None = None,
         gate_text_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        pixels_withheld: bool = False,
         **kwargs,
     ) -> AlignGPTModelOutputWithPast:
         r"""
@@ -227,26 +267,37 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         gate_text_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             Restricts the text tokens the gate averages (1 = may count). Trainers pass `labels == -100` so the
             gate sees the prompt only; BOS, `<align>`, `<image>` and padding never count.
+        pixels_withheld (`bool`, defaults to `False`): set by `generate` on the steps where transformers withholds
+            `pixel_values` (decoding steps, and every pass of an assistant/draft model): placeholder ids are then
+            embedded as plain tokens, as LLaVA does, instead of being refused.
 
+        `inputs_embeds` may come with `pixel_values`: the `<image>`/`<align>` slots are found by comparing each vector
+        with the embedded placeholder ids (as LLaVA does), so prompt-tuning adapters can prepend their own vectors.
         The KV cache and every other language-model argument travel in `kwargs` under the installed transformers'
         names (`past_key_values` up to 5.23, `cache` from 5.24), so one file serves both.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is None and pixel_values is not None:
-            raise ValueError(
-                "AlignGPT locates `<image>` and `<align>` placeholders through `input_ids`; pass `input_ids` "
-                "(not `inputs_embeds`) together with `pixel_values`."
-            )
+        check_model_inputs(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels,
+                           self.config.vision_config)
         image_features = alignment_weights = segments = None
         if is_packed_call(attention_mask, position_ids, (input_ids if input_ids is not None else inputs_embeds).shape[1]):
             segments = packed_segments(position_ids, kwargs.get("cu_seq_lens_q"))  # None: one sample per row
             if segments is not None:
                 use_cache = check_packed_call(self.language_model.config, use_cache, kwargs)
+        image_outputs = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_outputs, image_features = self._image_outputs(pixel_values, **kwargs)
+            image_outputs.pooler_output = list(image_features)  # as get_image_features returns it
         if input_ids is not None:
-            word_embeds = self.get_input_embeddings()(input_ids)
+            word_embeds = self.get_input_embeddings()(safe_token_ids(input_ids, self.get_input_embeddings().num_embeddings))
+        elif image_features is not None:  # inputs_embeds with pixels: placeholders found by value
+            input_ids, word_embeds = self._placeholder_ids(inputs_embeds), inputs_embeds
+        if input_ids is not None and pixels_withheld and image_features is None:
+            inputs_embeds = word_embeds
+        elif input_ids is not None:
             inputs_embeds, image_features, alignment_weights = self._merge_multimodal(
-                input_ids, word_embeds, pixel_values, attention_mask, alignment_levels, gate_text_mask, segments
+                input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_text_mask, segments
             )
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
@@ -257,11 +308,22 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
-        return AlignGPTModelOutputWithPast(**_output_fields(
-            AlignGPTModelOutputWithPast, outputs, image_hidden_states=image_features, alignment_weights=alignment_weights
-        ))
+        return AlignGPTModelOutputWithPast(
+            **outputs, image_outputs=image_outputs, image_hidden_states=image_features, alignment_weights=alignment_weights
+        )
 
-    def _merge_multimodal(self, input_ids, word_embeds, pixel_values, attention_mask, alignment_levels, gate_mask,
+    def _placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+        """Ids for `inputs_embeds`: the placeholder id where a vector equals its embedding, a plain token elsewhere."""
+        table = self.get_input_embeddings()
+        placeholders = (self.config.image_token_id, self.config.alignment_token_id)
+        plain = min({0, 1, 2} - set(placeholders))
+        ids = torch.full(inputs_embeds.shape[:2], plain, dtype=torch.long, device=inputs_embeds.device)
+        for token_id in placeholders:
+            vector = table(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+            ids = ids.masked_fill((inputs_embeds == vector).all(-1), token_id)
+        return ids
+
+    def _merge_multimodal(self, input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_mask,
                           segments=None):
         """Scatter image features into `<image>` slots and alignment vectors into `<align>` slots.
 
@@ -269,15 +331,16 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         `segments` (packed rows, see packing_aligngpt.py): counts, levels and the gate run per sample, not per row.
         """
         image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        if image_features is None:
             if input_ids.shape[1] > 1:  # not on decoding steps: generate suppresses both ids, and a sync stalls a GPU
-                check_no_placeholders(input_ids == image_id, input_ids == align_id)
+                check_no_placeholders(input_ids == image_id, input_ids == align_id, input_ids,
+                                      self.get_input_embeddings().num_embeddings)
             if self.training and torch.is_grad_enabled():
                 word_embeds = word_embeds + self._static_graph_anchor(word_embeds)
             return word_embeds, None, None
 
         image_mask, align_mask = input_ids == image_id, input_ids == align_id
-        image_features = self.get_image_features(pixel_values).to(word_embeds.device, word_embeds.dtype)
+        image_features = image_features.to(word_embeds.device, word_embeds.dtype)
         levels = None
         if alignment_levels is not None and self.config.uses_alignment_token:
             levels = torch.as_tensor(alignment_levels, device=input_ids.device).long().reshape(-1)
@@ -287,7 +350,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             image_tokens_per_row, align_per_row = segment_sum(image_mask, *segments), segment_sum(align_mask, *segments)
         check_placeholders(
             image_tokens_per_row, align_per_row, image_features.shape, self.config.uses_alignment_token,
-            levels, self.config.num_alignment_levels,
+            levels, self.config.num_alignment_levels, input_ids, self.get_input_embeddings().num_embeddings,
         )
         images_per_row = image_tokens_per_row // image_features.shape[1]
         inputs_embeds = word_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
@@ -325,7 +388,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         if any(p.requires_grad for p in self.vision_tower.parameters()):
             size = self.config.vision_config.image_size
             blank = word_embeds.new_zeros(1, self.config.vision_config.num_channels, size, size)
-            terms.append(self.get_image_features(blank).sum())
+            terms.append(self._image_outputs(blank)[1].sum())
         elif any(p.requires_grad for p in self.multi_modal_projector.parameters()):
             tokens = self.config.num_vision_feature_tokens or self.config.image_seq_length
             blank = word_embeds.new_zeros(1, tokens, self.config.vision_config.hidden_size)
@@ -342,7 +405,7 @@ def _gate_text_mask(image_mask, align_mask, attention_mask, gate_mask) -> torch.
     """Text tokens the gate averages: not image, not `<align>`, not the BOS right before `<align>`, not padding."""
     text_mask = ~(image_mask | align_mask)
     text_mask[:, :-1] &= ~align_mask[:, 1:]
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dim() == 2:  # compiled generation passes a 4-D mask
         text_mask &= attention_mask.bool()
     if gate_mask is not None:
         text_mask &= gate_mask.bool()
@@ -405,9 +468,21 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(
+            pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            **kwargs,
+        )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -426,8 +501,12 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids to predict (-100 = ignored). With `gate_text_scope="prompt"` the gate averages only positions
             whose label is -100, so training sees the same text as inference.
-        See [`AlignGPTModel.forward`] for `alignment_levels` and `gate_text_mask`.
+        See [`AlignGPTModel.forward`] for `alignment_levels` and `gate_text_mask`. Loss keyword arguments
+        (`num_items_in_batch`, `shift_labels`, ...) reach `self.loss_function` as in LLaVA, so gradient accumulation
+        in `transformers.Trainer` normalises by the tokens of the whole accumulated batch.
         """
+        if labels is not None:
+            check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape[:2])
         if labels is not None and gate_text_mask is None and self.config.gate_text_scope == "prompt":
             gate_text_mask = labels == -100
         outputs = self.model(
@@ -439,6 +518,7 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
             alignment_levels=alignment_levels,
             gate_text_mask=gate_text_mask,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -446,10 +526,39 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return AlignGPTCausalLMOutputWithPast(**_output_fields(
-            AlignGPTCausalLMOutputWithPast, outputs, loss=loss, logits=logits
-        ))
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return AlignGPTCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            image_hidden_states=outputs.image_hidden_states,
+            alignment_weights=outputs.alignment_weights,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration=False, **kwargs):
+        """transformers' inputs, plus: `pixels_withheld` where it withholds the pixels (decoding steps, assistant
+        drafts), and the gate's text mask from the 2-D padding mask before a static cache turns that mask 4-D."""
+        padding_mask = kwargs.get("attention_mask")
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if model_inputs.get("pixel_values") is None:
+            model_inputs.pop("gate_text_mask", None)  # no gate runs; a growing mask would retrace a compiled step
+            if not is_first_iteration:
+                model_inputs["pixels_withheld"] = True
+        elif model_inputs.get("gate_text_mask") is None and padding_mask is not None and padding_mask.dim() == 2:
+            tokens = model_inputs["inputs_embeds"] if model_inputs.get("input_ids") is None else model_inputs["input_ids"]
+            model_inputs["gate_text_mask"] = padding_mask[:, -tokens.shape[1]:]
+        return model_inputs
+
+    # generate() checks its keyword arguments against this signature: show the parent's (its cache argument is
+    # `past_key_values` up to transformers 5.23, `cache` from 5.24).
+    prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Freeze the gate's text to the prompt, so decoding without a cache reproduces the cached ALIGN vector."""

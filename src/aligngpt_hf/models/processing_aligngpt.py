@@ -9,6 +9,8 @@ replacement so TRL's assistant-only masks stay aligned (DESIGN §4).
 from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 
+from .image_processing_utils_aligngpt import call_with_truncation_check, check_conversation, check_text, load_images
+
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -88,18 +90,30 @@ class AlignGPTProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        """Tokenize `text` (str or list) with its `images` (flat, or one list per sample); returns a BatchFeature."""
+        """Tokenize `text` (str or list) with its `images`: one image, a flat list, or one list per sample, each an
+        image object or a path/URL string as `transformers.image_utils.load_image` reads it (the forms
+        `LlavaProcessor` takes). Returns a BatchFeature.
+
+        `videos`/`audio` stay in the signature (callers pass them by name, as to any processor) but are refused when
+        given: LLaVA's processor drops them silently, which would answer about a video the model never saw.
+        """
         for name, value in (("videos", videos), ("audio", audio), ("audios", kwargs.pop("audios", None))):
-            if value is not None and len(value) > 0:
+            if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 0):
                 raise ValueError(f"AlignGPT takes images and text only; got non-empty `{name}`.")
-        if images is not None and len(images) == 0:
+        images, text = load_images(images), check_text(text)  # one RGB path for every mode; refuses non-images
+        if isinstance(images, (list, tuple)) and len(images) == 0:
             images = None
         if text is not None and "add_special_tokens" not in kwargs:
             texts = [text] if isinstance(text, str) else text
             bos = getattr(self.tokenizer, "bos_token", None)
             if bos and texts and all(sample.startswith(bos) for sample in texts):
                 kwargs["add_special_tokens"] = False  # the chat template already wrote BOS
-        return super().__call__(images=images, text=text, **kwargs)
+        return call_with_truncation_check(super().__call__, self, images, text, kwargs)  # image tokens are never cut
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """Refuse roles and content types the template would render wrong or drop, naming the message."""
+        check_conversation(conversation)
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Name the sample whose `<image>` placeholders and images disagree."""
