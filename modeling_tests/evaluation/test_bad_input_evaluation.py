@@ -108,3 +108,10 @@ def test_resume_with_a_complete_last_answer_without_newline(tmp_path):
     out.write_text('{"question_id": 0, "text": "a"}')
     assert answered_ids(out) == {"0"}
     assert out.read_text().endswith("}\n")  # the next answer starts on its own line
+
+
+def test_duplicate_question_id(tmp_path):
+    path = questions_file(tmp_path, '{"question_id": 1, "text": "a"}\n{"question_id": "1", "text": "b"}\n'
+                                    '{"question_id": 1, "text": "c"}\n')
+    with pytest.raises(ValueError, match=r"questions\.jsonl:3: question_id 1 is also on line 1; ids must be unique"):
+        read_questions(path)

@@ -140,3 +140,21 @@ def test_levels_images_use_the_processors_conversion(tmp_path):
     assert mode == "I;16" and image.getpixel((0, 0)) == (16, 16, 16)
     with pytest.raises(ValueError, match=r"^image is empty \(0x0 pixels\)"):
         _open_image(Image.new("RGB", (0, 0)), None)
+
+
+def test_llava_json_not_utf8_or_not_json(tiny_clip, tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_bytes(b'[\n{"id": "caf\xe9"}]')
+    options = dict(image_folder=str(tmp_path), scorer=tiny_clip, num_levels=2, plot=False, progress=False)
+    with pytest.raises(ValueError, match=r"pairs\.json:2: not UTF-8 \(byte \d+\); re-save the file as UTF-8\.$"):
+        compute_alignment_levels(path, tmp_path / "out.json", **options)
+    path.write_text('[\n{"id": 1,,}]')
+    with pytest.raises(ValueError, match=r"pairs\.json:2:10: not valid JSON \(Expecting property name"):
+        compute_alignment_levels(path, tmp_path / "out.json", **options)
+
+
+def test_chunk_size_zero(tiny_clip, tmp_path):
+    path = write_pairs(tmp_path, [coloured(i) for i in range(3)])
+    with pytest.raises(ValueError, match=r"^chunk_size and batch_size must be integers >= 1, got 0 and 64$"):
+        compute_alignment_levels(path, tmp_path / "out.json", image_folder=str(tmp_path / "images"),
+                                 scorer=tiny_clip, num_levels=2, plot=False, progress=False, chunk_size=0)

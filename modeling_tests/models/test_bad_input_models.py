@@ -5,6 +5,8 @@ Each test is named after the case; each asserts the exception type and the key w
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +236,37 @@ def test_saved_folder_carries_the_image_loader(make_model, processor, tmp_path):
     make_model().save_pretrained(tmp_path)
     assert (tmp_path / "image_processing_utils_aligngpt.py").is_file()
     assert (tmp_path / "processing_aligngpt.py").is_file()
+
+
+def test_processor_text_that_is_not_a_string(processor, images):
+    with pytest.raises(TypeError, match=r"^`text` must be a string or a list of strings, got int '5'; render "
+                                        r"conversations with `processor\.apply_chat_template"):
+        processor(text=5, images=[images[0]], return_tensors="pt")
+
+
+def test_model_float_input_ids(make_model, processor, images):
+    batch = batch_for(processor, images)
+    batch["input_ids"] = batch["input_ids"].float()
+    with pytest.raises(TypeError, match=r"^`input_ids` must hold integer token ids, got torch\.float32"):
+        make_model()(**batch)
+
+
+def test_model_empty_batch(make_model):
+    with pytest.raises(ValueError, match=r"^The input holds no samples \(shape \(0, 5\)\); give at least one\.$"):
+        make_model()(input_ids=torch.zeros(0, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 32, 32), (2, 3, 48, 48)])
+def test_model_pixel_values_with_the_wrong_channels_or_size(make_model, processor, images, shape):
+    batch = batch_for(processor, images)
+    batch["pixel_values"] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=rf"^`pixel_values` has shape {re.escape(str(shape))}; the vision tower takes 3 "
+                                         r"channels at 32x32 pixels\. Build inputs with the model's own processor"):
+        make_model()(**batch)
+
+
+def test_model_labels_shaped_unlike_the_input(make_model, processor, images):
+    batch = batch_for(processor, images)
+    with pytest.raises(ValueError, match=r"^`labels` has shape \(2, 3\) but the input has \(2, \d+\) \(batch, "
+                                         r"sequence\); give one label per input token"):
+        make_model()(**batch, labels=torch.zeros(2, 3, dtype=torch.long))

@@ -114,7 +114,8 @@ def test_truncation_that_cuts_image_tokens_raises(images):
     from aligngpt_hf.tiny import build_processor
 
     processor = build_processor()  # fresh: a failed truncating call leaves the backend tokenizer truncating
-    with pytest.raises(ValueError, match=r"Mismatch in `image` token count"):
+    with pytest.raises(ValueError, match=r"^Sample 0 needs 22 tokens \(its image tokens and `<align>` included\) but "
+                                         r"truncating it to max_length=8 \(right side\) would cut"):
         processor(text=["<s><image>hello"], images=[images[0]], truncation=True, max_length=8)
 
 

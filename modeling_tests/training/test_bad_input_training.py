@@ -249,3 +249,9 @@ def test_nan_pixels_stop_training_with_a_clear_error(make_model, processor, tmp_
                                                  r"\[1\] in this batch hold NaN or infinity"):
         trainer.train()
     assert torch.isfinite(next(trainer.model.parameters())).all()  # stopped before the optimizer stepped on NaN
+
+
+def test_turn_value_that_is_null(folder):
+    path = write(folder, [record(conversations=[TURNS[0], {"from": "gpt", "value": None}])])
+    with pytest.raises(ValueError, match=r"record 'r1' \(#0\): `conversations\[1\]\.value` is None; expected a string"):
+        load_llava_json(path, folder / "images")

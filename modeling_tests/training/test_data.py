@@ -60,16 +60,16 @@ def test_load_llava_json_rows_follow_trl_vision_format_with_lazy_images(llava_fo
 
 
 def test_load_llava_json_errors_name_the_record(llava_folder):
-    with pytest.raises(FileNotFoundError, match=r"^2 image file\(s\) not found \(first: 'cap-0': .*a\.png"):
+    with pytest.raises(FileNotFoundError, match=r"data\.json: 2 image file\(s\) not found \(first: 'cap-0': .*a\.png"):
         load_llava_json(llava_folder / "data.json", image_folder=llava_folder)
     bad = [{"id": "x", "image": ["a.png", "b.png"],
             "conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "yo"}]}]
     (llava_folder / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=r"^Record 'x' \(#0\) has 1 `<image>` placeholder\(s\) for 2 image\(s\)\.$"):
+    with pytest.raises(ValueError, match=r"bad\.json: record 'x' \(#0\) has 1 `<image>` placeholder\(s\) for 2 image\(s\)\.$"):
         load_llava_json(llava_folder / "bad.json", llava_folder / "images")
     bad = [{"id": "y", "similarity": 0.21, "conversations": [{"from": "gpt", "value": "yo"}]}]
     (llava_folder / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=r"^Record 'y' \(#0\) has `similarity`=0\.21; AlignGPT's pre-training JSON"):
+    with pytest.raises(ValueError, match=r"bad\.json: record 'y' \(#0\) has `similarity`=0\.21; AlignGPT's pre-training JSON"):
         load_llava_json(llava_folder / "bad.json")
 
 

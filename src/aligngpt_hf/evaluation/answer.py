@@ -43,7 +43,7 @@ class AnswerReport:
 
 def read_questions(path: str | Path) -> list[dict]:
     """Question records (`question_id`, `text`, optional `image`/`category`); errors name the line."""
-    questions = []
+    questions, seen = [], {}
     for line_number, line in _lines(path):
         if not line.strip():
             continue
@@ -63,6 +63,11 @@ def read_questions(path: str | Path) -> list[dict]:
         if not isinstance(record["text"], str) or not isinstance(record.get("image") or "", str):
             name = "text" if not isinstance(record["text"], str) else "image"
             raise ValueError(f"{path}:{line_number}: `{name}` is {record[name]!r}; expected a string.")
+        key = json.dumps(record["question_id"])
+        if key in seen:
+            raise ValueError(f"{path}:{line_number}: question_id {record['question_id']!r} is also on line {seen[key]}; "
+                             "ids must be unique (answers and --resume are keyed by them).")
+        seen[key] = line_number
         questions.append(record)
     if not questions:
         raise ValueError(f"{path} holds no questions; check the --questions file.")

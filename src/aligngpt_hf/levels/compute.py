@@ -39,11 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from aligngpt_hf.levels.binning import BINNINGS, DEFAULT_TIE_TOLERANCE, assign_levels  # noqa: F401 (public here)
 from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, load_scorer
 from aligngpt_hf.models.image_processing_utils_aligngpt import resolve_image_path, to_rgb
 
-BINNINGS = ("quantile", "uniform")
-DEFAULT_TIE_TOLERANCE = 1e-4  # cosine scores closer than this are float noise (batching, fp32 vs bf16 kernels)
 SKIP_HINT = "pass --skip-bad (skip_bad=True) to skip such records; they are counted and listed in the report"
 _CACHE_VERSION = "levels-v1"
 _SCORE_FEATURES = {
@@ -70,8 +69,14 @@ def pairs_from_llava_json(path: str | os.PathLike) -> tuple[list[dict], Any]:
     """Read a LLaVA-format JSON list; return the records and a Dataset of `id`, `image`, `caption`."""
     from datasets import Dataset
 
-    with open(path, encoding="utf-8") as handle:
-        records = json.load(handle)
+    data = Path(path).read_bytes()
+    try:
+        records = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte {error.start}); re-save the file as UTF-8.") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}).") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of LLaVA records, got {type(records).__name__}")
     ids = [str(r.get("id", f"row {i}")) if isinstance(r, dict) else f"row {i}" for i, r in enumerate(records)]
@@ -214,6 +219,8 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
             raise ValueError(f"column {column!r} not in dataset columns {dataset.column_names}; "
                              "pass --image-column/--text-column")
     id_column = id_column if id_column in dataset.column_names else None
+    if int(chunk_size) != chunk_size or chunk_size < 1 or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"chunk_size and batch_size must be integers >= 1, got {chunk_size} and {batch_size}")
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in 0..{num_shards - 1}, got {shard_index}")
     features = Features({name: Value(kind) for name, kind in _SCORE_FEATURES.items()})
@@ -253,72 +260,6 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
 
 
 # ----------------------------------------------------------------------------------------------- bucketing
-
-
-def tie_groups(sorted_scores: np.ndarray, tolerance: float) -> np.ndarray:
-    """Group id per sorted score: a group starts at a score and takes every following score within `tolerance` of
-    that first one (anchored, so a dense run of scores never chains into one huge group)."""
-    groups = np.empty(sorted_scores.size, dtype=np.int64)
-    group, anchor = -1, -np.inf
-    for position, score in enumerate(sorted_scores.tolist()):
-        if score - anchor > tolerance:
-            group, anchor = group + 1, score
-        groups[position] = group
-    return groups
-
-
-def assign_levels(scores, num_levels: int = 8, binning: str = "quantile", tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
-                  return_ties: bool = False):
-    """Bucket scores into levels 0..N-1 (0 = lowest scores); return (levels, edges of length N+1) [, ties].
-
-    Scores within `tie_tolerance` of each other are ties (float noise: the same pair scored in another batch) and
-    always share a level. `quantile`: rank by (score, original index) and give rank r the level
-    floor(r * N / count), a tie group taking the level of its middle rank, so level sizes differ by at most one plus
-    the size of a tie group; edges[k] is the lowest score of level k (edges[N] the maximum). `uniform`: N
-    equal-width bins between min and max score; a tie group takes the bin of its mean score. `ties` (with
-    `return_ties`) counts the tie groups that straddled a level boundary and were kept together.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if binning not in BINNINGS:
-        raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
-    if int(num_levels) != num_levels or num_levels < 2:
-        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
-    if not tie_tolerance >= 0:
-        raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance!r}")
-    num_levels = int(num_levels)
-    if scores.ndim != 1 or scores.size == 0:
-        raise ValueError("no scores to bucket: the dataset is empty (or every record was skipped)")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN or infinity; skipped records must be removed before bucketing")
-    if num_levels > scores.size:
-        raise ValueError(f"num_levels={num_levels} is larger than the number of scored pairs ({scores.size}): "
-                         "every level needs at least one pair; lower --num-levels or add data")
-    order = np.lexsort((np.arange(scores.size), scores))
-    sorted_scores = scores[order]
-    groups = tie_groups(sorted_scores, tie_tolerance)
-    starts = np.searchsorted(groups, groups, side="left")
-    ends = np.searchsorted(groups, groups, side="right") - 1
-    if binning == "quantile":
-        positional = np.arange(scores.size, dtype=np.int64) * num_levels // scores.size
-        sorted_levels = ((starts + ends) // 2) * num_levels // scores.size
-    else:
-        low, high = float(scores.min()), float(scores.max())
-        if high - low <= tie_tolerance:
-            raise ValueError(f"all {scores.size} scores are equal within tie_tolerance={tie_tolerance} ({low}..{high});"
-                             " uniform bins are undefined, use quantile")
-        edges = np.linspace(low, high, num_levels + 1)
-        positional = np.searchsorted(edges[1:-1], sorted_scores, side="right").astype(np.int64)
-        means = np.bincount(groups, weights=sorted_scores) / np.bincount(groups)
-        sorted_levels = np.searchsorted(edges[1:-1], means[groups], side="right").astype(np.int64)
-    levels = np.empty(scores.size, dtype=np.int64)
-    levels[order] = sorted_levels
-    if binning == "quantile":
-        level_starts = np.searchsorted(sorted_levels, np.arange(num_levels), side="left")
-        edges = np.append(sorted_scores[np.minimum(level_starts, scores.size - 1)], sorted_scores[-1])
-    split = np.unique(groups[positional != positional[starts]])
-    ties = {"tie_tolerance": float(tie_tolerance), "num_tie_groups_across_boundary": int(split.size),
-            "num_pairs_in_those_groups": int(np.isin(groups, split).sum())}
-    return (levels, edges, ties) if return_ties else (levels, edges)
 
 
 # ----------------------------------------------------------------------------------------------- end to end

@@ -93,6 +93,19 @@ def load_image(image, where: str = "image", image_folder=None, allow_outside: bo
         ) from None
 
 
+def check_text(text):
+    """`text` must be a string or a list of strings (not ids, not a number); returned unchanged."""
+    if text is None or isinstance(text, str):
+        return text
+    if isinstance(text, (list, tuple)) and all(isinstance(sample, str) for sample in text):
+        return text
+    bad = text if not isinstance(text, (list, tuple)) else next(s for s in text if not isinstance(s, str))
+    raise TypeError(
+        f"`text` must be a string or a list of strings, got {type(bad).__name__} {str(bad)[:40]!r}; render "
+        "conversations with `processor.apply_chat_template(..., tokenize=False)` first."
+    )
+
+
 def load_images(images):
     """The processor's `images` (one image, a flat list, or one list per sample) with every item loaded to RGB.
 
@@ -198,4 +211,4 @@ def _cut_samples(input_ids, texts, processor) -> list:
     return cut
 
 
-__all__ = ["call_with_truncation_check", "check_conversation", "load_image", "load_images", "resolve_image_path", "to_rgb"]
+__all__ = ["call_with_truncation_check", "check_conversation", "check_text", "load_image", "load_images", "resolve_image_path", "to_rgb"]

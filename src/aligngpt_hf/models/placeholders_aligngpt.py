@@ -88,9 +88,14 @@ def _check_alignment_tokens(align_per_row: list, rows_with_image: list) -> None:
         raise ValueError(f"Sample {index} {reason}.")
 
 
-def check_model_inputs(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels) -> None:
+def check_model_inputs(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels,
+                       vision_config=None) -> None:
     """Shapes and dtypes, without a host sync (the token-id range rides on the placeholder check's one copy)."""
     tokens = input_ids if input_ids is not None else inputs_embeds
+    if input_ids is not None and (input_ids.is_floating_point() or input_ids.dtype == torch.bool):
+        raise TypeError(f"`input_ids` must hold integer token ids, got {input_ids.dtype}; tokenize with the processor.")
+    if tokens is not None and tokens.shape[0] == 0:
+        raise ValueError(f"The input holds no samples (shape {tuple(tokens.shape)}); give at least one.")
     if attention_mask is not None and tokens is not None and attention_mask.dim() == 2:
         if attention_mask.shape[0] != tokens.shape[0] or attention_mask.shape[1] < tokens.shape[1]:
             raise ValueError(
@@ -103,6 +108,13 @@ def check_model_inputs(input_ids, inputs_embeds, attention_mask, pixel_values, a
             f"`pixel_values` has shape {tuple(pixel_values.shape)}; expected (num_images, channels, height, width). "
             "Add the batch dimension (`pixel_values.unsqueeze(0)`) or build inputs with the processor."
         )
+    channels, size = getattr(vision_config, "num_channels", None), getattr(vision_config, "image_size", None)
+    if pixel_values is not None and pixel_values.dim() == 4 and pixel_values.shape[0]:
+        if (channels and pixel_values.shape[1] != channels) or (size and tuple(pixel_values.shape[2:]) != (size, size)):
+            raise ValueError(
+                f"`pixel_values` has shape {tuple(pixel_values.shape)}; the vision tower takes {channels} channels at "
+                f"{size}x{size} pixels. Build inputs with the model's own processor (its image processor resizes)."
+            )
     if alignment_levels is not None:
         levels = torch.as_tensor(alignment_levels)
         if levels.is_floating_point() or levels.dtype == torch.bool:
@@ -135,8 +147,14 @@ def raise_out_of_vocabulary(input_ids, vocab_size) -> None:
     )
 
 
-def check_labels(labels: torch.Tensor) -> None:
-    """All labels -100 after the causal shift: the mean loss is 0/0 = NaN. A clear error, as the collator gives."""
+def check_labels(labels: torch.Tensor, input_shape=None) -> None:
+    """Labels shaped like the input; all labels -100 after the causal shift (mean loss 0/0 = NaN) is a clear error,
+    as in the collator. One host sync, only when labels are given."""
+    if input_shape is not None and tuple(labels.shape) != tuple(input_shape):
+        raise ValueError(
+            f"`labels` has shape {tuple(labels.shape)} but the input has {tuple(input_shape)} (batch, sequence); "
+            "give one label per input token (-100 where nothing is predicted)."
+        )
     if labels.numel() and not (labels[..., 1:] != -100).any():
         raise ValueError(
             "Every label of this batch is -100 (after the one-token shift): nothing would be learned and the loss "

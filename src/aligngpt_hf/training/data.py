@@ -153,7 +153,6 @@ def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_ou
         if role is None:
             raise ValueError(f"{where} has a turn from {turn.get('from')!r}; expected one of {sorted(ROLES)}.")
         value = turn.get("value")
-        value = "" if value is None else value
         if not isinstance(value, str):
             raise ValueError(f"{where}: `conversations[{turn_index}].value` is {value!r}; expected a string.")
         count = value.count(IMAGE_PLACEHOLDER)
