@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from aligngpt_hf.training.checkpoints import check_finite_loss, resolve_resume
 from aligngpt_hf.training.data import LEVEL_COLUMN, PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator, sample_token_lengths
 from aligngpt_hf.training.packing import (
     PackedDataset,
@@ -279,6 +280,9 @@ class _AlignGPTTrainer(SFTTrainer):
                             f"got {type(args).__name__}.")
         model, processing_class = self._load(model, processing_class, args)
         self._check_start(model, args, peft_config)
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError("`train_dataset` is empty (0 rows): there is nothing to train on. Check the data file "
+                             "and any filtering before the trainer.")
         self.num_skipped_samples = 0
         self.modality_batching_counts = None  # `modality_batching='separate'`: repeated/unused samples per modality
         if args.skip_overlong_samples and args.max_length is not None and train_dataset is not None:
@@ -390,13 +394,21 @@ class _AlignGPTTrainer(SFTTrainer):
         """TRL's loss, but an image-token mismatch keeps its own message: TRL blames `max_length` for it, while our
         collator never truncates, so the cause lies elsewhere (processor `image_seq_length`, hand-built inputs)."""
         try:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
         except ValueError as error:
             cause = error.__cause__
             if isinstance(cause, ValueError) and "Image features and image tokens do not match" in str(cause):
                 raise cause from None
             raise
+        check_finite_loss(result[0] if return_outputs else result, inputs, self.state.global_step)
+        return result
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`resume_from_checkpoint=True` resumes from the newest COMPLETE checkpoint (a half-written one is skipped,
+        with a warning naming it and why); a given folder is checked first, naming a broken file."""
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -467,7 +479,8 @@ class AlignGPTPretrainTrainer(_AlignGPTTrainer):
     def _collator(self, model, processor, args) -> AlignGPTDataCollator:
         return AlignGPTDataCollator(processor=processor, max_length=args.max_length,
                                     pad_to_multiple_of=args.pad_to_multiple_of, assistant_only_loss=True,
-                                    chat_template=PLAIN_CHAT_TEMPLATE, level_column=args.level_column)
+                                    chat_template=PLAIN_CHAT_TEMPLATE, level_column=args.level_column,
+                                    num_alignment_levels=model.config.num_alignment_levels)
 
 
 class AlignGPTInstructTrainer(_AlignGPTTrainer):
