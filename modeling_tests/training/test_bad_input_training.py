@@ -255,3 +255,18 @@ def test_turn_value_that_is_null(folder):
     path = write(folder, [record(conversations=[TURNS[0], {"from": "gpt", "value": None}])])
     with pytest.raises(ValueError, match=r"record 'r1' \(#0\): `conversations\[1\]\.value` is None; expected a string"):
         load_llava_json(path, folder / "images")
+
+
+def test_training_cli_flag_allows_paths_outside_the_image_folder(folder):
+    from transformers import HfArgumentParser
+
+    from aligngpt_hf.training.cli import AlignGPTScriptArguments, load_training_data
+
+    path = write(folder, [record(image="../outside.png")])
+    argv = ["--data_path", str(path), "--image_folder", str(folder / "images")]
+    parser = HfArgumentParser(AlignGPTScriptArguments)
+    (refused,) = parser.parse_args_into_dataclasses(argv)
+    with pytest.raises(ValueError, match=r"record 'r1' \(#0\) `image`: image path '\.\./outside\.png' resolves to "):
+        load_training_data("pretrain", refused)
+    (allowed,) = parser.parse_args_into_dataclasses([*argv, "--allow_outside_image_folder"])
+    assert load_training_data("pretrain", allowed)[0]["images"][0].getpixel((0, 0)) == (30, 30, 200)

@@ -65,8 +65,8 @@ def read_questions(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{line_number}: `{name}` is {record[name]!r}; expected a string.")
         key = json.dumps(record["question_id"])
         if key in seen:
-            raise ValueError(f"{path}:{line_number}: question_id {record['question_id']!r} is also on line {seen[key]}; "
-                             "ids must be unique (answers and --resume are keyed by them).")
+            raise ValueError(f"{path}:{line_number}: question_id {record['question_id']!r} is also on line "
+                             f"{seen[key]}; ids must be unique (answers and --resume are keyed by them).")
         seen[key] = line_number
         questions.append(record)
     if not questions:

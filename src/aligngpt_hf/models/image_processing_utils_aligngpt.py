@@ -211,4 +211,12 @@ def _cut_samples(input_ids, texts, processor) -> list:
     return cut
 
 
-__all__ = ["call_with_truncation_check", "check_conversation", "check_text", "load_image", "load_images", "resolve_image_path", "to_rgb"]
+__all__ = [
+    "call_with_truncation_check",
+    "check_conversation",
+    "check_text",
+    "load_image",
+    "load_images",
+    "resolve_image_path",
+    "to_rgb",
+]

@@ -290,7 +290,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             image_outputs, image_features = self._image_outputs(pixel_values, **kwargs)
             image_outputs.pooler_output = list(image_features)  # as get_image_features returns it
         if input_ids is not None:
-            word_embeds = self.get_input_embeddings()(safe_token_ids(input_ids, self.get_input_embeddings().num_embeddings))
+            embeddings = self.get_input_embeddings()
+            word_embeds = embeddings(safe_token_ids(input_ids, embeddings.num_embeddings))
         elif image_features is not None:  # inputs_embeds with pixels: placeholders found by value
             input_ids, word_embeds = self._placeholder_ids(inputs_embeds), inputs_embeds
         if input_ids is not None and pixels_withheld and image_features is None:

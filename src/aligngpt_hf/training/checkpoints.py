@@ -117,10 +117,9 @@ def check_finite_loss(loss, inputs: dict, step: int) -> None:
     if torch.isfinite(loss.detach()).all():
         return
     pixels = inputs.get("pixel_values")
-    cause = ""
+    cause = " The inputs are finite: lower the learning rate, use bf16 instead of fp16, or check the data."
     if isinstance(pixels, torch.Tensor) and pixels.is_floating_point() and not torch.isfinite(pixels).all():
         bad = (~torch.isfinite(pixels.flatten(1))).any(-1).nonzero().flatten().tolist()
-        cause = f" `pixel_values` of image(s) {bad} in this batch hold NaN or infinity: fix those images or their preprocessing."
-    raise FloatingPointError(
-        f"The training loss is {loss.detach().float().item()} at step {step}.{cause or ' The inputs are finite: lower the learning rate, use bf16 instead of fp16, or check the data.'}"
-    )
+        cause = (f" `pixel_values` of image(s) {bad} in this batch hold NaN or infinity: fix those images or their "
+                 "preprocessing.")
+    raise FloatingPointError(f"The training loss is {loss.detach().float().item()} at step {step}.{cause}")

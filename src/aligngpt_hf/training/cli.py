@@ -59,6 +59,9 @@ class AlignGPTScriptArguments:
     )
     data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON/JSONL file."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the JSON's image paths are relative to."})
+    allow_outside_image_folder: bool = field(
+        default=False, metadata={"help": "Read `image` paths that resolve outside --image_folder (refused by default)."}
+    )
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "A datasets Hub id or saved folder in TRL's `messages` + `images` format, or `synthetic` "
@@ -321,7 +324,8 @@ def load_training_data(stage: str, script_args: AlignGPTScriptArguments):
     from aligngpt_hf.training.data import load_llava_json, synthetic_dataset
 
     if script_args.data_path is not None:
-        return load_llava_json(script_args.data_path, script_args.image_folder)
+        return load_llava_json(script_args.data_path, script_args.image_folder,
+                               allow_outside_image_folder=script_args.allow_outside_image_folder)
     name = script_args.dataset_name
     if name == "synthetic":
         return synthetic_dataset(script_args.synthetic_samples, stage, text_only_every=4 if stage == "instruct" else 0)
