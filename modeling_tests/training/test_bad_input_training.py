@@ -270,3 +270,13 @@ def test_training_cli_flag_allows_paths_outside_the_image_folder(folder):
         load_training_data("pretrain", refused)
     (allowed,) = parser.parse_args_into_dataclasses([*argv, "--allow_outside_image_folder"])
     assert load_training_data("pretrain", allowed)[0]["images"][0].getpixel((0, 0)) == (30, 30, 200)
+
+
+def test_symlinked_folder_inside_the_image_folder_is_followed(folder):
+    (folder / "shared").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "shared" / "s.png")
+    (folder / "images" / "coco").symlink_to(folder / "shared", target_is_directory=True)  # the user's own layout
+    dataset = load_llava_json(write(folder, [record(image="coco/s.png")]), folder / "images")
+    assert dataset[0]["images"][0].getpixel((0, 0)) == (1, 2, 3)
+    with pytest.raises(ValueError, match=r"outside the image folder"):
+        load_llava_json(write(folder, [record(image="coco/../../shared/s.png")]), folder / "images")

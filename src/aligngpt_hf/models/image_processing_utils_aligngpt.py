@@ -23,13 +23,15 @@ def resolve_image_path(value, image_folder=None, allow_outside: bool = False, wh
     """`value` joined to `image_folder`; a path that resolves outside the folder is refused unless `allow_outside`.
 
     Why: LLaVA JSON files come from strangers; `../../etc/x` or `/home/me/private.png` must not be read silently.
+    The check is on the path as written (`..` and absolute paths), so symlinks you put inside the folder (e.g.
+    `images/coco -> /data/coco`) keep working.
     """
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise TypeError(f"{where}: expected an image path (string), got {type(value).__name__} {value!r}.")
     if image_folder is None:
         return str(value)
-    folder = Path(image_folder).resolve()
-    path = (folder / value).resolve()
+    folder = Path(os.path.abspath(image_folder))
+    path = Path(os.path.normpath(folder / value))
     if not allow_outside and path != folder and folder not in path.parents:
         raise ValueError(
             f"{where}: image path {str(value)!r} resolves to {path}, outside the image folder {folder}. Move the file "
