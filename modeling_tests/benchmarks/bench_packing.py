@@ -2,10 +2,11 @@
 (b) `AlignGPTInstructTrainer` padded with the modality-grouped sampler, (c) `AlignGPTInstructTrainer(packing=True)`.
 
 Identical dimensions (CLIP vision tower + Llama LLM + 2-layer GELU projector, tokenizer, vicuna_v1 template with a
-one-word system prompt, assistant-only loss), one synthetic dataset. The three arms run interleaved in one process:
-each round gives every arm the same number of optimizer steps' worth of its own epoch (arm order rotated per round),
-so drifting machine load hits all alike; samples/s = samples trained / seconds (collation, forward, backward and
-optimizer step included), and the paired per-round ratios are reported with their median.
+one-word system prompt, assistant-only loss), one synthetic dataset. The three arms run interleaved in one process,
+one optimizer step of each arm per tick (order rotated), each through its own epoch, so drifting machine load hits all
+alike; samples/s = samples trained / seconds (collation, forward, backward and optimizer step included), by the wall
+clock and by this process's CPU time (steadier on a shared machine: time spent descheduled does not count); the
+ratios are reported overall and per block of steps (their median and spread).
 
 Lengths follow LLaVA-665K's shape, scaled by s = image_seq_length / 576 (default 64 / 576 = 1/9, so CPU runs take
 minutes; the ratios between text, image and cap are kept):
@@ -172,12 +173,12 @@ class Arm:
         trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
         self.pad_id = trainer.processing_class.tokenizer.pad_token_id
         self.batches = iter(trainer.get_train_dataloader())
-        self.seconds = self.samples = self.tokens = self.padding = self.steps = 0
-        self.peak_growth = 0
+        self.records = []  # per timed step: (wall seconds, CPU seconds of this process, samples)
+        self.tokens = self.padding = self.peak_growth = 0
 
     def step(self, timed: bool = True) -> bool:
         _return_freed_memory_to_the_os()
-        start, base = time.perf_counter(), _rss("VmRSS")
+        start, cpu_start, base = time.perf_counter(), time.process_time(), _rss("VmRSS")
         with open("/proc/self/clear_refs", "w") as refs:  # reset the peak-RSS mark (Linux)
             refs.write("5")
         batch = next(self.batches, None)
@@ -190,13 +191,31 @@ class Arm:
         self.trainer.optimizer.step()
         self.trainer.optimizer.zero_grad(set_to_none=True)
         if timed:
-            self.seconds += time.perf_counter() - start
-            self.samples += (len(batch["cu_seq_lens_q"]) - 1) if "cu_seq_lens_q" in batch else len(batch["input_ids"])
+            samples = (len(batch["cu_seq_lens_q"]) - 1) if "cu_seq_lens_q" in batch else len(batch["input_ids"])
+            self.records.append((time.perf_counter() - start, time.process_time() - cpu_start, samples))
             self.tokens += batch["input_ids"].numel()
             self.padding += int((batch["input_ids"] == self.pad_id).sum())
-            self.steps += 1
             self.peak_growth = max(self.peak_growth, _rss("VmHWM") - base)
         return True
+
+    def rate(self, block: int | None = None, blocks: int = 1, column: int = 0) -> float:
+        """Samples per (wall or CPU) second over all timed steps, or over block `block` of `blocks` in step order."""
+        records = self.records
+        if block is not None:
+            size = len(records) / blocks
+            records = records[round(block * size): round((block + 1) * size)]
+        return sum(r[2] for r in records) / max(sum(r[column] for r in records), 1e-9)
+
+
+def interleave(arms: dict) -> None:
+    """One step of every arm per tick (order rotated each tick) until every epoch is done: all arms see the same
+    machine load, second by second."""
+    names, tick, active = list(arms), 0, set(arms)
+    while active:
+        for name in names[tick % len(names):] + names[: tick % len(names)]:
+            if name in active and not arms[name].step():
+                active.discard(name)
+        tick += 1
 
 
 def main() -> None:
@@ -207,7 +226,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8, help="(a), (b): samples per step")
     parser.add_argument("--packs", type=int, default=4, help="(c): packs of <= cap tokens per step")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4, help="blocks of steps for the paired ratios' spread")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
     parser.add_argument("--paper", action="store_true", help="only the full-scale padded shares (no model runs)")
     opts = parser.parse_args()
@@ -227,24 +246,20 @@ def main() -> None:
         for arm in arms.values():
             for _ in range(opts.warmup):
                 arm.step(timed=False)
-        names, rounds = list(arms), []
-        steps_per_round = {name: max(1, len(arm.trainer.get_train_dataloader()) // opts.rounds)
-                           for name, arm in arms.items()}
-        for number in range(opts.rounds):
-            order = names[number % 3:] + names[: number % 3]
-            before = {name: (arms[name].samples, arms[name].seconds) for name in names}
-            for name in order:
-                for _ in range(steps_per_round[name]):
-                    arms[name].step()
-            rounds.append({name: (arms[name].samples - before[name][0]) / max(arms[name].seconds - before[name][1],
-                                                                             1e-9) for name in names})
-    per_arm = {name: {"samples_per_s": round(arm.samples / arm.seconds, 2), "steps": arm.steps,
-                      "samples": arm.samples, "padded_token_share": round(arm.padding / max(arm.tokens, 1), 3),
-                      "tokens_per_step": round(arm.tokens / max(arm.steps, 1)),
+        interleave(arms)
+    per_arm = {name: {"samples_per_s_wall": round(arm.rate(), 2), "samples_per_cpu_s": round(arm.rate(column=1), 2),
+                      "steps": len(arm.records), "samples": sum(r[2] for r in arm.records),
+                      "padded_token_share": round(arm.padding / max(arm.tokens, 1), 3),
+                      "tokens_per_step": round(arm.tokens / max(len(arm.records), 1)),
                       "peak_step_memory_mib": round(arm.peak_growth / 2**20, 1)} for name, arm in arms.items()}
-    a, b, c = names
-    ratios = {"c_over_a": [r[c] / r[a] for r in rounds], "c_over_b": [r[c] / r[b] for r in rounds],
-              "b_over_a": [r[b] / r[a] for r in rounds]}
+    a, b, c = list(arms)
+    ratios, overall = {}, {}
+    for clock, column in (("wall", 0), ("cpu", 1)):
+        for top, bottom in ((c, a), (c, b), (b, a)):
+            key = f"{top[0]}_over_{bottom[0]}_{clock}"
+            ratios[key] = [arms[top].rate(k, opts.rounds, column) / arms[bottom].rate(k, opts.rounds, column)
+                           for k in range(opts.rounds)]
+            overall[key] = round(arms[top].rate(column=column) / arms[bottom].rate(column=column), 3)
     sorted_lengths = sorted(lengths)
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
@@ -254,8 +269,9 @@ def main() -> None:
                     "sample_tokens_median": sorted_lengths[len(lengths) // 2],
                     "sample_tokens_p95": sorted_lengths[int(0.95 * len(lengths))], "sample_tokens_max": sorted_lengths[-1]},
         "arms": per_arm,
-        "paired_ratio_median": {key: round(statistics.median(values), 3) for key, values in ratios.items()},
-        "paired_ratios": {key: [round(v, 3) for v in values] for key, values in ratios.items()},
+        "overall_ratios": overall,
+        "block_ratio_median": {key: round(statistics.median(values), 3) for key, values in ratios.items()},
+        "block_ratios": {key: [round(v, 3) for v in values] for key, values in ratios.items()},
     }
     print(json.dumps(report, indent=2))
 

@@ -21,6 +21,7 @@ from aligngpt_hf.training.data import PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator,
 from aligngpt_hf.training.packing import (
     AlignGPTPackingCollator,
     PackedDataset,
+    PackLengthGroupedSampler,
     best_fit_decreasing,
     check_packed_attention,
 )
@@ -161,7 +162,8 @@ def test_padding_free_stage2_steps_with_modality_sampler_and_accumulation_equal_
         model.config.aligngpt_stage = "pretrain"
         args = AlignGPTInstructConfig(output_dir=str(tmp_path / str(padding_free)), max_steps=3,
                                       per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                                      group_by_modality_length=True, padding_free=padding_free, **FAST)
+                                      group_by_modality_length=True, padding_free=padding_free,
+                                      **{**FAST, "learning_rate": 2e-5})  # the paper's stage-2 rate
         trainer = AlignGPTInstructTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
         weights.append(_weights_after_training(trainer))
     before = make_model(seed=2).state_dict()
@@ -288,3 +290,16 @@ def test_flash_layout_puts_all_packs_in_one_row_and_pack_lengths_are_checked(pro
     with pytest.raises(ValueError, match=rf"A pack of samples \[1, 2\] of this batch is {lengths[2] + lengths[3]} "
                                          r"tokens long, over max_length=\d+: the lengths measured when packing"):
         AlignGPTPackingCollator(inner, max_length=lengths[2] + lengths[3] - 1)([rows[:1], rows[2:]])
+
+
+def test_pack_sampler_gives_single_modality_batches_of_similar_length_then_the_leftovers():
+    lengths = [200, -150, 190, 100, -90, 220, 120, 210, -180, 95]  # negative: text-only packs
+    sampler = PackLengthGroupedSampler(lengths, batch_size=2, seed=0, group=2)
+    order = list(sampler)
+    assert sorted(order) == list(range(10)) and list(sampler) == order
+    batches = [order[i: i + 2] for i in range(0, 10, 2)]
+    for batch in batches[:4]:  # 3 image + 1 text-only full batches, each sorted from a megabatch of 4
+        assert len({lengths[i] > 0 for i in batch}) == 1 and abs(lengths[batch[0]]) >= abs(lengths[batch[1]])
+    assert {lengths[i] > 0 for i in batches[4]} == {True, False}  # one leftover of each modality, last
+    sampler.set_epoch(1)
+    assert list(sampler) != order

@@ -204,7 +204,7 @@ class AlignGPTPackingCollator:
 def check_packed_attention(model) -> None:
     """Refuse a language model whose output for one packed sample changes with its neighbour (tested on two tiny
     packed samples, the first one varied). Flash-attention implementations are trusted (varlen over `position_ids`)
-    and need a GPU, so they are not probed."""
+    and need a GPU, and ZeRO-3-partitioned weights cannot run outside the engine: those are not probed."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     language_model = base.model.language_model
     implementation = getattr(language_model.config, "_attn_implementation", None) or "eager"
@@ -212,9 +212,9 @@ def check_packed_attention(model) -> None:
         raise ValueError(f"`packing`/`padding_free` need an attention implementation that keeps packed samples apart; "
                          f"the language model uses {implementation!r}. Load it with `attn_implementation=` one of "
                          f"{PACKED_ATTENTION}.")
-    if "flash" in implementation:
-        return
     embeddings = language_model.get_input_embeddings().weight
+    if "flash" in implementation or hasattr(embeddings, "ds_id") or embeddings.is_meta or embeddings.numel() == 0:
+        return  # flash: trusted, needs a GPU; ZeRO-3-partitioned or meta weights: no forward outside the engine
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, embeddings.shape[0], (2, 8), generator=generator).to(embeddings.device)
     ids[1, 4:] = ids[0, 4:]  # same second sample, different first sample
@@ -234,6 +234,47 @@ def check_packed_attention(model) -> None:
             f"see each other: a sample's hidden states changed by {leak:.2g} (relative) when only its neighbour in the "
             "row changed. It ignores the packed-sequence mask; train it without `packing`/`padding_free`."
         )
+
+
+class PackLengthGroupedSampler(torch.utils.data.Sampler):
+    """Order of the packs for `group_by_modality_length`: each device batch holds packs of one modality and similar
+    length, so rows padded to the batch's longest pack waste little. Packs are shuffled, cut into megabatches of
+    `group` batches per modality, sorted by length inside each, split into batches; the full batches of both
+    modalities are shuffled together and the leftovers form the last batches (as LLaVA's sampler does).
+    Deterministic in (`seed`, epoch), so ranks and resumed runs agree."""
+
+    def __init__(self, modality_lengths: list[int], batch_size: int, seed: int = 0, group: int = 16):
+        self.lengths, self.batch_size, self.seed, self.group = list(modality_lengths), batch_size, seed, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        batches, leftovers = [], []
+        for with_image in (True, False):
+            packs = [index for index in order if (self.lengths[index] > 0) == with_image]
+            size = self.batch_size * self.group
+            for start in range(0, len(packs), size):
+                chunk = sorted(packs[start: start + size], key=lambda index: -abs(self.lengths[index]))
+                split = [chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+                batches += [batch for batch in split if len(batch) == self.batch_size]
+                leftovers += [index for batch in split if len(batch) < self.batch_size for index in batch]
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return iter([index for batch in shuffled for index in batch] + leftovers)
+
+
+def pack_sampler(dataset, args):
+    """The sampler of a `PackedDataset`: length- and modality-grouped with `group_by_modality_length`, else None
+    (the trainer's default random order)."""
+    if not args.group_by_modality_length:
+        return None
+    return PackLengthGroupedSampler(dataset.modality_lengths, args.per_device_train_batch_size, seed=args.seed)
 
 
 def check_packing_args(args) -> None:
@@ -279,11 +320,13 @@ def prepare_packing(args, processor, train_dataset, data_collator, chat_template
 
 __all__ = [
     "AlignGPTPackingCollator",
+    "PackLengthGroupedSampler",
     "PackedDataset",
     "best_fit_decreasing",
     "check_packed_attention",
     "check_packing_args",
     "hidden_from_trl",
     "pack_dataset",
+    "pack_sampler",
     "prepare_packing",
 ]

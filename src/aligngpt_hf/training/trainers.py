@@ -23,6 +23,7 @@ from aligngpt_hf.training.packing import (
     check_packed_attention,
     check_packing_args,
     hidden_from_trl,
+    pack_sampler,
     prepare_packing,
 )
 from aligngpt_hf.training.sampler import (
@@ -414,10 +415,12 @@ class _AlignGPTTrainer(SFTTrainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if getattr(self.args, "modality_batching", "mixed") == "separate" and dataset is not None:
             return self._separate_modality_sampler(dataset)
+        if isinstance(dataset, PackedDataset):
+            return pack_sampler(dataset, self.args) or super()._get_train_sampler(train_dataset)
         if not self.args.group_by_modality_length or dataset is None or not hasattr(dataset, "__len__"):
             return super()._get_train_sampler(train_dataset)
         return ModalityLengthGroupedSampler(
-            dataset.modality_lengths if isinstance(dataset, PackedDataset) else modality_lengths(dataset),
+            modality_lengths(dataset),
             batch_size=self.args.per_device_train_batch_size,
             world_size=self.args.world_size * self.args.gradient_accumulation_steps,
             seed=self.args.seed,
