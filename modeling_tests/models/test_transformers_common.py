@@ -14,6 +14,7 @@ generation paths behaviourally).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import types
@@ -57,7 +58,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration, AlignGPTModel  # noqa: E402
 
-IMAGE_ID, ALIGN_ID, PAD_ID = 97, 98, 1
+IMAGE_ID, ALIGN_ID, PAD_ID = 3, 4, 1  # low ids, as LLaVA's tester: the resize tests clamp ids below the new size
 
 
 class VLMTester:
@@ -89,12 +90,12 @@ class VLMTester:
             return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, image_seq_length=16,
                                vision_feature_layer=-1, vision_feature_select_strategy="default")
         return AlignGPTConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
-                              alignment_token_id=ALIGN_ID, gate_hidden_size=16)
+                              alignment_token_id=ALIGN_ID, gate_hidden_size=16, vision_feature_layer=-1)
 
     def prepare_config_and_inputs_for_common(self):
         config = self.get_config()
         pixel_values = floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])
-        input_ids = ids_tensor([self.batch_size, self.seq_length], IMAGE_ID - 4) + 3  # 3..96: no pad/placeholder
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 5) + 5  # 5..98: plain text
         start = int(self.alignment)
         if self.alignment:
             input_ids[:, 0] = ALIGN_ID
@@ -107,13 +108,78 @@ class AlignGPTCommonTest(ModelTesterMixin, unittest.TestCase):
     all_model_classes = (AlignGPTModel, AlignGPTForConditionalGeneration)
     _is_composite = True
     alignment = True
+    # LLaVA-style feature selection (vision_feature_layer=-1) never uses the tower's post_layernorm; the mixin's knob
+    # for parameters that legitimately get no gradient (LLaVA fails the same check without it)
+    test_all_params_have_gradient = False
 
     def setUp(self):
         self.model_tester = VLMTester(self, alignment=self.alignment)
 
+    # The mixin recognises model kinds by looking class names up in transformers' own *_MAPPING_NAMES tables, where
+    # LLaVA's classes are and a plugin's cannot be. Two stand-ins give AlignGPT LLaVA's treatment: labels for the
+    # image-text-to-text head (the zeros the mixin gives LLaVA's), and the training tests on the head model only (the
+    # mixin skips LlavaModel there as a base model).
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels and model_class is AlignGPTForConditionalGeneration:
+            inputs["labels"] = torch.zeros_like(inputs["input_ids"])
+        return inputs
+
+    def _head_models_only(self, test):
+        every_class = self.all_model_classes
+        self.all_model_classes = tuple(model for model in every_class if model.can_generate())
+        try:
+            test()
+        finally:
+            self.all_model_classes = every_class
+
+    def test_training(self):
+        self._head_models_only(super().test_training)
+
+    def test_training_gradient_checkpointing(self):
+        self._head_models_only(super().test_training_gradient_checkpointing)
+
+    def test_training_gradient_checkpointing_use_reentrant_false(self):
+        self._head_models_only(super().test_training_gradient_checkpointing_use_reentrant_false)
+
+    def test_training_gradient_checkpointing_use_reentrant_true(self):
+        self._head_models_only(super().test_training_gradient_checkpointing_use_reentrant_true)
+
+
+# Where AlignGPT and LLaVA differ on purpose or a gap is known, the mixin's test stays in the run, marked so it keeps
+# being checked (an expected failure that starts passing fails the run): docs/native.md lists each with its reason.
+EXPECTED_FAILURES = {
+    "test_eager_matches_sdpa_inference_": "deliberate: the tester's inputs keep `<image>`/`<align>` ids but drop "
+    "pixel_values, which AlignGPT refuses (LLaVA embeds the ids as words)",
+    "test_can_init_all_missing_weights": "open: from_pretrained(None, state_dict={}) re-initialises the CLIP tower's "
+    "Linear layers with std 0.02 instead of CLIP's own init (is_custom_code path); model(config) is right",
+}
+
+
+def _expected_failure(test, prefix):
+    """A strict xfail on a copy of the mixin's test (the mixin's own function object stays unmarked for LLaVA)."""
+
+    @functools.wraps(test)
+    def marked(self, *args, **kwargs):
+        return test(self, *args, **kwargs)
+
+    return pytest.mark.xfail(strict=True, reason=EXPECTED_FAILURES[prefix])(marked)
+
+
+SKIPS = {"test_generation_tester_mixin_inheritance": "the sdist has no GenerationTesterMixin; a stand-in replaces it"}
+for _name in [name for name in dir(ModelTesterMixin) if callable(getattr(ModelTesterMixin, name))]:
+    for _prefix in EXPECTED_FAILURES:
+        if _name.startswith(_prefix):
+            setattr(AlignGPTCommonTest, _name, _expected_failure(getattr(ModelTesterMixin, _name), _prefix))
+    if _name in SKIPS:
+        setattr(AlignGPTCommonTest, _name, unittest.skip(SKIPS[_name])(getattr(ModelTesterMixin, _name)))
 
 if os.environ.get("ALIGNGPT_COMMON_BASELINE") == "1":
 
     class LlavaCommonBaseline(AlignGPTCommonTest):
         all_model_classes = (LlavaModel, LlavaForConditionalGeneration)
         alignment = False
+
+    for _name in dir(ModelTesterMixin):  # LLaVA runs every mixin test plainly
+        if _name.startswith(tuple(EXPECTED_FAILURES)) and callable(getattr(ModelTesterMixin, _name)):
+            setattr(LlavaCommonBaseline, _name, getattr(ModelTesterMixin, _name))
