@@ -1,8 +1,8 @@
 """FSDP2 on 2 CPU processes (gloo), driven by the shipped fsdp.yaml through `accelerate launch`, and the shipped
 DeepSpeed configs as accelerate reads them.
 
-accelerate 1.15 only enters its FSDP (and DeepSpeed) path on a GPU-class device: with `use_cpu` it runs DDP, without
-it a CPU-only process gets distributed type NO (accelerate/state.py `_prepare_backend`). So the Trainer's FSDP path
+accelerate 1.15 only enters its FSDP path on a GPU-class device: with `use_cpu` it runs DDP (MULTI_CPU), without it
+a CPU-only process gets distributed type NO (accelerate/state.py `_prepare_backend`). So the Trainer's FSDP path
 needs GPUs. What runs here is the part that breaks VLMs: `accelerate launch --config_file fsdp.yaml` starts the
 processes and exports the config, `FullyShardedDataParallelPlugin()` reads it back, and accelerate's own
 `fsdp2_prepare_model` shards the tiny AlignGPT with `fully_shard` (wrap policy, embedding/tail units, rank-0 loading).
