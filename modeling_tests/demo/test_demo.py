@@ -16,7 +16,7 @@ from aligngpt_hf.cli import main
 from aligngpt_hf.demo.compare import run_compare
 from aligngpt_hf.demo.pipeline import summarise
 from aligngpt_hf.demo.stages import DemoSettings, choose_threads
-from aligngpt_hf.demo.task import ANSWERS, CHECK, QUESTION_KINDS, heldout_rows, question_rows
+from aligngpt_hf.demo.task import ANSWERS, CHECK, QUESTION_KINDS, heldout_rows, question_rows, verdict
 
 TINY_COMPARE = dict(clip_pairs=200, clip_steps=60, pretrain_pairs=64, instruct_rows=160, text_only_rows=8,
                     heldout_per_kind=4, stage1_steps=4, stage2_steps=30, batch_size=8)
@@ -50,7 +50,10 @@ def test_quick_demo_beats_chance_on_every_kind(quick_run):
         rows = [row for row in answers if row["kind"] == kind]
         truths = Counter(row["answer"] for row in rows)
         chance = max(truths.values()) / len(rows)  # the best constant answer, counted independently here
-        correct = sum(row["prediction"].strip().lower() == row["answer"] for row in rows) / len(rows)
+        graded = [row["prediction"].strip().lower().rstrip(".") for row in rows]
+        if kind == CHECK:  # "red shapes, so no": the verdict is graded
+            graded = [text.split(" ")[-1] for text in graded]
+        correct = sum(text == row["answer"] for text, row in zip(graded, rows)) / len(rows)
         assert results["chance"][kind] == pytest.approx(chance)
         assert results["accuracy"][kind] == pytest.approx(correct)
         assert correct > chance, (kind, correct, chance)
@@ -98,6 +101,17 @@ def test_heldout_is_balanced_and_caption_checks_do_not_leak():
     for question in {row["question"] for row in training}:
         yes, no = by_question[(question, "yes")], by_question[(question, "no")]
         assert 0.3 < yes / (yes + no) < 0.7, (question, yes, no)  # the named value does not give the answer away
+
+
+def test_caption_check_response_names_the_picture_then_the_verdict():
+    for row in question_rows(200, random.Random(5), {CHECK: 1.0}):
+        named = row["question"].removeprefix("Does the caption match the picture: ").removesuffix("?")
+        attribute = "colour" if named.endswith(" shapes") else "shape"
+        truth = getattr(row["scene"], attribute)
+        seen = f"{truth} shapes" if attribute == "colour" else f"{truth}s"
+        assert row["response"] == f"{seen}, so {'yes' if seen == named else 'no'}"
+        assert row["answer"] == row["response"].split()[-1]
+        assert verdict(row["response"].capitalize() + ".", CHECK) == row["answer"]
 
 
 def test_summary_counts_chance_as_the_best_constant_answer():

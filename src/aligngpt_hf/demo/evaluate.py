@@ -27,7 +27,7 @@ def answer_questions(model, processor, questions: list[dict], batch_size: int = 
         batch = processor(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt")
         with torch.no_grad():
             weights = model(**batch).alignment_weights
-            generated = model.generate(**batch, max_new_tokens=4, do_sample=False)
+            generated = model.generate(**batch, max_new_tokens=8, do_sample=False)
         texts = processor.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         rows = weights.tolist() if weights is not None else [None] * len(chunk)
         answers += [{**q, "prediction": text.strip(), "alignment_weights": w} for q, text, w in zip(chunk, texts, rows)]

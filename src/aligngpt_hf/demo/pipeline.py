@@ -43,7 +43,7 @@ from aligngpt_hf.demo.stages import (
     stage_costs,
     train_clip,
 )
-from aligngpt_hf.demo.task import QUESTION_KINDS, best_constant_accuracy, draw, heldout_rows
+from aligngpt_hf.demo.task import QUESTION_KINDS, best_constant_accuracy, draw, heldout_rows, verdict
 
 MARKER = ".aligngpt-demo"  # written into every run folder, so --overwrite only ever deletes a demo's own output
 
@@ -94,16 +94,12 @@ def summarise(answers: list[dict]) -> dict:
     summary = {"accuracy": {}, "chance": {}, "gate_weights": {}, "gate_weights_std": {}}
     for kind in QUESTION_KINDS:
         rows = [row for row in answers if row["kind"] == kind]
-        summary["accuracy"][kind] = sum(_normal(row["prediction"]) == row["answer"] for row in rows) / len(rows)
+        summary["accuracy"][kind] = sum(verdict(row["prediction"], kind) == row["answer"] for row in rows) / len(rows)
         summary["chance"][kind] = best_constant_accuracy([row["answer"] for row in rows])
         weights = [row["alignment_weights"] for row in rows if row["alignment_weights"] is not None]
         summary["gate_weights"][kind] = np.mean(weights, axis=0).tolist() if weights else None
         summary["gate_weights_std"][kind] = np.std(weights, axis=0).tolist() if weights else None
     return summary
-
-
-def _normal(prediction: str) -> str:
-    return prediction.lower().strip().rstrip(".")
 
 
 def write_plots(run: Path, logs: dict, summary: dict) -> list[str]:
@@ -155,9 +151,10 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def settings_for(quick: bool, wrong_share: float | None = None) -> DemoSettings:
-    settings = QUICK if quick else FULL
-    return settings if wrong_share is None else replace(settings, wrong_share=wrong_share)
+def settings_for(quick: bool, wrong_share: float | None = None, **budgets: int | None) -> DemoSettings:
+    """QUICK or FULL with the given fields replaced (None keeps the preset's value)."""
+    changes = {name: value for name, value in {"wrong_share": wrong_share, **budgets}.items() if value is not None}
+    return replace(QUICK if quick else FULL, **changes)
 
 
 def setup(seed: int, threads: int | None) -> int:
@@ -233,26 +230,30 @@ def print_summary(results: dict, run: Path) -> None:
 
 def add_cli_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="sub-minute smoke version (smaller data and budgets)")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/demo, or runs/demo-compare)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0; --compare: the first seed)")
+    parser.add_argument("--out", default=None, help="run folder (None: runs/demo, or runs/demo-compare)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (--compare: the first seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: from free cores and load; 1 on a busy 2-core machine)")
+                        help="torch threads (None: from free cores and load; 1 on a 2-core machine)")
     parser.add_argument("--wrong-share", type=float, default=None,
-                        help="share of wrong pre-training captions (default 0.5)")
+                        help="share of wrong pre-training captions (None: 0.5)")
+    parser.add_argument("--stage1-steps", type=int, default=None, help="override the preset's stage-1 steps")
+    parser.add_argument("--stage2-steps", type=int, default=None, help="override the preset's stage-2 steps")
     parser.add_argument("--compare", action="store_true",
                         help="train AlignGPT, plain LLaVA and AlignGPT with shuffled levels on the same data")
-    parser.add_argument("--seeds", type=int, default=3, help="--compare: number of seeds (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="--compare: number of seeds")
 
 
 def run_cli(args) -> int:
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    settings = settings_for(args.quick, args.wrong_share, stage1_steps=args.stage1_steps,
+                            stage2_steps=args.stage2_steps)
     if args.compare:
         from aligngpt_hf.demo.compare import run_compare
 
         run_compare(args.out or "runs/demo-compare", quick=args.quick, seeds=range(args.seed, args.seed + args.seeds),
-                    overwrite=args.overwrite, threads=args.threads, wrong_share=args.wrong_share)
+                    overwrite=args.overwrite, threads=args.threads, settings=settings)
     else:
         run_demo(args.out or "runs/demo", quick=args.quick, seed=args.seed, overwrite=args.overwrite,
-                 threads=args.threads, wrong_share=args.wrong_share)
+                 threads=args.threads, settings=settings)
     return 0

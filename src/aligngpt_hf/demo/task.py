@@ -101,24 +101,33 @@ def caption_pairs(count: int, rng: random.Random, wrong_share: float) -> list[di
     return pairs
 
 
-def check_question(attribute: str, value: str) -> str:
+def check_phrase(attribute: str, value: str) -> str:
     """A caption that names one attribute: "red shapes", "circles"."""
-    phrase = f"{value} shapes" if attribute == "colour" else f"{value}s"
-    return f"Does the caption match the picture: {phrase}?"
+    return f"{value} shapes" if attribute == "colour" else f"{value}s"
+
+
+def check_question(attribute: str, value: str) -> str:
+    return f"Does the caption match the picture: {check_phrase(attribute, value)}?"
 
 
 def make_question(scene: Scene, kind: str, rng: random.Random, matches: bool | None = None,
                   attribute: str | None = None) -> dict:
-    """One row `{scene, kind, question, answer}`. A caption check names one attribute (`CHECKED`) with the right
-    value or, for a "no", any other value; the named value alone says nothing about the answer."""
+    """One row `{scene, kind, question, answer, response}`: `response` is what the model learns to say, `answer`
+    what is graded. A caption check names one attribute (`CHECKED`) with the right value or, for a "no", any other
+    value; the named value alone says nothing about the answer. Its response first says what the picture shows, then
+    the verdict ("blue shapes, so no"): the verdict alone is an XOR of word and picture, which a tiny model learns only after
+    a long plateau; saying the value first turns it into "is the word I just said in the question?" (graded: the
+    verdict, the response's last word)."""
     if kind != CHECK:
-        return {"scene": scene, "kind": kind, "question": QUESTIONS[kind], "answer": scene.answer(kind)}
+        answer = scene.answer(kind)
+        return {"scene": scene, "kind": kind, "question": QUESTIONS[kind], "answer": answer, "response": answer}
     matches = rng.random() < 0.5 if matches is None else matches
     attribute = attribute or rng.choice(CHECKED)
     truth = getattr(scene, attribute)
     value = truth if matches else rng.choice([v for v in ATTRIBUTES[attribute] if v != truth])
-    return {"scene": scene, "kind": kind, "question": check_question(attribute, value),
-            "answer": "yes" if matches else "no"}
+    verdict = "yes" if matches else "no"
+    return {"scene": scene, "kind": kind, "question": check_question(attribute, value), "answer": verdict,
+            "response": f"{check_phrase(attribute, truth)}, so {verdict}"}
 
 
 def question_rows(count: int, rng: random.Random, kind_weights: dict[str, float]) -> list[dict]:
@@ -154,4 +163,12 @@ def corpus() -> list[str]:
     sentences = [Scene(*values).caption() for values in itertools.product(*ATTRIBUTES.values())]
     checks = [check_question(attribute, value) for attribute in CHECKED for value in ATTRIBUTES[attribute]]
     questions = list(QUESTIONS.values()) + [q for q, _ in TEXT_ONLY] + checks
-    return sentences + questions + [a for _, a in TEXT_ONLY] + ["yes no shapes squares circles triangles"]
+    return sentences + questions + [a for _, a in TEXT_ONLY] + ["yes no shapes squares circles triangles", "red shapes, so no"]
+
+
+def verdict(prediction: str, kind: str) -> str:
+    """The graded part of a prediction: the whole (normalised) answer, or a caption check's last word."""
+    words = prediction.lower().replace(",", " ").replace(".", " ").split()
+    if kind == CHECK:
+        return words[-1] if words else ""
+    return " ".join(words)
