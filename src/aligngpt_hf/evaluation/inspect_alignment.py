@@ -21,12 +21,10 @@ PLOT_EXTRA_HINT = 'Plotting needs matplotlib: pip install "aligngpt-hf[plot]"'
 
 
 def _as_rgb_image(image):
-    from PIL import Image
+    """Through the package's one image loader, so inspection sees the pixels training and evaluation see."""
+    from aligngpt_hf.models.image_processing_utils_aligngpt import load_image
 
-    if isinstance(image, str | Path):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+    return load_image(image)
 
 
 @torch.no_grad()

@@ -89,15 +89,14 @@ def _as_images(visuals) -> list:
     """Flat list of RGB PIL images from whatever `doc_to_visual`/messages give (PIL, paths, nested lists, None)."""
     from PIL import Image
 
+    from aligngpt_hf.models.image_processing_utils_aligngpt import load_image
+
     images = []
     for item in visuals or []:
         if isinstance(item, (list, tuple)):
             images.extend(_as_images(item))
-        elif isinstance(item, str):
-            with Image.open(item) as opened:
-                images.append(opened.convert("RGB"))
-        elif isinstance(item, Image.Image):
-            images.append(item.convert("RGB"))
+        elif isinstance(item, (str, Image.Image)):  # the package's one loader: transparency on white, 16-bit scaled
+            images.append(load_image(item, f"visual {len(images)}"))
         else:
             raise TypeError(f"AlignGPT takes images only; got a {type(item).__name__} visual (video/audio?).")
     return images
