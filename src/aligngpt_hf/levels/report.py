@@ -16,7 +16,7 @@ BINNING_NOTE = (
     "The paper ranks pairs by CLIP similarity and assigns them to 'N equally spaced intervals'; this reads as "
     "equal-count groups by rank (quantile) or as equal-width score bins (uniform). The released data's per-level "
     "counts are unknown (about 69.8K per level of 558K would mean quantile). Level 0 = weakest alignment, "
-    "level N-1 = strongest (AlignGPT's 'global' row)."
+    "level N-1 = strongest (AlignGPT's 'global' row). Scores within the tie tolerance share a level."
 )
 
 
