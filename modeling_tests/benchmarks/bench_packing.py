@@ -83,7 +83,7 @@ def llava_665k_like(num_samples: int, scale: float, image_tokens: int, cap: int,
 def full_scale_token_shares(num_samples: int = 20_000, per_device: int = 16, packs: int = 7, world: int = 8, seed=0):
     """On paper, at LLaVA-1.5's real sizes (576 image tokens, ~45 template tokens, cap 2048; 8 GPUs x 16 samples):
     the padded share of the token positions each layout computes. No model runs."""
-    from aligngpt_hf.training.packing import best_fit_decreasing
+    from aligngpt_hf.training.packing import PackLengthGroupedSampler, best_fit_decreasing
     from aligngpt_hf.training.sampler import modality_grouped_indices
 
     rng, lengths, signed = random.Random(seed), [], []
@@ -103,9 +103,13 @@ def full_scale_token_shares(num_samples: int = 20_000, per_device: int = 16, pac
     rng.shuffle(random_order)
     grouped = modality_grouped_indices(signed, per_device, world, torch.Generator().manual_seed(seed))
     split = [lambda order: [order[i: i + per_device] for i in range(0, len(order), per_device)]][0]
-    bins = best_fit_decreasing(lengths, 2048)
+    groups = [[i for i in range(num_samples) if signed[i] > 0], [i for i in range(num_samples) if signed[i] < 0]]
+    bins = [[group[i] for i in pack] for group in groups
+            for pack in best_fit_decreasing([lengths[i] for i in group], 2048)]  # as the trainer packs them
     pack_lengths = [sum(lengths[i] for i in pack) for pack in bins]
-    steps = [pack_lengths[i: i + packs] for i in range(0, len(pack_lengths), packs)]
+    signed_packs = [length if signed[pack[0]] > 0 else -length for pack, length in zip(bins, pack_lengths)]
+    order = list(PackLengthGroupedSampler(signed_packs, packs, seed=seed))
+    steps = [[pack_lengths[i] for i in order[j: j + packs]] for j in range(0, len(order), packs)]
     rows_share = 1 - sum(pack_lengths) / sum(len(step) * max(step) for step in steps)
     return {"samples": num_samples, "mean_sample_tokens": round(sum(lengths) / num_samples),
             "samples_per_pack": round(num_samples / len(bins), 2),

@@ -23,7 +23,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .abstractor_aligngpt import AlignGPTVisualAbstractor
 from .configuration_aligngpt import AlignGPTConfig
-from .packing_aligngpt import check_packed_call, is_packed_call, packed_image_text_dots, packed_segments, segment_sum
+from .packing_aligngpt import packed_call, packed_image_text_dots, placeholder_counts
 from .placeholders_aligngpt import (
     check_labels,
     check_model_inputs,
@@ -280,11 +280,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         check_model_inputs(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels,
                            self.config.vision_config)
-        image_features = alignment_weights = segments = None
-        if is_packed_call(attention_mask, position_ids, (input_ids if input_ids is not None else inputs_embeds).shape[1]):
-            segments = packed_segments(position_ids, kwargs.get("cu_seq_lens_q"))  # None: one sample per row
-            if segments is not None:
-                use_cache = check_packed_call(self.language_model.config, use_cache, kwargs)
+        image_features = alignment_weights = None
+        segments, use_cache = packed_call(self.language_model.config, attention_mask, position_ids, use_cache, kwargs)
         image_outputs = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_outputs, image_features = self._image_outputs(pixel_values, **kwargs)
@@ -345,10 +342,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         levels = None
         if alignment_levels is not None and self.config.uses_alignment_token:
             levels = torch.as_tensor(alignment_levels, device=input_ids.device).long().reshape(-1)
-        if segments is None:
-            image_tokens_per_row, align_per_row = image_mask.sum(-1), align_mask.sum(-1)
-        else:
-            image_tokens_per_row, align_per_row = segment_sum(image_mask, *segments), segment_sum(align_mask, *segments)
+        image_tokens_per_row, align_per_row = placeholder_counts(image_mask, align_mask, segments)
         check_placeholders(
             image_tokens_per_row, align_per_row, image_features.shape, self.config.uses_alignment_token,
             levels, self.config.num_alignment_levels, input_ids, self.get_input_embeddings().num_embeddings,
@@ -365,10 +359,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         else:
             if self.config.uses_gate:
                 text_mask = _gate_text_mask(image_mask, align_mask, attention_mask, gate_mask)
-                if segments is None:
-                    dots = _image_text_dots(word_embeds, text_mask, image_features, images_per_row)
-                else:
-                    dots = packed_image_text_dots(word_embeds, text_mask, image_features, images_per_row, *segments)
+                dots = (_image_text_dots(word_embeds, text_mask, image_features, images_per_row) if segments is None
+                        else packed_image_text_dots(word_embeds, text_mask, image_features, images_per_row, *segments))
                 weights = self.alignment.gate(dots)
             vectors = self.alignment.vectors_for_weights(weights, images_per_row.shape[0])
             if weights is not None:

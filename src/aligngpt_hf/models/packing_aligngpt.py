@@ -47,6 +47,24 @@ def check_packed_call(text_config, use_cache, kwargs: dict) -> bool:
     return False
 
 
+def packed_call(text_config, attention_mask, position_ids, use_cache, kwargs: dict):
+    """(segments, use_cache) for a forward: segments (see `packed_segments`) when several samples share a row (the
+    call is then checked and runs without a cache), else (None, use_cache) and nothing is synchronised."""
+    if not is_packed_call(attention_mask, position_ids, position_ids.shape[-1] if position_ids is not None else 0):
+        return None, use_cache
+    segments = packed_segments(position_ids, kwargs.get("cu_seq_lens_q")) if position_ids.dim() == 2 else None
+    if segments is None:
+        return None, use_cache
+    return segments, check_packed_call(text_config, use_cache, kwargs)
+
+
+def placeholder_counts(image_mask, align_mask, segments):
+    """`<image>` and `<align>` tokens per row, or per sample of packed rows."""
+    if segments is None:
+        return image_mask.sum(-1), align_mask.sum(-1)
+    return segment_sum(image_mask, *segments), segment_sum(align_mask, *segments)
+
+
 def packed_segments(position_ids: torch.LongTensor, cu_seq_lens: torch.Tensor | None = None):
     """(ids, S): the [R, T] global sample index of each token and the number of samples S, or None when every row
     holds one sample (the ordinary path then runs). Samples start where positions do not continue by +1, the rule of
@@ -92,7 +110,9 @@ __all__ = [
     "check_packed_call",
     "is_packed_call",
     "keeps_samples_apart",
+    "packed_call",
     "packed_image_text_dots",
     "packed_segments",
+    "placeholder_counts",
     "segment_sum",
 ]

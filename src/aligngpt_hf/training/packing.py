@@ -18,12 +18,13 @@ import bisect
 import logging
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from aligngpt_hf.models.packing_aligngpt import PACKED_ATTENTION, keeps_samples_apart
+from aligngpt_hf.training.data import image_count, sample_token_lengths, undecoded
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ def pack_dataset(dataset, processor, max_length: int, chat_template: str | None 
     """Bin `dataset` into packs of <= `max_length` tokens (exact lengths as the collator builds them, no image
     decoded). `by_modality`: image rows and text-only rows are packed apart, so the modality-grouped sampler still
     gives single-modality steps (text-only steps skip the vision tower, as LLaVA's grouping intends)."""
-    from aligngpt_hf.training.data import image_count, sample_token_lengths, undecoded
-
     if max_length is None:
         raise ValueError("`packing=True` bins samples into packs of `max_length` tokens; set `max_length`.")
     lengths = sample_token_lengths(dataset, processor, chat_template=chat_template)
@@ -277,6 +276,19 @@ def pack_sampler(dataset, args):
     return PackLengthGroupedSampler(dataset.modality_lengths, args.per_device_train_batch_size, seed=args.seed)
 
 
+def PACKING_FIELD():  # noqa: N802 - a dataclass field factory, named as the constant it stands for
+    return field(default=False, metadata={"help": (
+        "Bin whole samples (images, text-only, multi-image; never cut) into packs of <= `max_length` tokens "
+        "(best-fit decreasing), one row per pack, no padding inside (docs/packing.md). Losses and gradients equal the "
+        "padded run's; `per_device_train_batch_size` then counts packs.")})
+
+
+def PADDING_FREE_FIELD():  # noqa: N802
+    return field(default=False, metadata={"help": (
+        "Lay each batch's samples end to end in one row (no padding, `position_ids` restart per sample); implied by "
+        "`packing`. Needs sdpa/eager/flex or flash-attention (varlen).")})
+
+
 def check_packing_args(args) -> None:
     """Config-time checks of `packing` / `padding_free` (called from the trainer configs' `__post_init__`)."""
     if not (args.packing or args.padding_free):
@@ -306,7 +318,9 @@ def hidden_from_trl(args):
 def prepare_packing(args, processor, train_dataset, data_collator, chat_template: str | None = None, model=None):
     """(collator, packed dataset or None) for a trainer: the collator wrapped for padding-free rows and, with
     `packing=True`, the training set binned into packs of <= `max_length` tokens. A flash-attention `model` gets
-    all packs of a batch in one row (see `AlignGPTPackingCollator.one_row`)."""
+    all packs of a batch in one row (see `AlignGPTPackingCollator.one_row`). Neither option: nothing changes."""
+    if not (args.packing or args.padding_free):
+        return data_collator, None
     packed = None
     if args.packing and train_dataset is not None:
         packed = pack_dataset(train_dataset, processor, args.max_length, chat_template,
@@ -318,6 +332,15 @@ def prepare_packing(args, processor, train_dataset, data_collator, chat_template
     return collator, packed
 
 
+
+def finish_packing(trainer, packed_dataset) -> None:
+    """After `SFTTrainer.__init__`: refuse a model that leaks across packed samples, then train on the packs."""
+    if trainer.args.packing or trainer.args.padding_free:
+        check_packed_attention(trainer.model)
+    if packed_dataset is not None:
+        trainer.train_dataset = packed_dataset
+
+
 __all__ = [
     "AlignGPTPackingCollator",
     "PackLengthGroupedSampler",
@@ -325,6 +348,7 @@ __all__ = [
     "best_fit_decreasing",
     "check_packed_attention",
     "check_packing_args",
+    "finish_packing",
     "hidden_from_trl",
     "pack_dataset",
     "pack_sampler",

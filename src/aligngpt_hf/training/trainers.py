@@ -16,16 +16,9 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from aligngpt_hf.training import packing as packing_support
 from aligngpt_hf.training.checkpoints import check_finite_loss, resolve_resume
 from aligngpt_hf.training.data import LEVEL_COLUMN, PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator, sample_token_lengths
-from aligngpt_hf.training.packing import (
-    PackedDataset,
-    check_packed_attention,
-    check_packing_args,
-    hidden_from_trl,
-    pack_sampler,
-    prepare_packing,
-)
 from aligngpt_hf.training.sampler import (
     EXHAUSTION_MODES,
     ModalityLengthGroupedSampler,
@@ -77,23 +70,14 @@ class _AlignGPTTrainingConfig(SFTConfig):
         metadata={"help": "Longest sample in tokens, image tokens and `<align>` included; longer samples raise."},
     )
 
-    packing: bool = field(
-        default=False,
-        metadata={"help": "Bin whole samples (images, text-only, multi-image; never cut) into packs of <= `max_length` "
-                  "tokens (best-fit decreasing), one row per pack, no padding inside (docs/packing.md). Losses and "
-                  "gradients equal the padded run's; `per_device_train_batch_size` then counts packs."},
-    )
-    padding_free: bool = field(
-        default=False,
-        metadata={"help": "Lay each batch's samples end to end in one row (no padding, `position_ids` restart per "
-                  "sample); implied by `packing`. Needs sdpa/eager/flex or flash-attention (varlen)."},
-    )
+    packing: bool = packing_support.PACKING_FIELD()
+    padding_free: bool = packing_support.PADDING_FREE_FIELD()
 
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = _bf16_default(self)
         super().__post_init__()
-        check_packing_args(self)
+        packing_support.check_packing_args(self)
 
 
 @dataclass
@@ -290,22 +274,17 @@ class _AlignGPTTrainer(SFTTrainer):
             train_dataset = self._drop_overlong(train_dataset, processing_class, args)
         if data_collator is None:
             data_collator = self._collator(model, processing_class, args)
-        packed_dataset = None
-        if args.packing or args.padding_free:
-            template = PLAIN_CHAT_TEMPLATE if self._stage == "pretrain" else None
-            data_collator, packed_dataset = prepare_packing(args, processing_class, train_dataset, data_collator,
-                                                            template, model)
+        template = PLAIN_CHAT_TEMPLATE if self._stage == "pretrain" else None
+        data_collator, packed_dataset = packing_support.prepare_packing(  # unchanged without packing/padding_free
+            args, processing_class, train_dataset, data_collator, template, model)
         if peft_config is None:
             self._freeze(model, args)
         else:
             peft_config = _prepare_peft_config(peft_config, model, getattr(args, "train_projector", True))
-        with hidden_from_trl(args):
+        with packing_support.hidden_from_trl(args):
             super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              processing_class=processing_class, peft_config=peft_config, **kwargs)
-        if args.packing or args.padding_free:
-            check_packed_attention(self.model)
-        if packed_dataset is not None:
-            self.train_dataset = packed_dataset
+        packing_support.finish_packing(self, packed_dataset)
         if peft_config is not None:
             _check_peft_model(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -415,8 +394,8 @@ class _AlignGPTTrainer(SFTTrainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if getattr(self.args, "modality_batching", "mixed") == "separate" and dataset is not None:
             return self._separate_modality_sampler(dataset)
-        if isinstance(dataset, PackedDataset):
-            return pack_sampler(dataset, self.args) or super()._get_train_sampler(train_dataset)
+        if isinstance(dataset, packing_support.PackedDataset):
+            return packing_support.pack_sampler(dataset, self.args) or super()._get_train_sampler(train_dataset)
         if not self.args.group_by_modality_length or dataset is None or not hasattr(dataset, "__len__"):
             return super()._get_train_sampler(train_dataset)
         return ModalityLengthGroupedSampler(
