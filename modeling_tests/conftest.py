@@ -16,7 +16,8 @@ from aligngpt_hf import AlignGPTForConditionalGeneration  # noqa: E402
 from aligngpt_hf.tiny import build_config, build_processor, build_tokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ORIGINAL_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "aligngpt_original_tiny"
+# Recorded inputs and outputs of the original AlignGPT implementation on a tiny model (data: see its README.md).
+ORIGINAL_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "aligngpt_original_tiny"
 
 
 def package_free_env(hf_home: Path, **overrides: str) -> dict:

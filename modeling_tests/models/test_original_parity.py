@@ -1,4 +1,4 @@
-"""Parity with the ORIGINAL AlignGPT implementation on its golden tiny fixtures (shared/fixtures).
+"""Parity with the ORIGINAL AlignGPT implementation on its golden tiny fixtures (modeling_tests/fixtures).
 
 The weights are loaded with a small key mapping written here (the converter issue has the full, strict one). Our
 model keeps row order and never truncates, so outputs are compared row by row through `output_row_to_input_row`.
