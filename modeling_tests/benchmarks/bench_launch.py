@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from aligngpt_hf.training.cli import accelerate_config_path
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+# the console script next to this interpreter (a virtual environment), else the one on PATH
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate") or "accelerate"
 
 
 def _port() -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +33,8 @@ from aligngpt_hf.training.cli import accelerate_config_path
 from aligngpt_hf.training.data import AlignGPTDataCollator, synthetic_dataset
 from aligngpt_hf.training.trainers import freeze_for_instruct
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+# the console script next to this interpreter (a virtual environment), else the one on PATH
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate") or "accelerate"
 # rows of synthetic_dataset(8, "instruct", text_only_every=2): odd rows are text-only
 PLAN = [[[0, 2], [1, 3]], [[4, 5], [6, 7]]]  # step -> rank -> rows; step 0: rank 1 sees no image
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from aligngpt_hf.levels.compute import compute_alignment_levels
 from aligngpt_hf.tiny import build_clip
 from aligngpt_hf.training.cli import accelerate_config_path
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+# the console script next to this interpreter (a virtual environment), else the one on PATH
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate") or "accelerate"
 WORDS = ["red", "blue", "green", "yellow", "square", "circle", "triangle", "small", "large", "a", "photo", "of"]
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 230, 20)]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from aligngpt_hf import AlignGPTForConditionalGeneration
 from aligngpt_hf.cli import main as cli_main
 from aligngpt_hf.training.cli import accelerate_config_path
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+# the console script next to this interpreter (a virtual environment), else the one on PATH
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate") or "accelerate"
 CPU_OVERRIDE = ["--num_processes", "2", "--mixed_precision", "no"]
 
 
