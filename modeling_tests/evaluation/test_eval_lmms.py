@@ -1,6 +1,6 @@
 """lmms-eval plugin on a tiny local task: written to files by the test, loaded with `dataset_path: json`, no hub access.
 
-Runs only where lmms-eval is installed (`aligngpt-hf[eval]`, or the light install in the README, section "lmms-eval").
+Runs only where lmms-eval is installed (`pip install -e ".[eval]"`, or the light install in docs/evaluation.md, section "lmms-eval").
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip(
     "lmms_eval",
-    reason="lmms-eval not installed: install aligngpt-hf[eval] or the light set in the README (section lmms-eval)",
+    reason="lmms-eval not installed: pip install -e ".[eval]" or the light set in docs/evaluation.md (section lmms-eval)",
 )
 
 import torch  # noqa: E402

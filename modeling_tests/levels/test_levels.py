@@ -311,7 +311,7 @@ def test_missing_matplotlib_gives_install_hint(monkeypatch):
     from aligngpt_hf.levels.report import require_matplotlib
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ImportError, match=r"install aligngpt-hf\[plot\] \(or pass --no-plot\)"):
+    with pytest.raises(ImportError, match=r"pip install matplotlib \(or pass --no-plot\)"):
         require_matplotlib()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-PLOT_EXTRA_HINT = 'Plotting needs matplotlib: pip install "aligngpt-hf[plot]"'
+PLOT_EXTRA_HINT = 'Plotting needs matplotlib: pip install matplotlib (or pip install -e ".[plot]" in the aligngpt-hf clone)'
 
 
 def _as_rgb_image(image):

@@ -137,7 +137,7 @@ Evaluation with [lmms-eval](https://github.com/EvolvingLMMs-Lab/lmms-eval)'s gen
 lmms-eval --model huggingface --model_args pretrained={repo_id},trust_remote_code=True --tasks pope --batch_size 1
 ```
 
-Plot the gate's weights for your own prompts (`pip install "aligngpt-hf[plot]"`):
+Plot the gate's weights for your own prompts (`pip install matplotlib`):
 
 ```bash
 aligngpt-hf inspect {repo_id} --image photo.jpg --prompt "What colour is it?" --prompt "Describe it." --out gate.png

@@ -25,7 +25,9 @@ def require_matplotlib():
     try:
         import matplotlib
     except ImportError as error:
-        raise ImportError("the levels plot needs matplotlib: install aligngpt-hf[plot] (or pass --no-plot)") from error
+        raise ImportError(
+            "the levels plot needs matplotlib: pip install matplotlib (or pass --no-plot)"
+        ) from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
