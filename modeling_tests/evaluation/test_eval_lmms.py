@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip(
     "lmms_eval",
-    reason="lmms-eval not installed: pip install -e ".[eval]" or the light set in docs/evaluation.md (section lmms-eval)",
+    reason="lmms-eval not installed: pip install -e '.[eval]' or the light set in docs/evaluation.md (section lmms-eval)",
 )
 
 import torch  # noqa: E402
