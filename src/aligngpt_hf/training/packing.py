@@ -276,14 +276,16 @@ def pack_sampler(dataset, args):
     return PackLengthGroupedSampler(dataset.modality_lengths, args.per_device_train_batch_size, seed=args.seed)
 
 
-def PACKING_FIELD():  # noqa: N802 - a dataclass field factory, named as the constant it stands for
+def packing_field():
+    """The `packing` field of the trainer configs."""
     return field(default=False, metadata={"help": (
         "Bin whole samples (images, text-only, multi-image; never cut) into packs of <= `max_length` tokens "
         "(best-fit decreasing), one row per pack, no padding inside (docs/packing.md). Losses and gradients equal the "
         "padded run's; `per_device_train_batch_size` then counts packs.")})
 
 
-def PADDING_FREE_FIELD():  # noqa: N802
+def padding_free_field():
+    """The `padding_free` field of the trainer configs."""
     return field(default=False, metadata={"help": (
         "Lay each batch's samples end to end in one row (no padding, `position_ids` restart per sample); implied by "
         "`packing`. Needs sdpa/eager/flex or flash-attention (varlen).")})
@@ -332,7 +334,6 @@ def prepare_packing(args, processor, train_dataset, data_collator, chat_template
     return collator, packed
 
 
-
 def finish_packing(trainer, packed_dataset) -> None:
     """After `SFTTrainer.__init__`: refuse a model that leaks across packed samples, then train on the packs."""
     if trainer.args.packing or trainer.args.padding_free:
@@ -352,5 +353,7 @@ __all__ = [
     "hidden_from_trl",
     "pack_dataset",
     "pack_sampler",
+    "packing_field",
+    "padding_free_field",
     "prepare_packing",
 ]

@@ -70,8 +70,8 @@ class _AlignGPTTrainingConfig(SFTConfig):
         metadata={"help": "Longest sample in tokens, image tokens and `<align>` included; longer samples raise."},
     )
 
-    packing: bool = packing_support.PACKING_FIELD()
-    padding_free: bool = packing_support.PADDING_FREE_FIELD()
+    packing: bool = packing_support.packing_field()
+    padding_free: bool = packing_support.padding_free_field()
 
     def __post_init__(self):
         if self.bf16 is None:
