@@ -221,6 +221,11 @@ def test_packing_settings_are_checked_and_reach_the_cli(tmp_path):
         AlignGPTInstructConfig(output_dir=str(tmp_path), packing=True, packing_strategy="wrapped")
     with pytest.raises(ValueError, match=r"`modality_batching='separate'` .* does not combine with `packing`"):
         AlignGPTInstructConfig(output_dir=str(tmp_path), padding_free=True, modality_batching="separate")
+    from aligngpt_hf.training.packing import prepare_packing
+
+    streaming = Dataset.from_list([{"images": [], "messages": []}]).to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"needs a map-style dataset .* use `padding_free=True`"):
+        prepare_packing(SimpleNamespace(packing=True, padding_free=False), None, streaming, None)
     from aligngpt_hf.training.cli import parse_recipe
 
     _, args = parse_recipe("instruct", "instruct_tiny", ["--packing", "true", "--output_dir", str(tmp_path)])

@@ -324,6 +324,9 @@ def prepare_packing(args, processor, train_dataset, data_collator, chat_template
     if not (args.packing or args.padding_free):
         return data_collator, None
     packed = None
+    if args.packing and train_dataset is not None and not hasattr(train_dataset, "__len__"):
+        raise ValueError("`packing=True` bins the whole training set before training, so it needs a map-style dataset "
+                         "(not a streaming/iterable one); use `padding_free=True` to lay each batch in one row instead.")
     if args.packing and train_dataset is not None:
         packed = pack_dataset(train_dataset, processor, args.max_length, chat_template,
                               by_modality=args.group_by_modality_length)
