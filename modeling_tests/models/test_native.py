@@ -98,11 +98,26 @@ def test_trainer_gradient_accumulation_equals_full_batch(make_model, processor, 
     full_loss, full_weights = _train_one_step(make_model, rows, pad_id, 8, 1, tmp_path)
     accumulated_loss, accumulated_weights = _train_one_step(make_model, rows, pad_id, 2, 4, tmp_path)
     assert accumulated_loss == pytest.approx(full_loss, rel=1e-5)
-    moved = 0
+    initial = make_model(seed=3).state_dict()
     for name, weight in full_weights.items():
         torch.testing.assert_close(accumulated_weights[name], weight, atol=1e-5, rtol=1e-5, msg=name)
-        moved += int(not torch.equal(weight, make_model(seed=3).state_dict()[name]))
-    assert moved > 10  # the step really changed the weights
+    assert sum(not torch.equal(weight, initial[name]) for name, weight in full_weights.items()) > 10  # a real step
+
+
+def test_loss_kwargs_reach_the_loss_function(make_model, batch):
+    """`shift_labels` (pre-shifted labels, as context-parallel training passes them) and `num_items_in_batch`."""
+    model = make_model()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    half = shifted.clone()
+    half[:, : half.shape[1] // 2] = -100  # a target the labels do not give: only the loss function can apply it
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+        pre_shifted = model(**batch, labels=labels, shift_labels=half).loss
+        summed = model(**batch, labels=labels, num_items_in_batch=torch.tensor(1)).loss
+    expected = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), half.flatten(), ignore_index=-100)
+    torch.testing.assert_close(pre_shifted, expected)
+    torch.testing.assert_close(summed, out.loss * (shifted != -100).sum())  # a sum over tokens, divided by 1
 
 
 # ---- 2. image input forms ------------------------------------------------------------------------------------
