@@ -45,11 +45,10 @@ from aligngpt_hf.demo.task import QUESTION_KINDS
 MODES = {"aligngpt": "adaptive", "llava": "none", "shuffled": "adaptive"}
 
 
-def run_seed(run: Path, settings, seed: int, index: int, total: int) -> dict:
+def run_seed(run: Path, settings, seed: int, progress: Progress) -> dict:
     """All three arms on one seed's data; returns {arm: summary} plus the seed's Spearman."""
     run.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    progress = Progress(stage_costs(settings, arms=len(ARMS)), prefix=f"seed {seed} ({index + 1}/{total}) ")
     progress.stage("CLIP", f"{settings.clip_steps} contrastive steps")
     clip = train_clip(settings, rng, seed, progress)
     progress.stage("levels", f"scoring {settings.pretrain_pairs} pairs")
@@ -161,10 +160,11 @@ def run_compare(out: str | Path = "runs/demo-compare", quick: bool = False, seed
     threads = setup(seeds[0], threads)
     say(f"compare into {run}: {len(ARMS)} arms x seeds {seeds}, {'quick' if quick else 'full'} budgets, "
         f"{settings.wrong_share:.0%} of the pre-training captions wrong")
-    per_seed = {}
+    per_seed, progress = {}, Progress(stage_costs(settings, arms=len(ARMS)), rounds=len(seeds))
     for index, seed in enumerate(seeds):
         setup(seed, threads)
-        per_seed[seed] = run_seed(run / f"seed-{seed}", settings, seed, index, len(seeds))
+        progress.next_round(f"seed {seed} ({index + 1}/{len(seeds)}) ")
+        per_seed[seed] = run_seed(run / f"seed-{seed}", settings, seed, progress)
     table, gap = aggregate(per_seed), gaps(per_seed)
     chance = next(iter(per_seed.values()))["arms"]["aligngpt"]["chance"]
     results = {"table": table, "gaps": gap, "chance": chance, "per_seed": per_seed, "seeds": seeds,

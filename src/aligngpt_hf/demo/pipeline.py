@@ -80,7 +80,8 @@ def write_heldout(run: Path, settings: DemoSettings, rng: random.Random) -> Path
 def evaluate_saved(run: Path, questions: Path, threads: int) -> dict:
     """Answer the held-out questions with the saved model, reloaded in a fresh interpreter through remote code."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(run / "cache" / "hf_home"),
-           "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+           "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     subprocess.run([sys.executable, evaluate_module.__file__, str(run / "model"), str(questions),
                     str(run / "answers.json")], check=True, env=env)
     return json.loads((run / "answers.json").read_text())
@@ -130,7 +131,7 @@ def write_plots(run: Path, logs: dict, summary: dict) -> list[str]:
     axis.set_xticks([level + 0.4 - width / 2 for level in levels], [f"local level {level}" for level in levels])
     axis.axhline(1 / len(levels), color="grey", linestyle=":", linewidth=1)
     axis.set(title="gate weight per local level, by question kind (bar: mean, whisker: std over questions;\n"
-                   "dotted: uniform). Different bars = the gate tells the kinds apart", ylabel="weight")
+                   "dotted: uniform). Bars apart by more than their whiskers: the gate treats those kinds differently", ylabel="weight")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(run / "gate_weights.png", dpi=100)
