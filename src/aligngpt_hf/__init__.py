@@ -19,9 +19,9 @@ __version__ = "0.1.0"
 
 # Heavier parts (TRL trainers, data adapters, conversion) load on first use, not at import.
 _LAZY_EXPORTS = {
-    "AlignGPTPretrainConfig": "aligngpt_hf.training.trainers",
+    "AlignGPTPretrainConfig": "aligngpt_hf.training.configs",
     "AlignGPTPretrainTrainer": "aligngpt_hf.training.trainers",
-    "AlignGPTInstructConfig": "aligngpt_hf.training.trainers",
+    "AlignGPTInstructConfig": "aligngpt_hf.training.configs",
     "AlignGPTInstructTrainer": "aligngpt_hf.training.trainers",
     "load_llava_json": "aligngpt_hf.training.data",
     "convert_checkpoint": "aligngpt_hf.conversion.convert",

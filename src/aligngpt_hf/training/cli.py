@@ -122,7 +122,7 @@ def recipe_help_epilog(stage: str) -> str:
     import textwrap
 
     config_class = "AlignGPTPretrainConfig" if stage == "pretrain" else "AlignGPTInstructConfig"
-    tree = ast.parse((PACKAGE_DIR / "trainers.py").read_text())
+    tree = ast.parse((PACKAGE_DIR / "configs.py").read_text())
     trainer_fields = [
         node.target.id
         for cls in tree.body if isinstance(cls, ast.ClassDef) and cls.name in ("_AlignGPTTrainingConfig", config_class)

@@ -10,17 +10,16 @@ every extra batch key (`alignment_levels`, `gate_text_mask`) on to `model.model`
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from aligngpt_hf.training import packing as packing_support
 from aligngpt_hf.training.checkpoints import check_finite_loss, resolve_resume
+from aligngpt_hf.training.configs import AlignGPTInstructConfig, AlignGPTPretrainConfig, _AlignGPTTrainingConfig
 from aligngpt_hf.training.data import LEVEL_COLUMN, PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator, sample_token_lengths
 from aligngpt_hf.training.sampler import (
-    EXHAUSTION_MODES,
     ModalityLengthGroupedSampler,
     SeparateModalitySampler,
     modality_lengths,
@@ -31,150 +30,9 @@ logger = logging.getLogger(__name__)
 
 PROJECTOR = "multi_modal_projector"
 VISION_TOWER = "vision_tower"
-MODALITY_BATCHING = ("mixed", "separate")
 GATE_MODULES = ("alignment.fc1", "alignment.fc2")
 LORA_LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_EXCLUDE = r".*(vision_tower|multi_modal_projector|alignment).*"
-
-
-def _bf16_default(config) -> bool:
-    """bf16 where the hardware has it (TRL's unconditional default breaks CPU runs)."""
-    if config.fp16 or config.use_cpu or not torch.cuda.is_available():
-        return False
-    return torch.cuda.is_bf16_supported()
-
-
-@dataclass
-class _AlignGPTTrainingConfig(SFTConfig):
-    projector_lr: float | None = field(
-        default=None,
-        metadata={"help": "Learning rate of the multimodal projector (LLaVA's `mm_projector_lr`); None = `learning_rate`."},
-    )
-    group_by_modality_length: bool = field(
-        default=False,
-        metadata={"help": "LLaVA's sampler: batches of one modality (image or text-only), grouped by length."},
-    )
-    skip_overlong_samples: bool = field(
-        default=False,
-        metadata={
-            "help": "Drop (and count) samples longer than `max_length` before training instead of raising. Image "
-            "tokens are never truncated. Costs one tokenisation pass over the dataset at start-up."
-        },
-    )
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (paper: cosine)."})
-    warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up steps; a value < 1 is a ratio (paper: 0.03)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper: 0)."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (paper: 1)."})
-    max_length: int | None = field(
-        default=2048,
-        metadata={"help": "Longest sample in tokens, image tokens and `<align>` included; longer samples raise."},
-    )
-
-    packing: bool = packing_support.packing_field()
-    padding_free: bool = packing_support.padding_free_field()
-
-    def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = _bf16_default(self)
-        super().__post_init__()
-        packing_support.check_packing_args(self)
-
-
-@dataclass
-class AlignGPTPretrainConfig(_AlignGPTTrainingConfig):
-    """Stage-1 settings (paper defaults: lr 1e-3, cosine, warm-up 0.03, 1 epoch, max length 2048).
-
-    Example:
-
-    ```python
-    >>> from aligngpt_hf import AlignGPTPretrainConfig
-    >>> args = AlignGPTPretrainConfig(output_dir="out/stage1", per_device_train_batch_size=2, max_steps=3)
-    >>> args.learning_rate, args.lr_scheduler_type.value
-    (0.001, 'cosine')
-    ```
-    """
-
-    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate (paper stage 1: 1e-3)."})
-    train_vision_tower: bool = field(
-        default=False,
-        metadata={"help": "Also train the vision tower (mPLUG-Owl recipe); AlignGPT keeps it frozen."},
-    )
-    vision_lr_multiplier: float | None = field(
-        default=None,
-        metadata={"help": "With `train_vision_tower`: vision-tower learning rate = `learning_rate` x this (mPLUG-Owl "
-                  "v1 gives no value; its released code hints 0.1). None = `learning_rate`."},
-    )
-    train_level_table: bool = field(
-        default=True,
-        metadata={"help": "Train the level table (AlignGPT). False for a pure mPLUG-Owl stage 1 (e.g. with "
-                  "`alignment_mode='none'`, which has no table)."},
-    )
-    level_column: str = field(
-        default=LEVEL_COLUMN, metadata={"help": "Dataset column holding each pair's alignment level (0..N-1)."}
-    )
-
-    def __post_init__(self):
-        if self.vision_lr_multiplier is not None and not self.train_vision_tower:
-            raise ValueError("`vision_lr_multiplier` sets the vision tower's learning rate, but the vision tower is "
-                             "frozen; set `train_vision_tower=True` (or drop the multiplier).")
-        super().__post_init__()
-
-
-@dataclass
-class AlignGPTInstructConfig(_AlignGPTTrainingConfig):
-    """Stage-2 settings (paper defaults: lr 2e-5, cosine, warm-up 0.03, 1 epoch, max length 2048, modality grouping).
-
-    Example:
-
-    ```python
-    >>> from aligngpt_hf import AlignGPTInstructConfig
-    >>> args = AlignGPTInstructConfig(output_dir="out/stage2", per_device_train_batch_size=2, max_steps=3)
-    >>> args.learning_rate, args.assistant_only_loss, args.group_by_modality_length
-    (2e-05, True, True)
-    ```
-    """
-
-    learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate (paper stage 2: 2e-5)."})
-    assistant_only_loss: bool = field(
-        default=True, metadata={"help": "Supervise only assistant answers and their EOS (vicuna_v1 `</s>`)."}
-    )
-    group_by_modality_length: bool = field(
-        default=True,
-        metadata={"help": "LLaVA's sampler: batches of one modality (image or text-only), grouped by length."},
-    )
-    allow_untrained_alignment: bool = field(
-        default=False,
-        metadata={
-            "help": "Start stage 2 from a model whose projector and level table carry no stage-1 marker (e.g. an "
-            "old converted checkpoint). Off by default: training the gate on an untrained level table is silent waste."
-        },
-    )
-    train_projector: bool = field(
-        default=True,
-        metadata={"help": "Train the multimodal projector in stage 2 (full fine-tuning: unfrozen; LoRA: saved in "
-                  "`modules_to_save`). AlignGPT/LLaVA: True. mPLUG-Owl: its paper's abstract says True, its §3.2 "
-                  "and released code False (spec/mplug-owl.md §1.6)."},
-    )
-    modality_batching: str = field(
-        default="mixed",
-        metadata={"help": "`mixed`: batches as `group_by_modality_length` says. `separate` (mPLUG-Owl paper): "
-                  "micro-batches alternate one text-only and one image batch, so each optimizer step sees them 1:1 "
-                  "when processes x gradient_accumulation_steps is even; overrides `group_by_modality_length`."},
-    )
-    modality_batching_on_exhausted: str = field(
-        default="cycle",
-        metadata={"help": "`separate` batching when one modality runs out: `cycle` (reshuffle and reuse the "
-                  "shorter one until the longer is used once per epoch) or `stop` (end the epoch at the shorter one). "
-                  "Repeated/unused counts are logged and kept in `trainer.modality_batching_counts`."},
-    )
-
-    def __post_init__(self):
-        if self.modality_batching not in MODALITY_BATCHING:
-            raise ValueError(f"`modality_batching` must be one of {MODALITY_BATCHING}, got {self.modality_batching!r}.")
-        if self.modality_batching_on_exhausted not in EXHAUSTION_MODES:
-            raise ValueError(f"`modality_batching_on_exhausted` must be one of {EXHAUSTION_MODES}, got "
-                             f"{self.modality_batching_on_exhausted!r}.")
-        super().__post_init__()
 
 
 class _StageMarkerCallback(TrainerCallback):
@@ -438,7 +296,7 @@ class AlignGPTPretrainTrainer(_AlignGPTTrainer):
     >>> rows = [{"images": [Image.new("RGB", (32, 32), (200, 0, 0))], "alignment_level": 3,
     ...          "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A red square."}]}]
     >>> args = AlignGPTPretrainConfig(output_dir="/tmp/aligngpt-stage1", max_steps=2, per_device_train_batch_size=1,
-    ...                               report_to="none", save_strategy="no", gradient_checkpointing=False, use_cpu=True)
+    ...                               report_to="none", save_strategy="no", activation_checkpointing=False, use_cpu=True)
     >>> trainer = AlignGPTPretrainTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
     ...                                   processing_class=processor)
     >>> trainer.train().global_step  # doctest: +ELLIPSIS
@@ -484,7 +342,7 @@ class AlignGPTInstructTrainer(_AlignGPTTrainer):
     ...          "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Red."}]},
     ...         {"images": [], "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi."}]}]
     >>> args = AlignGPTInstructConfig(output_dir="/tmp/aligngpt-stage2", max_steps=2, per_device_train_batch_size=2,
-    ...                               report_to="none", save_strategy="no", gradient_checkpointing=False, use_cpu=True,
+    ...                               report_to="none", save_strategy="no", activation_checkpointing=False, use_cpu=True,
     ...                               allow_untrained_alignment=True)  # a real run starts from a stage-1 folder
     >>> trainer = AlignGPTInstructTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
     ...                                   processing_class=processor)
