@@ -62,8 +62,13 @@ def measure(args, threads: str, busy: bool) -> dict:
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
+    timed_out = False
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run(command(args, folder), check=True, env=env, stdout=subprocess.DEVNULL)
+        try:
+            subprocess.run(command(args, folder), check=True, env=env, stdout=subprocess.DEVNULL,
+                           timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # subprocess.run has killed the child
+            timed_out = True
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if neighbour:
@@ -71,7 +76,7 @@ def measure(args, threads: str, busy: bool) -> dict:
         neighbour.join()
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     return {"threads": threads, "busy": busy, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "load_before": round(load, 2)}
+            "load_before": round(load, 2), "timed_out": timed_out}
 
 
 def main() -> None:
@@ -80,11 +85,13 @@ def main() -> None:
     parser.add_argument("--pytest", nargs="*", help="time `pytest -q -x <these>` instead of the demo")
     parser.add_argument("--threads", nargs="+", default=["auto", "2"], help="thread settings to compare")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--timeout", type=float, default=900, help="stop a run after this many seconds")
     args = parser.parse_args()
     rows = [measure(args, threads, busy) for threads in args.threads for busy in (False, True)]
     print("| threads | neighbour | wall s | CPU s | load before |\n| --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['threads']} | {'1 busy process' if row['busy'] else 'none'} | {row['wall_s']} | "
+        print(f"| {row['threads']} | {'1 busy process' if row['busy'] else 'none'} | "
+              f"{'>' * row['timed_out']}{row['wall_s']} | "
               f"{row['cpu_s']} | {row['load_before']} |")
     for threads in args.threads:
         idle, busy = (next(r for r in rows if r["threads"] == threads and r["busy"] is b) for b in (False, True))

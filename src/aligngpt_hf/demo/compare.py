@@ -129,7 +129,7 @@ def write_plot(run: Path, table: dict, chance: dict) -> list[str]:
     except ImportError:
         say("plot skipped: install aligngpt-hf[plot] for matplotlib")
         return []
-    figure, axis = plt.subplots(figsize=(9, 3.8))
+    figure, axis = plt.subplots(figsize=(10.5, 3.8))
     width = 0.8 / len(ARMS)
     for offset, arm in enumerate(ARMS):
         means = [table[arm][kind]["mean"] for kind in QUESTION_KINDS]
@@ -142,7 +142,7 @@ def write_plot(run: Path, table: dict, chance: dict) -> list[str]:
     axis.set_xticks([i + 0.4 - width / 2 for i in range(len(QUESTION_KINDS))], QUESTION_KINDS)
     axis.set(ylim=(0, 1.05), ylabel="held-out exact match",
              title="mean over seeds (whiskers: min..max; dotted: chance)")
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(run / "compare.png", dpi=100)
     plt.close(figure)
