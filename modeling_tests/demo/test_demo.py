@@ -1,8 +1,8 @@
 """`aligngpt-hf demo`: the quick run's artefacts and accuracy above chance, `--compare` with its three arms, the
 balanced held-out task, thread choice and the refusal to overwrite an earlier run.
 
-The two end-to-end runs share one module-scoped folder each (the quick demo ~35 s of CPU, the quick comparison with
-one seed and tiny budgets ~25 s)."""
+One quick demo run (~47 s of CPU) is shared by the tests that read its folder; the comparison runs one seed with tiny
+budgets (~16 s); the file takes ~61 s of CPU in all."""
 
 from __future__ import annotations
 
