@@ -33,6 +33,7 @@ class DemoSettings:
     stage2_steps: int = 1200  # the caption check is learned late, if at all (docs/demo.md: seed 0 yes, 1 and 2 no)
     batch_size: int = 16
     hidden_size: int = 96
+    num_layers: int = 2
     stage2_lr: float = 2e-3
     # share of each question kind in stage 2: the caption check is the slowest to learn, position and count next
     kind_weights: tuple[tuple[str, float], ...] = (("colour", 1.2), ("shape", 1.2), ("position", 1.5),
@@ -217,7 +218,7 @@ def build_aligngpt(clip, settings: DemoSettings, seed: int, alignment_mode: str 
                                 chat_template=VICUNA_V1_CHAT_TEMPLATE.replace(VICUNA_V1_SYSTEM, DEMO_SYSTEM),
                                 add_alignment_token=alignment_mode != "none")
     torch.manual_seed(seed)
-    text_config = build_config(tokenizer, hidden_size=settings.hidden_size, num_layers=2).text_config
+    text_config = build_config(tokenizer, hidden_size=settings.hidden_size, num_layers=settings.num_layers).text_config
     config = AlignGPTConfig(
         vision_config=clip[0].config.vision_config, text_config=text_config, num_alignment_levels=settings.num_levels,
         gate_hidden_size=32, vision_feature_layer=-1, vision_feature_select_strategy="full",
