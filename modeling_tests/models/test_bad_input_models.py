@@ -232,6 +232,29 @@ def test_model_loss_on_an_all_ignored_batch(make_model, processor, images):
         make_model()(**batch, labels=labels)
 
 
+def test_all_ignored_micro_batch_under_gradient_accumulation_is_a_zero_loss(make_model, processor, images):
+    """With `num_items_in_batch` the loss is a sum over the accumulated batch's tokens: such a micro-batch adds 0."""
+    batch = batch_for(processor, images)
+    labels = torch.full_like(batch["input_ids"], -100)
+    loss = make_model()(**batch, labels=labels, num_items_in_batch=torch.tensor(7)).loss
+    assert loss.item() == 0.0
+
+
+def test_zero3_partitioned_frozen_vision_tower_runs_on_image_free_batches(make_model, processor):
+    """ZeRO-3 gathers the tower's shards on every rank that runs it: a text-only rank must run it too, or it hangs."""
+    model = make_model().train()
+    model.model.vision_tower.requires_grad_(False)
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    text_only = processor.tokenizer(["USER: hi ASSISTANT: hello"], return_tensors="pt")
+    model(**text_only)
+    assert calls == []  # frozen and not partitioned: no blank-image pass
+    for parameter in model.model.vision_tower.parameters():
+        parameter.ds_id = 0  # what DeepSpeed ZeRO-3 puts on the parameters it partitions
+    model(**text_only)
+    assert calls == [1]
+
+
 def test_saved_folder_carries_the_image_loader(make_model, processor, tmp_path):
     make_model().save_pretrained(tmp_path)
     assert (tmp_path / "image_processing_utils_aligngpt.py").is_file()

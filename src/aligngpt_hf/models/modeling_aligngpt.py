@@ -1,14 +1,13 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
 """AlignGPT: LLaVA-1.5 plus one alignment token whose vector comes from a learned table of alignment levels.
 
-Remote-code file: it imports only torch/transformers and `from .configuration_aligngpt import ...`.
+Remote-code file: it imports only torch/transformers and its neighbours in this folder (`from .x import ...`).
 All alignment logic lives in `AlignGPTModel.forward`, because TRL's SFTTrainer trains through the base model
 (`model.model(...)`) with its own fused LM head and never calls the top-level forward.
 """
 
 import inspect
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from shutil import copyfile
 
@@ -18,11 +17,13 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import get_relative_import_files
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils.generic import can_return_tuple
 
 from .abstractor_aligngpt import AlignGPTVisualAbstractor
+from .alignment_aligngpt import AlignGPTAlignment, gate_text_mask, image_text_dots
 from .configuration_aligngpt import AlignGPTConfig
+from .outputs_aligngpt import CACHE_FIELD, AlignGPTCausalLMOutputWithPast, AlignGPTModelOutputWithPast
 from .packing_aligngpt import packed_call, packed_image_text_dots, placeholder_counts
 from .placeholders_aligngpt import (
     check_labels,
@@ -42,45 +43,6 @@ REMOTE_AUTO_MAP = {
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_aligngpt.AlignGPTProcessor"}
 
 
-@dataclass
-class AlignGPTModelOutputWithPast(BaseModelOutputWithPast):
-    r"""
-    image_outputs (`BaseModelOutputWithPooling`, *optional*):
-        The vision tower's output as [`AlignGPTModel.get_image_features`] returns it (`pooler_output`: one
-        `(image_seq_length, hidden_size)` tensor per image), as transformers' LLaVA returns it from 5.24.
-    image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
-        Projected image features spliced into the sequence.
-    alignment_weights (`torch.FloatTensor` of shape `(batch_size, num_alignment_levels - 1)`, *optional*):
-        Gate weights over the local alignment levels (NaN rows for samples without an image). `None` when no gate
-        ran: decoding steps, level mode (`alignment_levels` given) and the `global`/`mean`/`none` modes.
-    """
-
-    image_outputs: BaseModelOutputWithPooling | None = None
-    image_hidden_states: torch.FloatTensor | None = None
-    alignment_weights: torch.FloatTensor | None = None
-
-
-@dataclass
-class AlignGPTCausalLMOutputWithPast(CausalLMOutputWithPast):
-    r"""
-    loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token cross-entropy over labels != -100.
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
-    image_outputs, image_hidden_states, alignment_weights: see [`AlignGPTModelOutputWithPast`].
-
-    The KV cache field is inherited, so it carries the installed transformers' name (`past_key_values` up to 5.23,
-    `cache` from 5.24).
-    """
-
-    image_outputs: BaseModelOutputWithPooling | None = None
-    image_hidden_states: torch.FloatTensor | None = None
-    alignment_weights: torch.FloatTensor | None = None
-
-
-# The installed transformers' name of the KV-cache output field, read once at import: a plain constant keeps the
-# forward traceable by torch.compile(fullgraph=True) (dataclasses.fields is not).
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
 class AlignGPTMultiModalProjector(nn.Module):
     """Vision features -> LLM width: `linear` or `mlp2x_gelu` (Linear, GELU, Linear), as in LLaVA-1.5."""
 
@@ -98,39 +60,6 @@ class AlignGPTMultiModalProjector(nn.Module):
         if hasattr(self, "linear_2"):
             hidden_states = self.linear_2(self.act(hidden_states))
         return hidden_states
-
-
-class AlignGPTAlignment(nn.Module):
-    """The level table E [N, H] (row N-1 = global) and, in the gated modes, the gate MLP fc1 -> GELU -> fc2."""
-
-    def __init__(self, config: AlignGPTConfig):
-        super().__init__()
-        self.mode = config.alignment_mode
-        self.num_levels = config.num_alignment_levels
-        self.level_embeddings = nn.Parameter(torch.empty(self.num_levels, config.text_config.hidden_size))
-        if config.uses_gate:
-            self.fc1 = nn.Linear(config.image_seq_length, config.gate_hidden_size)
-            self.act = nn.GELU()
-            self.fc2 = nn.Linear(config.gate_hidden_size, self.num_levels - 1)
-
-    def gate(self, image_text_dots: torch.Tensor) -> torch.Tensor:
-        """[B, K] dot products of image tokens with the mean text embedding -> softmax weights [B, N-1]."""
-        dots = image_text_dots.to(self.fc1.weight.dtype)
-        return torch.softmax(self.fc2(self.act(self.fc1(dots))), dim=-1)
-
-    def vectors_for_levels(self, levels: torch.LongTensor) -> torch.Tensor:
-        return self.level_embeddings[levels]
-
-    def vectors_for_weights(self, weights: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """Combine the table rows for the configured mode; `weights` is None for the gate-free modes."""
-        table = self.level_embeddings
-        global_row, local_rows = table[-1], table[:-1]
-        if self.mode == "global":
-            return global_row.expand(batch_size, -1)
-        if self.mode == "mean":
-            return (global_row + local_rows.mean(0)).expand(batch_size, -1)
-        mixed = weights.to(table.dtype) @ local_rows
-        return mixed if self.mode == "local" else global_row + mixed
 
 
 class AlignGPTPreTrainedModel(PreTrainedModel):
@@ -358,8 +287,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             vectors = self.alignment.vectors_for_levels(levels.clamp(0, self.config.num_alignment_levels - 1))
         else:
             if self.config.uses_gate:
-                text_mask = _gate_text_mask(image_mask, align_mask, attention_mask, gate_mask)
-                dots = (_image_text_dots(word_embeds, text_mask, image_features, images_per_row) if segments is None
+                text_mask = gate_text_mask(image_mask, align_mask, attention_mask, gate_mask)
+                dots = (image_text_dots(word_embeds, text_mask, image_features, images_per_row) if segments is None
                         else packed_image_text_dots(word_embeds, text_mask, image_features, images_per_row, *segments))
                 weights = self.alignment.gate(dots)
             vectors = self.alignment.vectors_for_weights(weights, images_per_row.shape[0])
@@ -375,10 +304,11 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         """Zero-valued term touching the trainable vision/projector/gate parameters in image-free training batches.
 
         DDP, ZeRO-3 and FSDP expect every trainable parameter in every step's graph. The cost is one projector pass on
-        a zero input (plus one vision-tower pass on a blank image when the tower trains) per image-free batch.
+        a zero input (plus one vision-tower pass on a blank image when the tower trains, or when ZeRO-3 partitions it:
+        the other ranks gather its shards in this step and would wait for this one) per image-free batch.
         """
         terms = []
-        if any(p.requires_grad for p in self.vision_tower.parameters()):
+        if any(p.requires_grad or hasattr(p, "ds_id") for p in self.vision_tower.parameters()):
             size = self.config.vision_config.image_size
             blank = word_embeds.new_zeros(1, self.config.vision_config.num_channels, size, size)
             terms.append(self._image_outputs(blank)[1].sum())
@@ -392,30 +322,6 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         if alignment is not None and alignment.level_embeddings.requires_grad:
             terms.append(alignment.level_embeddings.sum())
         return 0.0 * sum(terms) if terms else word_embeds.new_zeros(())
-
-
-def _gate_text_mask(image_mask, align_mask, attention_mask, gate_mask) -> torch.Tensor:
-    """Text tokens the gate averages: not image, not `<align>`, not the BOS right before `<align>`, not padding."""
-    text_mask = ~(image_mask | align_mask)
-    text_mask[:, :-1] &= ~align_mask[:, 1:]
-    if attention_mask is not None and attention_mask.dim() == 2:  # compiled generation passes a 4-D mask
-        text_mask &= attention_mask.bool()
-    if gate_mask is not None:
-        text_mask &= gate_mask.bool()
-    return text_mask
-
-
-def _image_text_dots(word_embeds, text_mask, image_features, images_per_row) -> torch.Tensor:
-    """d[b, j] = <V_j, mean text embedding of b>, averaged over the images of row b -> [B, K]."""
-    weights = text_mask.unsqueeze(-1).to(word_embeds.dtype)
-    mean_text = (word_embeds * weights).sum(1) / (weights.sum(1) + 1e-8)
-    batch_size = word_embeds.shape[0]
-    image_rows = torch.repeat_interleave(  # output_size: no host sync
-        torch.arange(batch_size, device=word_embeds.device), images_per_row, output_size=image_features.shape[0]
-    )
-    dots = torch.einsum("ikh,ih->ik", image_features, mean_text[image_rows])
-    summed = dots.new_zeros(batch_size, dots.shape[1]).index_add_(0, image_rows, dots)
-    return summed / images_per_row.clamp(min=1).unsqueeze(-1).to(summed.dtype)
 
 
 class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin):
@@ -499,7 +405,8 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         in `transformers.Trainer` normalises by the tokens of the whole accumulated batch.
         """
         if labels is not None:
-            check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape[:2])
+            check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape[:2],
+                         all_ignored_ok=kwargs.get("num_items_in_batch") is not None)
         if labels is not None and gate_text_mask is None and self.config.gate_text_scope == "prompt":
             gate_text_mask = labels == -100
         outputs = self.model(
@@ -525,7 +432,7 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         return AlignGPTCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,

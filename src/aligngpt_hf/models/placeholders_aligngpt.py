@@ -147,15 +147,17 @@ def raise_out_of_vocabulary(input_ids, vocab_size) -> None:
     )
 
 
-def check_labels(labels: torch.Tensor, input_shape=None) -> None:
+def check_labels(labels: torch.Tensor, input_shape=None, all_ignored_ok: bool = False) -> None:
     """Labels shaped like the input; all labels -100 after the causal shift (mean loss 0/0 = NaN) is a clear error,
-    as in the collator. One host sync, only when labels are given."""
+    as in the collator. One host sync, only when labels are given and the loss is a mean over this batch: with
+    `num_items_in_batch` (gradient accumulation) the loss is a sum over the accumulated count, 0 for such a
+    micro-batch, so `all_ignored_ok` skips the check."""
     if input_shape is not None and tuple(labels.shape) != tuple(input_shape):
         raise ValueError(
             f"`labels` has shape {tuple(labels.shape)} but the input has {tuple(input_shape)} (batch, sequence); "
             "give one label per input token (-100 where nothing is predicted)."
         )
-    if labels.numel() and not (labels[..., 1:] != -100).any():
+    if not all_ignored_ok and labels.numel() and not (labels[..., 1:] != -100).any():
         raise ValueError(
             "Every label of this batch is -100 (after the one-token shift): nothing would be learned and the loss "
             "would be NaN. Each sample needs supervised tokens (an assistant answer, or a caption in stage 1)."

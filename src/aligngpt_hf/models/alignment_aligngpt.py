@@ -1,0 +1,71 @@
+# Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
+"""What AlignGPT adds to LLaVA: the level table, the gate, and the text/image statistics the gate reads.
+
+Remote-code file (imports only torch, transformers and its own folder), copied next to the weights with
+modeling_aligngpt.py. Everything here is batched: no per-sample Python loops.
+"""
+
+import torch
+from torch import nn
+
+from .configuration_aligngpt import AlignGPTConfig
+
+
+class AlignGPTAlignment(nn.Module):
+    """The level table E [N, H] (row N-1 = global) and, in the gated modes, the gate MLP fc1 -> GELU -> fc2."""
+
+    def __init__(self, config: AlignGPTConfig):
+        super().__init__()
+        self.mode = config.alignment_mode
+        self.num_levels = config.num_alignment_levels
+        self.level_embeddings = nn.Parameter(torch.empty(self.num_levels, config.text_config.hidden_size))
+        if config.uses_gate:
+            self.fc1 = nn.Linear(config.image_seq_length, config.gate_hidden_size)
+            self.act = nn.GELU()
+            self.fc2 = nn.Linear(config.gate_hidden_size, self.num_levels - 1)
+
+    def gate(self, image_text_dots: torch.Tensor) -> torch.Tensor:
+        """[B, K] dot products of image tokens with the mean text embedding -> softmax weights [B, N-1]."""
+        dots = image_text_dots.to(self.fc1.weight.dtype)
+        return torch.softmax(self.fc2(self.act(self.fc1(dots))), dim=-1)
+
+    def vectors_for_levels(self, levels: torch.LongTensor) -> torch.Tensor:
+        return self.level_embeddings[levels]
+
+    def vectors_for_weights(self, weights: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Combine the table rows for the configured mode; `weights` is None for the gate-free modes."""
+        table = self.level_embeddings
+        global_row, local_rows = table[-1], table[:-1]
+        if self.mode == "global":
+            return global_row.expand(batch_size, -1)
+        if self.mode == "mean":
+            return (global_row + local_rows.mean(0)).expand(batch_size, -1)
+        mixed = weights.to(table.dtype) @ local_rows
+        return mixed if self.mode == "local" else global_row + mixed
+
+
+def gate_text_mask(image_mask, align_mask, attention_mask, gate_mask) -> torch.Tensor:
+    """Text tokens the gate averages: not image, not `<align>`, not the BOS right before `<align>`, not padding."""
+    text_mask = ~(image_mask | align_mask)
+    text_mask[:, :-1] &= ~align_mask[:, 1:]
+    if attention_mask is not None and attention_mask.dim() == 2:  # compiled generation passes a 4-D mask
+        text_mask &= attention_mask.bool()
+    if gate_mask is not None:
+        text_mask &= gate_mask.bool()
+    return text_mask
+
+
+def image_text_dots(word_embeds, text_mask, image_features, images_per_row) -> torch.Tensor:
+    """d[b, j] = <V_j, mean text embedding of b>, averaged over the images of row b -> [B, K]."""
+    weights = text_mask.unsqueeze(-1).to(word_embeds.dtype)
+    mean_text = (word_embeds * weights).sum(1) / (weights.sum(1) + 1e-8)
+    batch_size = word_embeds.shape[0]
+    image_rows = torch.repeat_interleave(  # output_size: no host sync
+        torch.arange(batch_size, device=word_embeds.device), images_per_row, output_size=image_features.shape[0]
+    )
+    dots = torch.einsum("ikh,ih->ik", image_features, mean_text[image_rows])
+    summed = dots.new_zeros(batch_size, dots.shape[1]).index_add_(0, image_rows, dots)
+    return summed / images_per_row.clamp(min=1).unsqueeze(-1).to(summed.dtype)
+
+
+__all__ = ["AlignGPTAlignment", "gate_text_mask", "image_text_dots"]

@@ -1,0 +1,52 @@
+# Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
+"""AlignGPT's output classes: transformers' own, plus the image features and the gate weights.
+
+Remote-code file (imports only torch and transformers), copied next to the weights with modeling_aligngpt.py.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+
+
+@dataclass
+class AlignGPTModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        The vision tower's output as [`AlignGPTModel.get_image_features`] returns it (`pooler_output`: one
+        `(image_seq_length, hidden_size)` tensor per image), as transformers' LLaVA returns it from 5.24.
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
+        Projected image features spliced into the sequence.
+    alignment_weights (`torch.FloatTensor` of shape `(batch_size, num_alignment_levels - 1)`, *optional*):
+        Gate weights over the local alignment levels (NaN rows for samples without an image). `None` when no gate
+        ran: decoding steps, level mode (`alignment_levels` given) and the `global`/`mean`/`none` modes.
+    """
+
+    image_outputs: BaseModelOutputWithPooling | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    alignment_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class AlignGPTCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token cross-entropy over labels != -100.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
+    image_outputs, image_hidden_states, alignment_weights: see [`AlignGPTModelOutputWithPast`].
+
+    The KV cache field is inherited, so it carries the installed transformers' name (`past_key_values` up to 5.23,
+    `cache` from 5.24).
+    """
+
+    image_outputs: BaseModelOutputWithPooling | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    alignment_weights: torch.FloatTensor | None = None
+
+
+# The installed transformers' name of the KV-cache output field, read once at import: a plain constant keeps the
+# forward traceable by torch.compile(fullgraph=True) (dataclasses.fields is not).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+__all__ = ["CACHE_FIELD", "AlignGPTCausalLMOutputWithPast", "AlignGPTModelOutputWithPast"]
