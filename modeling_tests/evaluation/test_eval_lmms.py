@@ -274,8 +274,8 @@ def test_entry_point_declared_in_package_metadata():
 def test_zero_code_huggingface_wrapper_loads_remote_code(tiny_task):
     """`--model huggingface --model_args pretrained=DIR,trust_remote_code=True` with nothing of ours imported.
 
-    lmms-eval's generic wrapper loads unknown model types with `AutoModel`, so this works for folders staged by
-    `aligngpt-hf push` (their `auto_map` sends AutoModel to the generation class), not for a bare `save_pretrained`.
+    lmms-eval's generic wrapper loads unknown model types with `AutoModel`; every saved `auto_map` sends AutoModel to
+    the generation class (docs/native.md, "Auto classes"), so a staged push folder works, as a bare save does.
     """
     hub = pytest.importorskip("aligngpt_hf.hub.push", reason="aligngpt_hf.hub.push (publishing) not in this build")
     staged = tiny_task["root"] / "tiny-aligngpt-hub"
