@@ -124,5 +124,6 @@ def test_save_and_remote_code_reload_give_identical_outputs(make_model, tokenize
                              str(tmp_path / "outputs.safetensors")], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    with torch.no_grad():
-        assert torch.equal(load_file(tmp_path / "outputs.safetensors")["logits"], model(**batch).logits)
+    with torch.no_grad():  # another process may run another thread count: same weights, last-bit reduction order
+        torch.testing.assert_close(load_file(tmp_path / "outputs.safetensors")["logits"], model(**batch).logits,
+                                   rtol=0, atol=1e-6)
