@@ -11,6 +11,11 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process unless the caller chose: the tiny models gain nothing from a second thread, a busy
+# machine (another process on the other core) slows two spinning threads several-fold, and child processes (remote-code
+# reloads, DDP ranks) inherit the same count, so their float reductions match the parent's bit for bit.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from aligngpt_hf import AlignGPTForConditionalGeneration  # noqa: E402
 from aligngpt_hf.tiny import build_config, build_processor, build_tokenizer  # noqa: E402
