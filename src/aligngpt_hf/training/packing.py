@@ -25,6 +25,7 @@ import torch
 
 from aligngpt_hf.models.packing_aligngpt import PACKED_ATTENTION, keeps_samples_apart
 from aligngpt_hf.training.data import image_count, sample_token_lengths, undecoded
+from aligngpt_hf.training.sampler import ModalityLengthGroupedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def check_packed_attention(model) -> None:
         )
 
 
-class PackLengthGroupedSampler(torch.utils.data.Sampler):
+class PackLengthGroupedSampler(ModalityLengthGroupedSampler):
     """Order of the packs for `group_by_modality_length`: each device batch holds packs of one modality and similar
     length, so rows padded to the batch's longest pack waste little. Packs are shuffled, cut into megabatches of
     `group` batches per modality, sorted by length inside each, split into batches; the full batches of both
@@ -243,14 +244,8 @@ class PackLengthGroupedSampler(torch.utils.data.Sampler):
     Deterministic in (`seed`, epoch), so ranks and resumed runs agree."""
 
     def __init__(self, modality_lengths: list[int], batch_size: int, seed: int = 0, group: int = 16):
-        self.lengths, self.batch_size, self.seed, self.group = list(modality_lengths), batch_size, seed, group
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+        super().__init__(modality_lengths, batch_size, world_size=1, seed=seed)  # epoch, len: as the row sampler
+        self.group = group
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
