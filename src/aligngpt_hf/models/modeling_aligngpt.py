@@ -211,10 +211,12 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                            self.config.vision_config)
         image_features = alignment_weights = None
         segments, use_cache = packed_call(self.language_model.config, attention_mask, position_ids, use_cache, kwargs)
-        image_outputs = None
+        image_outputs = vision_anchor = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_outputs, image_features = self._image_outputs(pixel_values, **kwargs)
             image_outputs.pooler_output = list(image_features)  # as get_image_features returns it
+        elif self.training and torch.is_grad_enabled():  # where image batches run the tower: same order on all ranks
+            vision_anchor = self._vision_anchor()
         if input_ids is not None:
             embeddings = self.get_input_embeddings()
             word_embeds = embeddings(safe_token_ids(input_ids, embeddings.num_embeddings))
@@ -224,7 +226,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             inputs_embeds = word_embeds
         elif input_ids is not None:
             inputs_embeds, image_features, alignment_weights = self._merge_multimodal(
-                input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_text_mask, segments
+                input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_text_mask, segments,
+                vision_anchor,
             )
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
@@ -251,7 +254,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         return ids
 
     def _merge_multimodal(self, input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_mask,
-                          segments=None):
+                          segments=None, vision_anchor=None):
         """Scatter image features into `<image>` slots and alignment vectors into `<align>` slots.
 
         All placeholder checks share one device-to-host copy (LLaVA makes one too), so a GPU step waits once.
@@ -263,7 +266,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 check_no_placeholders(input_ids == image_id, input_ids == align_id, input_ids,
                                       self.get_input_embeddings().num_embeddings)
             if self.training and torch.is_grad_enabled():
-                word_embeds = word_embeds + self._static_graph_anchor(word_embeds)
+                word_embeds = word_embeds + self._static_graph_anchor(word_embeds, vision_anchor)
             return word_embeds, None, None
 
         image_mask, align_mask = input_ids == image_id, input_ids == align_id
@@ -300,22 +303,32 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         inputs_embeds = inputs_embeds.masked_scatter(align_mask.unsqueeze(-1), vectors.to(inputs_embeds.dtype))
         return inputs_embeds, image_features, weights
 
-    def _static_graph_anchor(self, word_embeds: torch.Tensor) -> torch.Tensor:
+    def _vision_anchor(self) -> torch.Tensor | None:
+        """Zero-input pass through the trainable (or ZeRO-3-partitioned) vision path of an image-free training batch.
+
+        It runs where image batches run the tower, before the word embeddings, so every rank gathers ZeRO-3 shards and
+        walks its backward in one module order; in another order the ranks wait on each other's collectives.
+        """
+        device = self.get_input_embeddings().weight.device
+        if any(p.requires_grad or hasattr(p, "ds_id") for p in self.vision_tower.parameters()):
+            size = self.config.vision_config.image_size
+            blank = torch.zeros(1, self.config.vision_config.num_channels, size, size, device=device)
+            return self._image_outputs(blank)[1].sum()
+        if any(p.requires_grad or hasattr(p, "ds_id") for p in self.multi_modal_projector.parameters()):
+            tokens = self.config.num_vision_feature_tokens or self.config.image_seq_length
+            projector_dtype = next(self.multi_modal_projector.parameters()).dtype
+            blank = torch.zeros(1, tokens, self.config.vision_config.hidden_size, device=device, dtype=projector_dtype)
+            return self.multi_modal_projector(blank).sum()
+        return None
+
+    def _static_graph_anchor(self, word_embeds: torch.Tensor, vision_anchor: torch.Tensor | None) -> torch.Tensor:
         """Zero-valued term touching the trainable vision/projector/gate parameters in image-free training batches.
 
         DDP, ZeRO-3 and FSDP expect every trainable parameter in every step's graph. The cost is one projector pass on
         a zero input (plus one vision-tower pass on a blank image when the tower trains, or when ZeRO-3 partitions it:
         the other ranks gather its shards in this step and would wait for this one) per image-free batch.
         """
-        terms = []
-        if any(p.requires_grad or hasattr(p, "ds_id") for p in self.vision_tower.parameters()):
-            size = self.config.vision_config.image_size
-            blank = word_embeds.new_zeros(1, self.config.vision_config.num_channels, size, size)
-            terms.append(self._image_outputs(blank)[1].sum())
-        elif any(p.requires_grad for p in self.multi_modal_projector.parameters()):
-            tokens = self.config.num_vision_feature_tokens or self.config.image_seq_length
-            blank = word_embeds.new_zeros(1, tokens, self.config.vision_config.hidden_size)
-            terms.append(self.multi_modal_projector(blank).sum())
+        terms = [] if vision_anchor is None else [vision_anchor]
         alignment = getattr(self, "alignment", None)
         if alignment is not None and hasattr(alignment, "fc1") and alignment.fc1.weight.requires_grad:
             terms.append(alignment.gate(word_embeds.new_zeros(1, self.config.image_seq_length)).sum())
