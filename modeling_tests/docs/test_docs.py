@@ -178,6 +178,7 @@ def command_lines(text: str) -> list[str]:
 def subcommand_options(name: str) -> set[str] | None:
     """The option strings a subcommand accepts; pretrain/instruct take `--field` of their recipe dataclasses."""
     from aligngpt_hf.cli import SUBCOMMANDS
+    from aligngpt_hf_cli.options import add_subcommand_arguments
 
     if name not in SUBCOMMANDS:
         return None
@@ -188,7 +189,7 @@ def subcommand_options(name: str) -> set[str] | None:
         config = AlignGPTPretrainConfig if name == "pretrain" else AlignGPTInstructConfig
         return {f"--{f.name}" for cls in (AlignGPTScriptArguments, config) for f in dataclasses.fields(cls)}
     parser = argparse.ArgumentParser(add_help=True)
-    importlib.import_module(SUBCOMMANDS[name][0]).add_cli_arguments(parser)
+    add_subcommand_arguments(name, parser)
     return set(parser._option_string_actions)
 
 

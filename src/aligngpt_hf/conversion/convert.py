@@ -410,23 +410,6 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
     return repo_id
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="SOURCE", help="original checkpoint: local folder or Hub id")
-    parser.add_argument("output", metavar="OUTPUT", help="folder for the converted checkpoint")
-    parser.add_argument("--vision-tower", metavar="SRC",
-                        help="CLIP folder or Hub id (default: the tower inside SOURCE, else its mm_vision_tower)")
-    parser.add_argument("--tokenizer", metavar="SRC", help="tokenizer folder or Hub id (default: the one in SOURCE)")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload OUTPUT to this Hub repo afterwards")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--kind", choices=("auto", "full", "pretrain"), default="auto",
-                        help="refuse SOURCE unless it is this kind (default: detect from the keys)")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="cast floating weights (default: keep the checkpoint's dtype, bit-identical)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def run_cli(args: argparse.Namespace) -> int:
     try:
         result = convert_checkpoint(

@@ -229,22 +229,6 @@ def print_summary(results: dict, run: Path) -> None:
         f"{results['cpu_seconds']:.0f} s CPU, {results['threads']} thread(s); results in {run / 'results.json'}")
 
 
-def add_cli_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true", help="sub-minute smoke version (smaller data and budgets)")
-    parser.add_argument("--out", default=None, help="run folder (None: runs/demo, or runs/demo-compare)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (--compare: the first seed)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (None: from free cores and load; 1 on a 2-core machine)")
-    parser.add_argument("--wrong-share", type=float, default=None,
-                        help="share of wrong pre-training captions (None: 0.5)")
-    parser.add_argument("--stage1-steps", type=int, default=None, help="override the preset's stage-1 steps")
-    parser.add_argument("--stage2-steps", type=int, default=None, help="override the preset's stage-2 steps")
-    parser.add_argument("--compare", action="store_true",
-                        help="train AlignGPT, plain LLaVA and AlignGPT with shuffled levels on the same data")
-    parser.add_argument("--seeds", type=int, default=3, help="--compare: number of seeds")
-
-
 def run_cli(args) -> int:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     settings = settings_for(args.quick, args.wrong_share, stage1_steps=args.stage1_steps,

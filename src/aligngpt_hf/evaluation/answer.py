@@ -290,46 +290,6 @@ def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto"
     return model.to(device).eval(), processor
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="converted AlignGPT folder or Hub id")
-    parser.add_argument("--questions", "--question-file", dest="questions", required=True, help="question JSONL")
-    parser.add_argument("--image-folder", required=True, help="folder the questions' `image` paths are relative to")
-    parser.add_argument("--answers", "--answers-file", dest="answers", required=True, help="answer JSONL to write")
-    parser.add_argument("--model-id", help="`model_id` written in each answer (default: the model folder's name)")
-    parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into N chunks (multi-GPU)")
-    parser.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process answers")
-    parser.add_argument("--resume", action="store_true", help="keep the answers file; skip question_ids in it")
-    parser.add_argument("--skip-missing-images", action="store_true", help="skip and count, instead of failing")
-    parser.add_argument("--allow-outside-image-folder", action="store_true",
-                        help="read `image` paths that resolve outside --image-folder (refused by default)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="128 = model_vqa_loader; 1024 = model_vqa")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper setting)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling cut-off (only with --temperature > 0)")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam-search width (1 = greedy or sampling)")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=1,
-        help="1 = paper parity. Larger batches use left padding and give the same answers in fp32; in fp16/bf16 "
-        "padded kernels can flip near-tied tokens, so scores may move slightly.",
-    )
-    parser.add_argument(
-        "--alignment-mode",
-        choices=["adaptive", "global", "local", "mean", "none"],
-        help="override the checkpoint's alignment mode (paper Table 4 ablations)",
-    )
-    parser.add_argument("--alignment-level", type=int, help="fixed-level mode: use level table row K for every image")
-    parser.add_argument(
-        "--image-aspect-ratio",
-        choices=["pad", "square"],
-        help="pad = expand-to-square (model_vqa_loader); square = resize + centre crop "
-        "(model_vqa / model_vqa_science, used for LLaVA-W, MM-Vet, SQA). Default: the processor's.",
-    )
-    parser.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32")
-    parser.add_argument("--device", help="cuda | cpu | cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def run_cli(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1.")

@@ -129,18 +129,6 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str = "
     return model.to(device).eval(), processor
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="model folder or Hub repo id")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--prompt", action="append", required=True, help="instruction (repeat for several)")
-    parser.add_argument("--out", required=True, metavar="PLOT.png", help="where to write the bar charts")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the weights as JSON")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights dtype (auto = as saved)")
-    parser.add_argument("--device", default="cpu", help="torch device to run the model on (e.g. cpu, cuda)")
-    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL")
-
-
 def run_cli(args: argparse.Namespace) -> int:
     try:
         import matplotlib  # noqa: F401  (fail before loading a 7B model, not after)

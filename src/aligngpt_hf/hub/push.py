@@ -381,28 +381,6 @@ def default_dry_run_folder(folder: str | Path, repo_id: str) -> Path:
     return Path(folder).resolve().parent / f"{repo_id.split('/')[-1]}-publish"
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", metavar="FOLDER", help="trained or converted model folder (with its processor)")
-    parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repository, e.g. user/aligngpt-7b")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="write the publish-ready folder (see --out) and upload nothing")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="where to write the publish folder (default for --dry-run: FOLDER/../REPO_NAME-publish)")
-    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
-    parser.add_argument("--base-model", action="append", default=None, metavar="ID",
-                        help="card base_model (repeatable; default: from the config, else Vicuna-7B v1.5 and "
-                        "CLIP-L/336)")
-    parser.add_argument("--dataset", action="append", default=None, metavar="ID",
-                        help="card datasets (repeatable; default: LLaVA-Pretrain, LLaVA-Instruct-150K)")
-    parser.add_argument("--license", default=None, help=f"card licence id (default {DEFAULT_LICENSE})")
-    parser.add_argument("--auto-model", choices=("generation", "base"), default="generation",
-                        help="class `AutoModel` loads: generation (what lmms-eval needs, default) or base backbone")
-    parser.add_argument("--commit-message", default=None, help="commit message on the Hub (default: a generated one)")
-    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN / the cached login)")
-
-
 def run_cli(args: argparse.Namespace) -> int:
     result = push_to_hub(
         args.folder,

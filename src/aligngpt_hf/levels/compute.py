@@ -423,36 +423,6 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="LLaVA-format JSON, or a datasets save_to_disk folder")
-    parser.add_argument("output", help="output LLaVA JSON (similarity = level); report and plot go next to it")
-    parser.add_argument("--image-folder", default=None,
-                        help="folder the records' `image` paths are relative to (required for LLaVA JSON input)")
-    parser.add_argument("--scorer", default=DEFAULT_SCORER, help="CLIP or SigLIP model id or path (AutoModel)")
-    parser.add_argument("--num-levels", type=int, default=8, help="number of alignment levels N >= 2")
-    parser.add_argument("--binning", choices=BINNINGS, default="quantile",
-                        help="quantile: equal-count levels by rank (default); uniform: equal-width score bins")
-    parser.add_argument("--skip-bad", action="store_true", help="skip bad records; they are counted in the report")
-    parser.add_argument("--batch-size", type=int, default=64, help="image-caption pairs scored per forward pass")
-    parser.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default min(8, CPUs))")
-    parser.add_argument("--chunk-size", type=int, default=10_000, help="rows per cached chunk (resume granularity)")
-    parser.add_argument("--cache-dir", default=None, help="score cache (default: .<output stem>.levels-cache/ next to OUTPUT); delete it after "
-                        "changing image files")
-    parser.add_argument("--image-column", default="image", help="image column of a saved dataset")
-    parser.add_argument("--text-column", default="caption", help="caption column of a saved dataset")
-    parser.add_argument("--id-column", default="id", help="record id column of a saved dataset")
-    parser.add_argument("--split", default=None, help="split of a saved DatasetDict")
-    parser.add_argument("--num-shards", type=int, default=None,
-                        help="score only every K-th chunk (set automatically under `accelerate launch`)")
-    parser.add_argument("--shard-index", type=int, default=None, help="which of the --num-shards this process runs")
-    parser.add_argument("--tie-tolerance", type=float, default=DEFAULT_TIE_TOLERANCE,
-                        help="scores closer than this are ties and share a level (raise to 1e-3 for bf16 scoring)")
-    parser.add_argument("--allow-outside-image-folder", action="store_true",
-                        help="read `image` paths that resolve outside --image-folder (refused by default)")
-    parser.add_argument("--device", default=None, help="default: cuda (bf16) when available, else cpu (fp32)")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG histogram (no matplotlib needed)")
-
-
 def run_cli(args: argparse.Namespace) -> int:
     result = compute_alignment_levels(
         args.input, args.output, image_folder=args.image_folder, scorer=args.scorer, num_levels=args.num_levels,

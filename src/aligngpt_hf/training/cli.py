@@ -107,43 +107,6 @@ def accelerate_config_path(name: str) -> Path:
     return path
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser, stage: str = "pretrain") -> None:
-    owl = "mplug-owl-stage1" if stage == "pretrain" else "mplug-owl-stage2"
-    parser.add_argument("recipe", help=f"YAML recipe: a path or a shipped name (e.g. {stage}_7b, {stage}_tiny, {owl})")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="`--field value` pairs overriding the recipe (any script or trainer-config field)")
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = recipe_help_epilog(stage)
-
-
-def recipe_help_epilog(stage: str) -> str:
-    """Shipped recipes and overridable fields, read without importing TRL (so `--help` stays fast)."""
-    import ast
-    import textwrap
-
-    config_class = "AlignGPTPretrainConfig" if stage == "pretrain" else "AlignGPTInstructConfig"
-    tree = ast.parse((PACKAGE_DIR / "configs.py").read_text())
-    trainer_fields = [
-        node.target.id
-        for cls in tree.body if isinstance(cls, ast.ClassDef) and cls.name in ("_AlignGPTTrainingConfig", config_class)
-        for node in cls.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-    ]
-    recipes = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem.startswith((stage, "mplug-owl")))
-    script_fields = list(AlignGPTScriptArguments.__dataclass_fields__)
-
-    def wrapped(items):
-        return textwrap.fill(", ".join(items), width=100, initial_indent="  ", subsequent_indent="  ")
-
-    return (
-        f"shipped recipes:\n{wrapped(recipes)}\n\n"
-        f"model and data fields (--field value):\n{wrapped(script_fields)}\n\n"
-        f"AlignGPT trainer fields ({config_class}):\n{wrapped(sorted(set(trainer_fields)))}\n\n"
-        "and every field of TRL's SFTConfig / transformers' TrainingArguments (e.g. --output_dir, --max_steps,\n"
-        "--per_device_train_batch_size, --learning_rate). Example:\n"
-        f"  aligngpt-hf {stage} {stage}_tiny --output_dir runs/{stage} --max_steps 5"
-    )
-
-
 def parse_recipe(stage: str, recipe: str, overrides: list[str] | None = None):
     """(script arguments, trainer config) from a recipe plus `--field value` overrides."""
     from trl import TrlParser
