@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aligngpt_hf.demo.task import IMAGE_SIZE, PATCH_SIZE, TEXT_ONLY, caption_pairs, corpus, draw, question_rows
+from aligngpt_hf.demo.task import IMAGE_SIZE, PATCH_SIZE, caption_pairs, corpus, draw, question_rows, text_only_chats
 
 ARMS = ("aligngpt", "llava", "shuffled")  # (a) levels + gate, (b) alignment_mode="none", (c) levels shuffled
 ARM_TITLES = {"aligngpt": "AlignGPT", "llava": "plain LLaVA", "shuffled": "AlignGPT, shuffled levels"}
@@ -27,24 +27,27 @@ class DemoSettings:
     wrong_share: float = 0.5
     num_levels: int = 4
     instruct_rows: int = 2400
-    text_only_rows: int = 120
+    # text-only rows, mostly comparison chats (task.comparison_chats): short rows, cheap steps (batches are grouped
+    # by modality), where the caption check's last step, word equality, is learned (docs/demo.md)
+    text_only_rows: int = 1200
     heldout_per_kind: int = 40
     stage1_steps: int = 150
-    stage2_steps: int = 1200  # the caption check is learned late, if at all (docs/demo.md: seed 0 yes, 1 and 2 no)
+    stage2_steps: int = 1600
     batch_size: int = 16
     hidden_size: int = 96
     num_layers: int = 2
     stage2_lr: float = 2e-3
-    # share of each question kind in stage 2: the caption check is the slowest to learn, position and count next
-    kind_weights: tuple[tuple[str, float], ...] = (("colour", 1.2), ("shape", 1.2), ("position", 1.5),
+    # share of each question kind in stage 2: the caption check is the slowest to learn, position next; colour and
+    # shape are learned first whatever their share
+    kind_weights: tuple[tuple[str, float], ...] = (("colour", 0.8), ("shape", 0.8), ("position", 2.5),
                                                    ("count", 1.5), ("caption check", 3.0))
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(clip_pairs=600, clip_steps=150, pretrain_pairs=256, instruct_rows=960, text_only_rows=32,
-                     heldout_per_kind=12, stage1_steps=20, stage2_steps=450,
-                     kind_weights=(("colour", 1.0), ("shape", 1.0), ("position", 2.0), ("count", 2.0),
-                                   ("caption check", 1.5)))
+QUICK = DemoSettings(clip_pairs=600, clip_steps=150, pretrain_pairs=256, instruct_rows=960, text_only_rows=480,
+                     heldout_per_kind=12, stage1_steps=20, stage2_steps=750,
+                     kind_weights=(("colour", 0.6), ("shape", 0.6), ("position", 2.5), ("count", 2.0),
+                                   ("caption check", 3.0)))
 
 
 # vicuna_v1 with a one-line system prompt: the default one is ~35 of a demo row's ~60 tokens (half the step time)
@@ -277,7 +280,7 @@ def instruct_dataset(run: Path, settings: DemoSettings, rng: random.Random):
     text_rows = [{"id": f"text-{i}", "images": [], "alignment_level": None, "messages": [
         {"role": "user", "content": [{"type": "text", "text": q}]},
         {"role": "assistant", "content": [{"type": "text", "text": a}]}]}
-        for i, (q, a) in enumerate(rng.choices(TEXT_ONLY, k=settings.text_only_rows))]
+        for i, (q, a) in enumerate(rng.choices(text_only_chats(), k=settings.text_only_rows))]
     mixed = loaded.to_list() + text_rows
     rng.shuffle(mixed)
     return Dataset.from_list(mixed).cast_column("images", loaded.features["images"])

@@ -114,10 +114,11 @@ def make_question(scene: Scene, kind: str, rng: random.Random, matches: bool | N
                   attribute: str | None = None) -> dict:
     """One row `{scene, kind, question, answer, response}`: `response` is what the model learns to say, `answer`
     what is graded. A caption check names one attribute (`CHECKED`) with the right value or, for a "no", any other
-    value; the named value alone says nothing about the answer. Its response first says what the picture shows, then
-    the verdict ("blue shapes, so no"): the verdict alone is an XOR of word and picture, which a tiny model learns only after
-    a long plateau; saying the value first turns it into "is the word I just said in the question?" (graded: the
-    verdict, the response's last word)."""
+    value; the named value alone says nothing about the answer. Its response sets the picture's value next to the
+    named one, then the verdict ("blue vs red: no", graded: the last word). The verdict alone is an XOR of word and
+    picture, which a tiny model learns only after a long, seed-dependent plateau; with both values written just
+    before it, the verdict is "are the two words I just wrote equal?", which the text-only comparison chats
+    (`comparison_chats`) also teach."""
     if kind != CHECK:
         answer = scene.answer(kind)
         return {"scene": scene, "kind": kind, "question": QUESTIONS[kind], "answer": answer, "response": answer}
@@ -127,7 +128,27 @@ def make_question(scene: Scene, kind: str, rng: random.Random, matches: bool | N
     value = truth if matches else rng.choice([v for v in ATTRIBUTES[attribute] if v != truth])
     verdict = "yes" if matches else "no"
     return {"scene": scene, "kind": kind, "question": check_question(attribute, value), "answer": verdict,
-            "response": f"{check_phrase(attribute, truth)}, so {verdict}"}
+            "response": comparison(truth, value)}
+
+
+def comparison(first: str, second: str) -> str:
+    return f"{first} vs {second}: {'yes' if first == second else 'no'}"
+
+
+def comparison_chats() -> list[tuple[str, str]]:
+    """Text-only chats that teach the check's last step on words alone ("Compare red and green." -> "red vs green:
+    no"), every pair of colours and of shapes, the equal pairs three times so yes and no are about even. No picture
+    is involved, so nothing about a held-out image can leak through them."""
+    chats = []
+    for values in (ATTRIBUTES[name] for name in CHECKED):
+        for first, second in itertools.product(values, values):
+            chats += [(f"Compare {first} and {second}.", comparison(first, second))] * (3 if first == second else 1)
+    return chats
+
+
+def text_only_chats() -> list[tuple[str, str]]:
+    """The pool stage 2's text-only rows are drawn from."""
+    return TEXT_ONLY + comparison_chats()
 
 
 def question_rows(count: int, rng: random.Random, kind_weights: dict[str, float]) -> list[dict]:
@@ -162,8 +183,9 @@ def corpus() -> list[str]:
     """Words the tiny tokenizers must know: every caption word, question and answer."""
     sentences = [Scene(*values).caption() for values in itertools.product(*ATTRIBUTES.values())]
     checks = [check_question(attribute, value) for attribute in CHECKED for value in ATTRIBUTES[attribute]]
-    questions = list(QUESTIONS.values()) + [q for q, _ in TEXT_ONLY] + checks
-    return sentences + questions + [a for _, a in TEXT_ONLY] + ["yes no shapes squares circles triangles", "red shapes, so no"]
+    chats = text_only_chats()
+    questions = list(QUESTIONS.values()) + [q for q, _ in chats] + checks
+    return sentences + questions + [a for _, a in chats] + ["yes no shapes squares circles triangles"]
 
 
 def verdict(prediction: str, kind: str) -> str:
