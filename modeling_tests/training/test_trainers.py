@@ -272,6 +272,18 @@ def test_gradient_checkpointing_keeps_the_trainable_sets(make_model, processor, 
     assert changed(model, before) == sorted(llm_names(model) + PROJECTOR + GATE)
 
 
+@pytest.mark.parametrize("config_class", [AlignGPTPretrainConfig, AlignGPTInstructConfig])
+def test_checkpointing_defaults_on_and_the_deprecated_name_still_counts(config_class, tmp_path):
+    """TRL's default (on) applies only when neither name is given: `gradient_checkpointing=False`, the name most
+    scripts still pass, must turn it off (with transformers' deprecation warning), not be overridden by our default."""
+    common = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert config_class(**common).activation_checkpointing is True
+    assert config_class(**common, activation_checkpointing=False).gradient_checkpointing is False
+    with pytest.warns(FutureWarning, match="`gradient_checkpointing` is deprecated"):
+        args = config_class(**common, gradient_checkpointing=False)
+    assert (args.activation_checkpointing, args.gradient_checkpointing) == (False, False)
+
+
 def test_image_token_mismatch_is_not_blamed_on_max_length(make_model, processor, tmp_path):
     model = make_model().train()
     model.config.aligngpt_stage = "pretrain"

@@ -262,7 +262,7 @@ def training_args(config_class, run: Path, name: str, settings: DemoSettings, st
     return config_class(
         output_dir=str(run / "checkpoints" / name), max_steps=steps, per_device_train_batch_size=settings.batch_size,
         learning_rate=lr, warmup_steps=0.03, lr_scheduler_type="cosine", logging_steps=max(1, steps // 10),
-        report_to="none", save_strategy="no", gradient_checkpointing=False, use_cpu=True, bf16=False, seed=seed,
+        report_to="none", save_strategy="no", activation_checkpointing=False, use_cpu=True, bf16=False, seed=seed,
         dataloader_num_workers=0, disable_tqdm=True, max_length=512, **extra,
     )
 

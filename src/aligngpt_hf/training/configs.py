@@ -51,14 +51,15 @@ class _AlignGPTTrainingConfig(SFTConfig):
         metadata={"help": "Longest sample in tokens, image tokens and `<align>` included; longer samples raise."},
     )
     # transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old name,
-    # which TRL still sets to True by default: declare TRL's default under the new name so no run warns.
+    # which TRL still sets to True by default: both default to None here and `__post_init__` applies TRL's default
+    # (on) under the new name only when neither is given, so no run warns and an explicit old name still counts.
     gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`; leave unset."}
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (honoured, with a warning)."}
     )
     activation_checkpointing: bool | None = field(
-        default=True,
-        metadata={"help": "Recompute activations in the backward pass to save memory (TRL's default: on); off is "
-                  "faster for small models."},
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (None: on, TRL's default); off "
+                  "is faster for small models."},
     )
 
     packing: bool = packing_support.packing_field()
@@ -67,6 +68,8 @@ class _AlignGPTTrainingConfig(SFTConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = _bf16_default(self)
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         super().__post_init__()
         packing_support.check_packing_args(self)
 
