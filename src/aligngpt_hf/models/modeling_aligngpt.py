@@ -215,19 +215,20 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_outputs, image_features = self._image_outputs(pixel_values, **kwargs)
             image_outputs.pooler_output = list(image_features)  # as get_image_features returns it
-        elif self.training and torch.is_grad_enabled():  # where image batches run the tower: same order on all ranks
-            vision_anchor = self._vision_anchor()
+        elif input_ids is not None and self.training and torch.is_grad_enabled():
+            vision_anchor = self._vision_anchor()  # where image batches run the tower: one module order on all ranks
         if input_ids is not None:
             embeddings = self.get_input_embeddings()
             word_embeds = embeddings(safe_token_ids(input_ids, embeddings.num_embeddings))
+            if vision_anchor is not None:
+                word_embeds = word_embeds + 0.0 * vision_anchor
         elif image_features is not None:  # inputs_embeds with pixels: placeholders found by value
             input_ids, word_embeds = self._placeholder_ids(inputs_embeds), inputs_embeds
         if input_ids is not None and pixels_withheld and image_features is None:
             inputs_embeds = word_embeds
         elif input_ids is not None:
             inputs_embeds, image_features, alignment_weights = self._merge_multimodal(
-                input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_text_mask, segments,
-                vision_anchor,
+                input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_text_mask, segments
             )
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
@@ -254,7 +255,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         return ids
 
     def _merge_multimodal(self, input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_mask,
-                          segments=None, vision_anchor=None):
+                          segments=None):
         """Scatter image features into `<image>` slots and alignment vectors into `<align>` slots.
 
         All placeholder checks share one device-to-host copy (LLaVA makes one too), so a GPU step waits once.
@@ -266,7 +267,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 check_no_placeholders(input_ids == image_id, input_ids == align_id, input_ids,
                                       self.get_input_embeddings().num_embeddings)
             if self.training and torch.is_grad_enabled():
-                word_embeds = word_embeds + self._static_graph_anchor(word_embeds, vision_anchor)
+                word_embeds = word_embeds + self._static_graph_anchor(word_embeds)
             return word_embeds, None, None
 
         image_mask, align_mask = input_ids == image_id, input_ids == align_id
@@ -321,14 +322,14 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             return self.multi_modal_projector(blank).sum()
         return None
 
-    def _static_graph_anchor(self, word_embeds: torch.Tensor, vision_anchor: torch.Tensor | None) -> torch.Tensor:
-        """Zero-valued term touching the trainable vision/projector/gate parameters in image-free training batches.
+    def _static_graph_anchor(self, word_embeds: torch.Tensor) -> torch.Tensor:
+        """Zero-valued term touching the trainable gate and level table in image-free training batches (the vision
+        side is `_vision_anchor`, added to the word embeddings).
 
-        DDP, ZeRO-3 and FSDP expect every trainable parameter in every step's graph. The cost is one projector pass on
-        a zero input (plus one vision-tower pass on a blank image when the tower trains, or when ZeRO-3 partitions it:
-        the other ranks gather its shards in this step and would wait for this one) per image-free batch.
+        DDP, ZeRO-3 and FSDP expect every trainable parameter in every step's graph; the cost is one gate pass on a
+        zero input per image-free batch.
         """
-        terms = [] if vision_anchor is None else [vision_anchor]
+        terms = []
         alignment = getattr(self, "alignment", None)
         if alignment is not None and hasattr(alignment, "fc1") and alignment.fc1.weight.requires_grad:
             terms.append(alignment.gate(word_embeds.new_zeros(1, self.config.image_seq_length)).sum())
