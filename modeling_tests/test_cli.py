@@ -7,7 +7,6 @@ import ast
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -68,13 +67,11 @@ def test_help_and_usage_errors_never_import_the_library():
     assert json.loads(out.stdout.splitlines()[-1]) == []
 
 
-def test_console_script_help_answers_well_under_a_second():
-    """Timed as the user runs it (interpreter start included); the bound is loose: the check is what is imported."""
-    started = time.perf_counter()
+def test_console_script_module_prints_help():
+    """`python -m aligngpt_hf_cli` is the console script without its wrapper (its speed: the import test above)."""
     result = subprocess.run([sys.executable, "-m", "aligngpt_hf_cli", "instruct", "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and "instruct_tiny" in result.stdout
-    assert time.perf_counter() - started < 3.0  # importing aligngpt_hf alone takes longer than that
 
 
 def test_defaults_read_from_the_library_source_equal_the_library_values():

@@ -65,13 +65,6 @@ def dataclass_fields(relative_path: str, *class_names: str) -> list[str]:
             for node in cls.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)]
 
 
-def add_subcommand_arguments(name: str, parser: argparse.ArgumentParser) -> None:
-    if name in ("pretrain", "instruct"):
-        add_training_arguments(parser, stage=name)
-    else:
-        globals()[f"add_{name}_arguments"](parser)
-
-
 def add_training_arguments(parser: argparse.ArgumentParser, stage: str = "pretrain") -> None:
     owl = "mplug-owl-stage1" if stage == "pretrain" else "mplug-owl-stage2"
     parser.add_argument("recipe", help=f"YAML recipe: a path or a shipped name (e.g. {stage}_7b, {stage}_tiny, {owl})")
@@ -237,3 +230,18 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="train AlignGPT, plain LLaVA and AlignGPT with shuffled levels on the same data")
     parser.add_argument("--seeds", type=int, default=3, help="--compare: number of seeds")
+
+
+def add_subcommand_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    """Declare subcommand `name`'s options on `parser`."""
+    declare = {
+        "convert": add_convert_arguments,
+        "levels": add_levels_arguments,
+        "pretrain": functools.partial(add_training_arguments, stage="pretrain"),
+        "instruct": functools.partial(add_training_arguments, stage="instruct"),
+        "push": add_push_arguments,
+        "inspect": add_inspect_arguments,
+        "answer": add_answer_arguments,
+        "demo": add_demo_arguments,
+    }
+    declare[name](parser)

@@ -16,6 +16,7 @@ from aligngpt_hf.training.data import LEVEL_COLUMN
 from aligngpt_hf.training.sampler import EXHAUSTION_MODES
 
 MODALITY_BATCHING = ("mixed", "separate")
+MODALITY_GROUPING_HELP = "LLaVA's sampler: batches of one modality (image or text-only), grouped by length."
 
 
 def _bf16_default(config) -> bool:
@@ -33,7 +34,7 @@ class _AlignGPTTrainingConfig(SFTConfig):
     )
     group_by_modality_length: bool = field(
         default=False,
-        metadata={"help": "LLaVA's sampler: batches of one modality (image or text-only), grouped by length."},
+        metadata={"help": MODALITY_GROUPING_HELP},
     )
     skip_overlong_samples: bool = field(
         default=False,
@@ -134,7 +135,7 @@ class AlignGPTInstructConfig(_AlignGPTTrainingConfig):
     )
     group_by_modality_length: bool = field(
         default=True,
-        metadata={"help": "LLaVA's sampler: batches of one modality (image or text-only), grouped by length."},
+        metadata={"help": MODALITY_GROUPING_HELP},
     )
     allow_untrained_alignment: bool = field(
         default=False,
