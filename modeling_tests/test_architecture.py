@@ -77,12 +77,12 @@ def test_package_root_holds_only_the_entry_points():
 def test_files_and_functions_stay_small():
     """House style: files under ~500 lines, functions under ~80 (long ones are split, not grandfathered)."""
     too_long = []
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in sorted([*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "aligngpt_hf_cli").rglob("*.py")]):
         lines = path.read_text().splitlines()
         if len(lines) > 520:
-            too_long.append(f"{path.relative_to(PACKAGE)}: {len(lines)} lines")
+            too_long.append(f"{path.relative_to(PACKAGE.parent)}: {len(lines)} lines")
         for node in ast.walk(ast.parse("\n".join(lines))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 85:
-                too_long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}(): "
+                too_long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}(): "
                                 f"{node.end_lineno - node.lineno + 1} lines")
     assert not too_long, too_long
