@@ -129,3 +129,53 @@ def test_processor_round_trip_keeps_settings(processor, tmp_path):
     image = Image.new("RGB", (30, 20), (1, 2, 3))
     a, b = processor(text=[text], images=[image]), loaded(text=[text], images=[image])
     assert a["input_ids"] == b["input_ids"] and np.allclose(a["pixel_values"], b["pixel_values"])
+
+
+def _conversations(turns: int) -> list[list[dict]]:
+    chats = []
+    for num_images in (1, 0, 2):
+        chat = user_message("What is it?", num_images=num_images)
+        for turn in range(turns):
+            chat += [{"role": "assistant", "content": [{"type": "text", "text": f"A cat, answer {turn}."}]},
+                     {"role": "user", "content": [{"type": "text", "text": "And then?"}]}]
+        chats.append(chat[:-1])
+    return chats
+
+
+@pytest.mark.parametrize("padding", [True, False])
+@pytest.mark.parametrize("add_alignment_token", [True, False])
+def test_assistant_masks_equal_transformers_own_computation(processor, images, padding, add_alignment_token):
+    """The vectorised mask (`_adjust_assistant_masks_indices` override) against transformers' loop, which the
+    same processor runs when the override is bypassed: multi-turn, 0-2 images, `<align>` inserted or not."""
+    import copy
+    import types
+
+    from transformers import ProcessorMixin
+
+    ours = copy.copy(processor)
+    ours.add_alignment_token = add_alignment_token
+    upstream = copy.copy(ours)
+    upstream._adjust_assistant_masks_indices = types.MethodType(ProcessorMixin._adjust_assistant_masks_indices,
+                                                                upstream)
+    for turns in (1, 3):
+        kwargs = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors=None,
+                      processor_kwargs={"padding": padding})
+        chats = [[{**m, "content": [dict(part, image=images[0]) if part["type"] == "image" else part
+                                    for part in m["content"]]} for m in chat] for chat in _conversations(turns)]
+        expected = upstream.apply_chat_template(chats, **kwargs)
+        got = ours.apply_chat_template(chats, **kwargs)
+        assert got["assistant_masks"] == expected["assistant_masks"]
+        assert [sum(mask) for mask in got["assistant_masks"]] == [sum(mask) for mask in expected["assistant_masks"]]
+        assert all(sum(mask) > 0 for mask in got["assistant_masks"])
+        assert [len(mask) for mask in got["assistant_masks"]] == [len(ids) for ids in got["input_ids"]]
+
+
+def test_assistant_token_masks_by_hand():
+    """Tokens (0,3) (3,5) (5,9) (9,12) + one pad (0,0); the span 4..9 of the rendered text, after a 7-character
+    placeholder expansion at 0..2 (original span end 2 -> new end 9), moves to 11..16: only tokens overlapping it."""
+    from aligngpt_hf.models.processing_aligngpt import assistant_token_masks
+
+    offsets = [[(0, 3), (3, 5), (5, 9), (9, 12), (12, 16), (0, 0)], [(0, 4), (4, 6)]]
+    replacements = [[{"span": (0, 2), "new_span": (0, 9)}], []]
+    assert assistant_token_masks(offsets, [[(4, 9)], [(5, 6)]], replacements) == [[0, 0, 0, 1, 1, 0], [0, 1]]
+    assert assistant_token_masks(offsets, [[], []], None) == [[0] * 6, [0, 0]]
