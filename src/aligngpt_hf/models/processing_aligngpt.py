@@ -8,7 +8,7 @@ replacement so TRL's assistant-only masks stay aligned (DESIGN §4).
 
 import bisect
 
-import numpy as np
+import torch
 from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 
@@ -191,9 +191,9 @@ def assistant_token_masks(offset_mapping, generation_indices: list, replacement_
     training step; here it is one array comparison per batch.
     """
     lengths = [len(row) for row in offset_mapping]
-    offsets = np.zeros((len(lengths), max(lengths, default=0), 2), dtype=np.int64)
+    offsets = torch.zeros((len(lengths), max(lengths, default=0), 2), dtype=torch.long)
     for index, row in enumerate(offset_mapping):  # rows differ in length when the batch is not padded
-        offsets[index, : lengths[index]] = np.asarray(row, dtype=np.int64).reshape(-1, 2)
+        offsets[index, : lengths[index]] = torch.as_tensor(row, dtype=torch.long).reshape(-1, 2)
     rows, starts, ends = [], [], []
     for index, spans in enumerate(generation_indices):
         entries = replacement_offsets[index] if replacement_offsets else []
@@ -203,12 +203,13 @@ def assistant_token_masks(offset_mapping, generation_indices: list, replacement_
             rows.append(index)
             starts.append(start + chars_gained[bisect.bisect_right(placeholder_ends, start)])
             ends.append(end + chars_gained[bisect.bisect_right(placeholder_ends, end)])
-    masks = np.zeros(offsets.shape[:2], dtype=bool)
+    hits = torch.zeros(offsets.shape[:2], dtype=torch.long)
     if rows:
+        rows = torch.tensor(rows)
         token_starts, token_ends = offsets[rows, :, 0], offsets[rows, :, 1]  # (spans, tokens)
-        overlaps = (token_starts < np.asarray(ends)[:, None]) & (token_ends > np.asarray(starts)[:, None])
-        np.logical_or.at(masks, np.asarray(rows), overlaps)
-    return [mask[:length].tolist() for mask, length in zip(masks.astype(np.int64), lengths)]
+        overlaps = (token_starts < torch.tensor(ends)[:, None]) & (token_ends > torch.tensor(starts)[:, None])
+        hits.index_add_(0, rows, overlaps.long())
+    return [mask[:length].tolist() for mask, length in zip((hits > 0).long(), lengths)]
 
 
 def _shift_entry(entry: dict, by: int) -> dict:
