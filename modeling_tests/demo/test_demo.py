@@ -62,7 +62,7 @@ def test_quick_demo_beats_chance_on_every_kind(quick_run):
         truths = Counter(row["answer"] for row in rows)
         chance = max(truths.values()) / len(rows)  # the best constant answer, counted independently here
         graded = [row["prediction"].strip().lower().rstrip(".") for row in rows]
-        if kind == CHECK:  # "blue vs red: no": the verdict is graded
+        if kind == CHECK:  # "red blue no": the verdict is graded
             graded = [text.split(" ")[-1] for text in graded]
         correct = sum(text == row["answer"] for text, row in zip(graded, rows)) / len(rows)
         assert results["chance"][kind] == pytest.approx(chance)
@@ -115,12 +115,14 @@ def test_heldout_is_balanced_and_caption_checks_do_not_leak():
         assert 0.3 < yes / (yes + no) < 0.7, (question, yes, no)  # the named value does not give the answer away
 
 
-def test_caption_check_response_sets_the_picture_value_next_to_the_named_one_then_the_verdict():
+def test_caption_check_response_is_the_named_value_the_picture_value_then_the_verdict():
+    """Adjacent words, the verdict right after the second: the named one is copied from the prompt, the picture's
+    one read from the image."""
     for row in question_rows(200, random.Random(5), {CHECK: 1.0}):
         named = row["question"].removeprefix("Does the caption match the picture: ").removesuffix("?")
         attribute, value = ("colour", named.split()[0]) if named.endswith(" shapes") else ("shape", named[:-1])
         truth = getattr(row["scene"], attribute)
-        assert row["response"] == f"{truth} vs {value}: {'yes' if truth == value else 'no'}"
+        assert row["response"] == f"{value} {truth} {'yes' if truth == value else 'no'}"
         assert row["answer"] == row["response"].split()[-1]
         assert verdict(row["response"].capitalize() + ".", CHECK) == row["answer"]
 
@@ -128,10 +130,13 @@ def test_caption_check_response_sets_the_picture_value_next_to_the_named_one_the
 def test_comparison_chats_are_text_only_balanced_and_cover_every_pair():
     chats = comparison_chats()
     verdicts = Counter(answer.split()[-1] for _, answer in chats)
-    assert 0.4 < verdicts["yes"] / len(chats) < 0.6
-    pairs = {tuple(question.removeprefix("Compare ").removesuffix(".").split(" and ")) for question, _ in chats}
+    assert verdicts["yes"] == verdicts["no"]
+    pairs = {tuple(answer.split()[:2]) for _, answer in chats}
     expected = {(a, b) for name in ("colour", "shape") for a in ATTRIBUTES[name] for b in ATTRIBUTES[name]}
     assert pairs == expected
+    for question, answer in chats:  # the prompt names the first word only, as a caption check does
+        first, second, said = answer.split()
+        assert question == f"Is it {first}?" and said == ("yes" if first == second else "no")
     assert all("picture" not in question and "<image>" not in question for question, _ in chats)
     assert set(text_only_chats()) >= set(chats)
 

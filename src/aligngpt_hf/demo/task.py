@@ -114,11 +114,11 @@ def make_question(scene: Scene, kind: str, rng: random.Random, matches: bool | N
                   attribute: str | None = None) -> dict:
     """One row `{scene, kind, question, answer, response}`: `response` is what the model learns to say, `answer`
     what is graded. A caption check names one attribute (`CHECKED`) with the right value or, for a "no", any other
-    value; the named value alone says nothing about the answer. Its response sets the picture's value next to the
-    named one, then the verdict ("blue vs red: no", graded: the last word). The verdict alone is an XOR of word and
-    picture, which a tiny model learns only after a long, seed-dependent plateau; with both values written just
-    before it, the verdict is "are the two words I just wrote equal?", which the text-only comparison chats
-    (`comparison_chats`) also teach."""
+    value; the named value alone says nothing about the answer. Its response repeats the named value, writes the
+    picture's value right after it, then the verdict ("red blue no", graded: the last word). The verdict alone is an
+    XOR of word and picture, which a tiny model learns only after a long, seed-dependent plateau; with the two words
+    adjacent, the verdict is a function of the current and the previous token, learned early on every seed tried
+    (docs/demo.md; the text-only `comparison_chats` teach the same step)."""
     if kind != CHECK:
         answer = scene.answer(kind)
         return {"scene": scene, "kind": kind, "question": QUESTIONS[kind], "answer": answer, "response": answer}
@@ -128,21 +128,23 @@ def make_question(scene: Scene, kind: str, rng: random.Random, matches: bool | N
     value = truth if matches else rng.choice([v for v in ATTRIBUTES[attribute] if v != truth])
     verdict = "yes" if matches else "no"
     return {"scene": scene, "kind": kind, "question": check_question(attribute, value), "answer": verdict,
-            "response": comparison(truth, value)}
+            "response": comparison(value, truth)}
 
 
 def comparison(first: str, second: str) -> str:
-    return f"{first} vs {second}: {'yes' if first == second else 'no'}"
+    """"red blue no", "red red yes": the verdict right after the second word (no separator: see `make_question`)."""
+    return f"{first} {second} {'yes' if first == second else 'no'}"
 
 
 def comparison_chats() -> list[tuple[str, str]]:
-    """Text-only chats that teach the check's last step on words alone ("Compare red and green." -> "red vs green:
-    no"), every pair of colours and of shapes, the equal pairs three times so yes and no are about even. No picture
-    is involved, so nothing about a held-out image can leak through them."""
+    """Text-only chats that teach the check's last step on words alone: "Is it red?" -> "red green no" or "red red
+    yes". As in a caption check, the prompt names the first word only, so the verdict can come from nothing but the
+    two adjacent words of the answer; the second word, which a picture would supply, is every value in turn, the
+    named one repeated so that yes and no are even. No picture is involved: nothing about a held-out image leaks."""
     chats = []
     for values in (ATTRIBUTES[name] for name in CHECKED):
-        for first, second in itertools.product(values, values):
-            chats += [(f"Compare {first} and {second}.", comparison(first, second))] * (3 if first == second else 1)
+        for named, other in itertools.product(values, values):
+            chats += [(f"Is it {named}?", comparison(named, other))] * (len(values) - 1 if named == other else 1)
     return chats
 
 
