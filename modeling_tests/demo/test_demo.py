@@ -2,7 +2,7 @@
 balanced held-out task, thread choice and the refusal to overwrite an earlier run.
 
 One quick demo run (~56 s of CPU) is shared by the tests that read its folder; the comparison runs one seed with tiny
-budgets (~16 s); the file takes ~61 s of CPU in all."""
+budgets (~16 s); the file takes ~75 s of CPU in all."""
 
 from __future__ import annotations
 
