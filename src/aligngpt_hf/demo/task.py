@@ -126,9 +126,9 @@ def make_question(scene: Scene, kind: str, rng: random.Random, matches: bool | N
     attribute = attribute or rng.choice(CHECKED)
     truth = getattr(scene, attribute)
     value = truth if matches else rng.choice([v for v in ATTRIBUTES[attribute] if v != truth])
-    verdict = "yes" if matches else "no"
-    return {"scene": scene, "kind": kind, "question": check_question(attribute, value), "answer": verdict,
-            "response": comparison(value, truth)}
+    response = comparison(value, truth)
+    return {"scene": scene, "kind": kind, "question": check_question(attribute, value),
+            "answer": response.split()[-1], "response": response}
 
 
 def comparison(first: str, second: str) -> str:
