@@ -107,6 +107,11 @@ class AlignGPTPretrainConfig(_AlignGPTTrainingConfig):
     level_column: str = field(
         default=LEVEL_COLUMN, metadata={"help": "Dataset column holding each pair's alignment level (0..N-1)."}
     )
+    train_projector: bool = field(
+        default=True,
+        metadata={"help": "Train the multimodal projector (AlignGPT's stage 1). False for the alignment warm-up of a "
+                  "model started from LLaVA (`aligngpt-hf from-llava`): its projector is trained, the level table not."},
+    )
 
     def __post_init__(self):
         if self.vision_lr_multiplier is not None and not self.train_vision_tower:

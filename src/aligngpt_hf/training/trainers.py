@@ -45,14 +45,19 @@ class _StageMarkerCallback(TrainerCallback):
         setattr(self.config, STAGE_ATTRIBUTE, self.stage)
 
 
-def freeze_for_pretrain(model, train_vision_tower: bool = False, train_level_table: bool = True) -> None:
-    """Stage 1: only the projector and the level table (plus the vision tower for the mPLUG-Owl recipe) train."""
+def freeze_for_pretrain(model, train_vision_tower: bool = False, train_level_table: bool = True,
+                        train_projector: bool = True) -> None:
+    """Stage 1: only the projector and the level table (plus the vision tower for the mPLUG-Owl recipe) train;
+    `train_projector=False` keeps a trained projector (the alignment warm-up of a model started from LLaVA)."""
     base = model.model
     if train_level_table and not hasattr(base, "alignment"):
         raise ValueError("Stage 1 trains the level table, but this model has none (`alignment_mode='none'`); pass "
                          "`train_level_table=False` for a projector(+vision)-only stage 1.")
+    if not (train_projector or train_level_table or train_vision_tower):
+        raise ValueError("`train_projector`, `train_level_table` and `train_vision_tower` are all False: stage 1 "
+                         "would train nothing. Set at least one of them.")
     model.requires_grad_(False)
-    base.multi_modal_projector.requires_grad_(True)
+    base.multi_modal_projector.requires_grad_(train_projector)
     if train_level_table:
         base.alignment.level_embeddings.requires_grad_(True)
     base.vision_tower.requires_grad_(train_vision_tower)
@@ -314,7 +319,7 @@ class AlignGPTPretrainTrainer(_AlignGPTTrainer):
                              "stage-2 option (AlignGPTInstructTrainer).")
 
     def _freeze(self, model, args) -> None:
-        freeze_for_pretrain(model, args.train_vision_tower, args.train_level_table)
+        freeze_for_pretrain(model, args.train_vision_tower, args.train_level_table, args.train_projector)
 
     def _collator(self, model, processor, args) -> AlignGPTDataCollator:
         return AlignGPTDataCollator(processor=processor, max_length=args.max_length,
