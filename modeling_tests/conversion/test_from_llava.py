@@ -22,6 +22,7 @@ from aligngpt_hf.conversion.mapping import ConversionError
 from aligngpt_hf.models.processing_aligngpt import VICUNA_V1_CHAT_TEMPLATE
 from aligngpt_hf.tiny import build_llava
 from aligngpt_hf.training.cli import parse_recipe
+from aligngpt_hf.training.trainers import freeze_for_pretrain
 from conftest import ORIGINAL_FIXTURES, package_free_env, user_message
 
 IMAGES = [Image.new("RGB", (40, 24), (200, 30, 30)), Image.new("RGB", (20, 36), (30, 160, 40))]
@@ -252,6 +253,8 @@ def test_sources_that_are_not_transformers_llava_are_named(capsys, tmp_path, con
     assert "use `aligngpt-hf convert SOURCE OUTPUT`" in cli_error(
         capsys, ORIGINAL_FIXTURES / "original_checkpoint", tmp_path / "a")
     assert "already an AlignGPT model" in cli_error(capsys, converted, tmp_path / "b")
+    with pytest.raises(ValueError, match="holds a 'aligngpt' model; from_llava takes a transformers LLaVA"):
+        AlignGPTForConditionalGeneration.from_llava(converted)
     torch.manual_seed(0)
     llava_model, _ = build_llava()
     llava_model.model.language_model.save_pretrained(tmp_path / "llama")  # a bare language model
@@ -285,6 +288,11 @@ def test_tokenizer_that_already_has_align_is_refused_unless_reused(capsys, tmp_p
     model = AlignGPTForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert model.config.alignment_token_id == 300 and model.config.text_config.vocab_size == 301
     assert torch.equal(model.lm_head.weight, llava_model.lm_head.weight)
+
+
+def test_warm_up_that_would_train_nothing_is_refused(make_model):
+    with pytest.raises(ValueError, match="are all False: stage 1 would train nothing"):
+        freeze_for_pretrain(make_model(), train_vision_tower=False, train_level_table=False, train_projector=False)
 
 
 def test_multi_layer_llava_is_refused_with_the_reason():

@@ -25,14 +25,17 @@ VOCABULARY_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 def llava_model(model_or_path, **load_kwargs) -> LlavaForConditionalGeneration:
     """A `LlavaForConditionalGeneration`, or a folder/Hub id of one (refused, by its `model_type`, when it is not)."""
     if isinstance(model_or_path, LlavaForConditionalGeneration):
-        return model_or_path
-    if not isinstance(model_or_path, (str, bytes)) and not hasattr(model_or_path, "__fspath__"):
+        model_type, name = model_or_path.config.model_type, type(model_or_path).__name__
+    elif isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+        model_type, name = AutoConfig.from_pretrained(model_or_path).model_type, str(model_or_path)
+    else:
         raise TypeError(f"from_llava takes a LlavaForConditionalGeneration or its folder/Hub id, got "
                         f"{type(model_or_path).__name__}.")
-    model_type = AutoConfig.from_pretrained(model_or_path).model_type
-    if model_type != "llava":
-        raise ValueError(f"{model_or_path} holds a {model_type!r} model; from_llava takes a transformers LLaVA "
-                         "checkpoint (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf).")
+    if model_type != "llava":  # an AlignGPT, itself built on LLaVA's classes, is refused here too
+        raise ValueError(f"{name} holds a {model_type!r} model; from_llava takes a transformers LLaVA checkpoint "
+                         "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf).")
+    if isinstance(model_or_path, LlavaForConditionalGeneration):
+        return model_or_path
     return LlavaForConditionalGeneration.from_pretrained(model_or_path, **{"dtype": "auto", **load_kwargs})
 
 
@@ -66,7 +69,6 @@ def config_from_llava(llava_config: LlavaConfig, alignment_token_id: int | None 
         image_token_id=llava_config.image_token_id, alignment_token_id=alignment_token_id,
         tie_word_embeddings=llava_config.tie_word_embeddings, **config_kwargs,
     )
-    config.check_token_ids()
     return config
 
 
