@@ -275,6 +275,15 @@ def test_missing_processor_and_non_empty_output_are_refused(capsys, llava, tmp_p
     assert not (tmp_path / "busy" / "notes.txt").exists() and (tmp_path / "busy" / "model.safetensors").is_file()
 
 
+def test_processor_and_model_that_disagree_on_image_tokens_are_refused(capsys, tmp_path):
+    save_llava(tmp_path / "llava")
+    settings = json.loads((tmp_path / "llava" / "processor_config.json").read_text())
+    (tmp_path / "llava" / "processor_config.json").write_text(json.dumps(dict(settings, patch_size=4)))
+    error = cli_error(capsys, tmp_path / "llava", tmp_path / "out")
+    assert "expands an image into 64 tokens, its model config into 16" in error and "patch_size" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_tokenizer_that_already_has_align_is_refused_unless_reused(capsys, tmp_path):
     torch.manual_seed(0)
     llava_model, processor = build_llava()

@@ -91,13 +91,11 @@ def llava_image_processor(source, image_aspect_ratio: str | None = None):
     return LlavaImageProcessorPil(**settings, do_pad=bool(pad))
 
 
-def _check_image_tokens(llava_processor, image_processor, image_seq_length: int, source) -> None:
+def _check_image_tokens(llava_processor, image_seq_length: int, source) -> None:
     """LLaVA's processor and the model config must agree on the tokens per image (else every image would fail)."""
     if getattr(llava_processor, "patch_size", None) is None:
         return  # older LlavaProcessors expand by `image_seq_length`, which the config derives
-    crop = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
-    size = [crop.get("height", crop.get("shortest_edge")), crop.get("width", crop.get("shortest_edge"))]
-    found = llava_processor._get_num_multimodal_tokens(image_sizes=[size]).num_image_tokens[0]
+    found = llava_processor._get_num_multimodal_tokens(image_sizes=[[1, 1]]).num_image_tokens[0]  # from its crop size
     if found != image_seq_length:
         raise ConversionError(
             f"SOURCE's LlavaProcessor expands an image into {found} tokens, its model config into {image_seq_length} "
@@ -109,8 +107,9 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
                   image_aspect_ratio: str | None = None, dtype: str | None = None,
                   reuse_alignment_token: bool = False, overwrite: bool = False) -> FromLlavaResult:
     """Write OUTPUT (an AlignGPT folder) from the LLaVA checkpoint SOURCE; see the module docstring."""
-    from transformers import LlavaProcessor
+    from transformers import AutoConfig, LlavaProcessor
 
+    from aligngpt_hf.models.llava_aligngpt import config_from_llava
     from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
@@ -130,14 +129,15 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token  # LLaVA's rule: pad = unk
     kwargs = {k: v for k, v in (("alignment_mode", alignment_mode), ("num_alignment_levels", num_alignment_levels))
               if v is not None}
-    try:
+    try:  # the config first: its refusals and the token count come before any weight is read
+        config = config_from_llava(AutoConfig.from_pretrained(folder), alignment_token_id, **kwargs)
+        _check_image_tokens(llava_processor, config.image_seq_length, source)
         model = AlignGPTForConditionalGeneration.from_llava(folder, alignment_token_id=alignment_token_id, **kwargs)
     except ValueError as error:
         raise ConversionError(str(error)) from None
     if dtype not in (None, "auto"):
         model = model.to(DTYPES[dtype])
     image_processor = llava_image_processor(llava_processor.image_processor, image_aspect_ratio)
-    _check_image_tokens(llava_processor, image_processor, model.config.image_seq_length, source)
     processor = AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                   image_seq_length=model.config.image_seq_length,
                                   image_token=llava_processor.image_token, alignment_token=ALIGNMENT_TOKEN,
