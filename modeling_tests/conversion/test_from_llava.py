@@ -111,11 +111,13 @@ def test_level_table_and_gate_are_freshly_initialised(llava):
             assert 0.5 < (tensor.std() / fresh.std()).item() < 2, name
 
 
-def test_align_id_inside_llava_hf_padded_rows_keeps_the_vocabulary(tmp_path):
+def test_align_id_inside_llava_hf_padded_rows_keeps_the_vocabulary(tmp_path, capsys):
     """llava-hf pads its vocabulary (32064 rows for 32002 tokens): `<align>` takes a padded row, nothing grows."""
     llava_model, _ = save_llava(tmp_path / "llava", vocab_multiple=64)
     assert llava_model.config.text_config.vocab_size == 320
     assert main(["from-llava", str(tmp_path / "llava"), str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "`<align>` = id 300, vocabulary 320 -> 320 rows" in printed and "pretrain_from_llava_7b" in printed
     model = AlignGPTForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert model.config.alignment_token_id == 300 and model.config.text_config.vocab_size == 320
     assert torch.equal(model.lm_head.weight, llava_model.lm_head.weight)

@@ -123,14 +123,16 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     except (OSError, ValueError, TypeError) as error:
         raise ConversionError(f"{source} has no usable LlavaProcessor ({error}); save the checkpoint's processor "
                               "into it (`processor.save_pretrained(SOURCE)`).") from None
-    tokenizer = llava_processor.tokenizer
+    tokenizer, notes = llava_processor.tokenizer, []
     alignment_token_id = add_alignment_token(tokenizer, reuse_alignment_token)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token  # LLaVA's rule: pad = unk
+        notes.append(f"SOURCE's tokenizer has no pad token; padding uses {tokenizer.pad_token} (LLaVA's rule).")
     kwargs = {k: v for k, v in (("alignment_mode", alignment_mode), ("num_alignment_levels", num_alignment_levels))
               if v is not None}
     try:  # the config first: its refusals and the token count come before any weight is read
-        config = config_from_llava(AutoConfig.from_pretrained(folder), alignment_token_id, **kwargs)
+        llava_config = AutoConfig.from_pretrained(folder)
+        config = config_from_llava(llava_config, alignment_token_id, **kwargs)
         _check_image_tokens(llava_processor, config.image_seq_length, source)
         model = AlignGPTForConditionalGeneration.from_llava(folder, alignment_token_id=alignment_token_id, **kwargs)
     except ValueError as error:
@@ -143,15 +145,11 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
                                   image_token=llava_processor.image_token, alignment_token=ALIGNMENT_TOKEN,
                                   add_alignment_token=model.config.uses_alignment_token)
     _write_folder(output, model, processor, overwrite)
-    notes = ["The level table and gate are untrained: run the alignment warm-up (`aligngpt-hf pretrain "
-             f"pretrain_from_llava_7b --model_name_or_path {output}`) before stage 2."]
-    return FromLlavaResult(output, alignment_token_id, (_source_vocab(folder), model.config.text_config.vocab_size),
-                           notes if model.config.uses_alignment_token else [])
-
-
-def _source_vocab(folder: Path) -> int:
-    config = json.loads((folder / "config.json").read_text())
-    return int((config.get("text_config") or {}).get("vocab_size", config.get("vocab_size", 32000)))
+    if model.config.uses_alignment_token:
+        notes.append("The level table and gate are untrained: run the alignment warm-up (`aligngpt-hf pretrain "
+                     f"pretrain_from_llava_7b --model_name_or_path {output}`) before stage 2.")
+    vocab_sizes = (llava_config.text_config.vocab_size, model.config.text_config.vocab_size)
+    return FromLlavaResult(output, alignment_token_id, vocab_sizes, notes)
 
 
 def _write_folder(output: Path, model, processor, overwrite: bool) -> None:
