@@ -19,6 +19,7 @@ from aligngpt_hf.training import packing as packing_support
 from aligngpt_hf.training.checkpoints import check_finite_loss, resolve_resume
 from aligngpt_hf.training.configs import AlignGPTInstructConfig, AlignGPTPretrainConfig, _AlignGPTTrainingConfig
 from aligngpt_hf.training.data import LEVEL_COLUMN, PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator, sample_token_lengths
+from aligngpt_hf.training.lora_presets import lora_target_modules
 from aligngpt_hf.training.sampler import (
     ModalityLengthGroupedSampler,
     SeparateModalitySampler,
@@ -70,10 +71,11 @@ def freeze_for_instruct(model, train_projector: bool = True) -> None:
 
 def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, **kwargs):
     """LoRA on the language model only (never the vision tower), projector and gate trained in full and saved
-    alongside the adapter (`modules_to_save`); the level table stays frozen. Defaults follow LLaVA's LoRA recipe."""
+    alongside the adapter (`modules_to_save`); the level table stays frozen. Defaults follow LLaVA's LoRA recipe.
+    Without `target_modules` the trainer takes the preset of the model's language-model family
+    (`training/lora_presets.py`: its attention and MLP projections)."""
     from peft import LoraConfig
 
-    kwargs.setdefault("target_modules", LORA_LM_TARGETS)
     kwargs.setdefault("modules_to_save", [PROJECTOR, *GATE_MODULES])
     return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM", **kwargs)
 
@@ -81,6 +83,8 @@ def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: floa
 def _prepare_peft_config(peft_config, model, train_projector: bool = True):
     """Keep adapters off the vision tower/projector/gate and save the gate (and, if trained, the projector) with the
     adapter; `train_projector=False` refuses a `modules_to_save` that names the projector."""
+    if peft_config.target_modules is None:
+        peft_config.target_modules = lora_target_modules(model.config.text_config)
     if getattr(peft_config, "exclude_modules", None) is None and hasattr(peft_config, "exclude_modules"):
         peft_config.exclude_modules = LORA_EXCLUDE
     if not train_projector and PROJECTOR in (peft_config.modules_to_save or []):
