@@ -162,6 +162,9 @@ def test_weights_are_bit_identical_and_the_tied_head_is_dropped(tmp_path):
                        state[TOWER_PREFIX + "encoder.layers.0.mlp.fc1.weight"])
     model = AlignGPTForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    headless = family_checkpoint(tmp_path / "headless", "aligngpt_gemma", edit=lambda s: s.pop("lm_head.weight"))
+    convert_checkpoint(headless, tmp_path / "headless-out", progress=False)  # transformers' own save leaves it out
+    assert load_file(tmp_path / "headless-out" / "model.safetensors").keys() == ours.keys()
     phi = convert_checkpoint(family_checkpoint(tmp_path / "phi", "aligngpt_phi"), tmp_path / "phi-out", progress=False)
     phi_state = load_file(tmp_path / "phi-out" / "model.safetensors")
     assert {"model.language_model.final_layernorm.weight", "model.language_model.final_layernorm.bias",
@@ -230,3 +233,37 @@ def test_inconsistent_family_checkpoints_are_refused(tmp_path):
     with pytest.raises(ConversionError, match=r"AlignGPT_family checkpoint \(aligngpt_mistral\): its chat formats"):
         convert_checkpoint(family_checkpoint(tmp_path / "e", "aligngpt_mistral"), tmp_path / "e-out",
                            tokenizer=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("variant, model_type, tower", [
+    ("aligngpt-llama3-8b-instruct-siglip", "aligngpt", "/workspace/visual_tower/siglip-so400m-patch14-384"),
+    ("aligngpt-gemma-7b", "aligngpt_gemma", "/workspace/visual_tower/clip-vit-large-patch14-336"),
+    ("aligngpt-mistral-7b-instruct", "aligngpt_mistral", "/workspace/visual_tower/clip-vit-large-patch14-336"),
+    ("aligngpt-phi-2", "aligngpt_phi", "/workspace/visual_tower/clip-vit-large-patch14-336"),
+])
+def test_a_full_size_family_config_converts_to_the_shipped_hub_config(variant, model_type, tower, tmp_path):
+    """config.json as the follow-up wrote it (transformers 4.40 fields, its towers named by training-machine paths)
+    -> the same config as hub_configs/<variant>: the converted checkpoints and the recipes' models agree."""
+    from aligngpt_hf.conversion.family import build_family_config, resolve_family_vision
+    from aligngpt_hf.conversion.mapping import KeyIndex
+    from aligngpt_hf.hub.hub_configs import family_config
+
+    hub = family_config(variant)
+    vocab = hub.image_token_id
+    orig = {**legacy_config_fields(hub.text_config), "model_type": model_type, "vocab_size": vocab,
+            "mm_vision_tower": tower, "mm_hidden_size": hub.vision_config.hidden_size, "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "n_indicators": 8, "use_s2": False}
+    if model_type == "aligngpt_gemma":
+        orig.update(hidden_act="gelu", hidden_activation=None)  # google/gemma-7b's config.json
+    shapes = KeyIndex()
+    for key, shape in (("model.embed_tokens.weight", (vocab, hub.text_config.hidden_size)),
+                       ("align_indicators.indicator_embs", (8, hub.text_config.hidden_size)),
+                       ("gated_weight_layer.mlp.0.weight", (256, hub.image_seq_length))):
+        shapes[key], shapes.dtypes[key] = shape, torch.bfloat16
+    vision = resolve_family_vision(orig, tmp_path, None, need_weights=False)[0]
+    converted = build_family_config(orig, vision, shapes, None, "full")
+    assert converted.text_config.to_diff_dict() == hub.text_config.to_diff_dict()
+    assert converted.vision_config.to_diff_dict() == hub.vision_config.to_diff_dict()
+    for name in ("image_seq_length", "vision_feature_select_strategy", "image_token_id", "alignment_token_id",
+                 "num_alignment_levels", "gate_hidden_size", "tie_word_embeddings"):
+        assert getattr(converted, name) == getattr(hub, name), name
