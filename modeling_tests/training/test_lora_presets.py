@@ -51,6 +51,8 @@ def test_explicit_targets_win_and_unknown_families_are_refused():
     model = AlignGPTForConditionalGeneration(tiny_family_config("phi"))
     config = _prepare_peft_config(aligngpt_lora_config(target_modules=r".*language_model.*\.q_proj"), model)
     assert config.target_modules == r".*language_model.*\.q_proj"
+    assert aligngpt_lora_config(text_config=model.config.text_config).target_modules == (
+        r"(.*\.)?language_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|dense|fc1|fc2)")
     assert re.fullmatch(lora_target_modules(model.config.text_config), "model.language_model.layers.11.mlp.fc2")
     assert not re.fullmatch(lora_target_modules(model.config.text_config), "model.vision_tower.encoder.layers.0.mlp.fc2")
     with pytest.raises(ValueError, match=r"^No LoRA target preset for the language model family 'gpt2' "

@@ -69,13 +69,17 @@ def freeze_for_instruct(model, train_projector: bool = True) -> None:
         model.model.alignment.level_embeddings.requires_grad_(False)
 
 
-def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, **kwargs):
+def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, text_config=None,
+                         **kwargs):
     """LoRA on the language model only (never the vision tower), projector and gate trained in full and saved
     alongside the adapter (`modules_to_save`); the level table stays frozen. Defaults follow LLaVA's LoRA recipe.
-    Without `target_modules` the trainer takes the preset of the model's language-model family
-    (`training/lora_presets.py`: its attention and MLP projections)."""
+    Without `target_modules` the adapters go on the attention and MLP projections of the language model's family
+    (`training/lora_presets.py`): from `text_config` when given (for plain `peft.get_peft_model`), else the trainer
+    fills them in from the model it trains."""
     from peft import LoraConfig
 
+    if text_config is not None:
+        kwargs.setdefault("target_modules", lora_target_modules(text_config))
     kwargs.setdefault("modules_to_save", [PROJECTOR, *GATE_MODULES])
     return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM", **kwargs)
 
