@@ -199,6 +199,17 @@ def test_siglip_so400m_named_by_a_training_machine_path_is_recognised(tmp_path):
     assert folder is None and settings["size"] == {"height": 384, "width": 384} and settings["image_mean"] == [0.5] * 3
 
 
+def test_which_configs_take_the_family_path():
+    from aligngpt_hf.conversion.family import is_family_config
+
+    vicuna = {"model_type": "aligngpt", "vocab_size": 32000, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
+    assert not is_family_config(vicuna) and not is_family_config({**vicuna, "n_indicators": 4, "use_s2": False})
+    assert is_family_config({**vicuna, "vocab_size": 128256})  # LLaMA-3
+    assert not is_family_config({**vicuna, "vocab_size": 300})  # the tiny original fixture
+    assert is_family_config({**vicuna, "mm_vision_tower": "/data/siglip-so400m-patch14-384"})
+    assert is_family_config({**vicuna, "use_s2": True}) and is_family_config({**vicuna, "model_type": "aligngpt_phi"})
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Refusals
 

@@ -45,7 +45,7 @@ from aligngpt_hf.models.configuration_aligngpt import VISION_PREFIX_TOKENS, Alig
 # model_type of the family's config -> transformers' config class of its language model.
 FAMILY_MODEL_TYPES = {"aligngpt": "llama", "aligngpt_mistral": "mistral", "aligngpt_phi": "phi",
                       "aligngpt_gemma": "gemma", "aligngpt_qwen2": "qwen2"}
-FAMILY_ONLY_FIELDS = ("n_indicators", "use_s2", "s2_scales")
+LLAMA3_VOCAB = 128256
 # Written by transformers 4.x configs; today's config classes still read them into `rope_parameters`.
 LEGACY_TEXT_FIELDS = ("rope_theta", "rope_scaling", "partial_rotary_factor")
 NOT_TEXT_FIELDS = ("model_type", "architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype",
@@ -64,7 +64,9 @@ FAMILY_LLM_RULES = (
 
 
 def is_family_config(orig: dict) -> bool:
-    """True for a family checkpoint's config.json; the original AlignGPT (Vicuna + CLIP) has none of its marks."""
+    """True for a family checkpoint's config.json. A LLaMA-class (`aligngpt`) one counts only with a SigLIP tower, S2
+    or LLaMA-3's vocabulary: Vicuna + CLIP with another N is the original model, which the original path converts with
+    its vicuna_v1 processor (N comes from the table's rows there too)."""
     model_type = str(orig.get("model_type", ""))
     if model_type.startswith("aligngpt_") and model_type not in FAMILY_MODEL_TYPES:
         raise ConversionError(
@@ -73,7 +75,7 @@ def is_family_config(orig: dict) -> bool:
         )
     if model_type not in FAMILY_MODEL_TYPES:
         return False
-    return (model_type != "aligngpt" or any(name in orig for name in FAMILY_ONLY_FIELDS)
+    return (model_type != "aligngpt" or bool(orig.get("use_s2")) or int(orig.get("vocab_size", 0)) == LLAMA3_VOCAB
             or "siglip" in str(orig.get("mm_vision_tower", "")).lower())
 
 
