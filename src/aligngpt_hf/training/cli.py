@@ -47,6 +47,11 @@ class AlignGPTScriptArguments:
         metadata={"help": "Stage 1 from parts or `tiny`: a named model layout; `mplug-owl` = last-layer CLIP features "
                   "with CLS and post-LN + the visual abstractor (65 tokens per image). None: AlignGPT's MLP projector."},
     )
+    vision_feature_select_strategy: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1 from parts: `default` drops the tower's CLS token (CLIP), `full` keeps every token "
+                  "(SigLIP has no CLS: all 729 tokens of so400m-384). None: the config default (`default`)."},
+    )
     alignment_mode: str | None = field(
         default=None,
         metadata={"help": "Stage 1 from parts or `tiny`: `adaptive` (AlignGPT, default) ... or `none` (no level "
@@ -166,6 +171,8 @@ def _config_overrides(script_args: AlignGPTScriptArguments, tiny: bool = False) 
     overrides = model_preset(script_args.model_preset, tiny=tiny)
     if script_args.alignment_mode is not None:
         overrides["alignment_mode"] = script_args.alignment_mode
+    if script_args.vision_feature_select_strategy is not None:
+        overrides["vision_feature_select_strategy"] = script_args.vision_feature_select_strategy
     return overrides
 
 
