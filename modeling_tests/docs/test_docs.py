@@ -183,14 +183,14 @@ def test_module_paths_and_repository_paths_exist():
 
 
 def test_no_package_index_installs_and_no_citations_of_files_outside_the_repository():
-    """The package is not on PyPI (`pip install aligngpt-hf[...]` fails on a clone); `spec/...` notes are not shipped."""
+    """The package is not on PyPI (`pip install aligngpt-hf[...]` fails on a clone); notes outside the repository are not cited."""
     problems = []
     for path in DOC_FILES:
         text = path.read_text(encoding="utf-8")
         problems += [f"{rel(path)}: {hit!r}: install from the clone, `pip install -e \".[extra]\"`"
                      for hit in re.findall(r"pip install [^\n]*?['\"]?aligngpt-hf\b[^\n]*", text)]
         problems += [f"{rel(path)}: cites {hit}, which is not in the repository"
-                     for hit in re.findall(r"(?<![\w/])(?:shared/)?spec/[\w.-]+", text)]
+                     for hit in re.findall(r"(?<![\w/])(?:shared/)?spec[/][\w.-]+", text)]
     assert not problems, "\n".join(problems)
 
 
@@ -301,3 +301,29 @@ def test_ci_runs_the_readmes_install_and_test_command_before_any_extra():
     assert test in ci, f".ci/run never runs the README's test command {test!r}"
     installs = [line for line in ci[: ci.index(test)] if "pip " in line]
     assert installs == [install], f".ci/run installs {installs} before the README's test command, not {install!r}"
+
+
+def test_every_help_option_states_its_default_once():
+    """`aligngpt-hf COMMAND --help` appends argparse's `(default: X)` only where the help text does not already say it."""
+    from aligngpt_hf_cli import build_parser
+
+    subparsers = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    twice = []
+    for name, parser in subparsers.choices.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            text = (formatter._get_help_string(action) if action.help else "").replace("%(default)s", str(action.default))
+            if text.lower().count("default") > 1:
+                twice.append(f"{name} {'/'.join(action.option_strings) or action.dest}: {text}")
+    assert not twice, "\n".join(twice)
+
+
+def test_code_tests_and_docs_state_facts_instead_of_citing_internal_notes():
+    """Readers have the repository only: no design-note sections, note files, issue or wave numbers."""
+    citation = re.compile(r"spe[c]/[\w.-]|DESIG[N] §|\b[Ii]ssue [0-9]|\b[Ww]ave [0-9]")
+    roots = [REPO_ROOT / name for name in ("src", "modeling_tests", "docs", "hub_configs")]
+    files = [REPO_ROOT / "README.md", *(path for root in roots for path in root.rglob("*")
+                                         if path.suffix in (".py", ".md", ".yaml", ".json", ".jinja"))]
+    hits = [f"{rel(path)}:{number}: {line.strip()}" for path in files if "fixtures" not in path.parts
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if citation.search(line)]
+    assert not hits, "\n".join(hits)

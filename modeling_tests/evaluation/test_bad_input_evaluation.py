@@ -1,4 +1,4 @@
-"""Issue 16, evaluation layer: bad question files, image paths outside the folder, half-written answers files.
+"""Bad input, evaluation layer: bad question files, image paths outside the folder, half-written answers files.
 
 Each test is named after the case and asserts the exception type and the key words of its message.
 """
