@@ -158,7 +158,7 @@ def test_cli_names_scorer_in_one_line_when_the_scorer_cannot_be_loaded(tmp_path)
 
 
 def test_cli_end_to_end_writes_json_report_and_plot(tiny_clip, tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="matplotlib draws the plots (`.[plot]`, included in `.[test]`)")
     from aligngpt_hf.cli import main
 
     model, processor = tiny_clip
