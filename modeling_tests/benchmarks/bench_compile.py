@@ -1,4 +1,4 @@
-"""Greedy decode with a static cache: eager vs `torch.compile`d decoding steps (issue 14, item 6), AlignGPT and LLaVA.
+"""Greedy decode with a static cache: eager vs `torch.compile`d decoding steps, AlignGPT and LLaVA.
 
     python modeling_tests/benchmarks/bench_compile.py [--repeats 5] [--new-tokens 32] [--out results.json]
 

@@ -1,7 +1,7 @@
 """Benchmark: the quick demo on an idle machine vs beside one CPU-bound process, per torch thread count.
 
 Why: on a 2-core machine torch's default of one thread per core makes each thread spin waiting for a core whenever
-another process runs (issue 18 measured the quick demo at > 420 s busy vs 81-91 s idle). The demo now picks its
+another process runs (an earlier demo took > 420 s beside a busy process vs 81-91 s idle). The demo now picks its
 thread count from free cores and load (`aligngpt_hf.demo.stages.choose_threads`); this script measures the result.
 
     python modeling_tests/benchmarks/bench_demo_busy.py                 # quick demo: auto vs 2 threads, idle vs busy

@@ -1,17 +1,27 @@
-"""Stage-2 samples/s with padding-free packing: (a) TRL's `SFTTrainer` on transformers' `LlavaForConditionalGeneration`,
-(b) `AlignGPTInstructTrainer` padded with the modality-grouped sampler, (c) `AlignGPTInstructTrainer(packing=True)`.
+"""Stage-2 samples/s with padding-free packing: (a) TRL's `SFTTrainer` on transformers' `LlavaForConditionalGeneration`
+with its vision tower frozen (as LLaVA's stage 2 and our trainer do: the fair baseline), (a_tower) the same with the
+tower trained (stock TRL's default), (b) `AlignGPTInstructTrainer` padded with the modality-grouped sampler,
+(c) `AlignGPTInstructTrainer(packing=True)`.
 
 Identical dimensions (CLIP vision tower + Llama LLM + 2-layer GELU projector, tokenizer, vicuna_v1 template with a
-one-word system prompt, assistant-only loss), one synthetic dataset. The three arms run interleaved in one process,
+one-word system prompt, assistant-only loss), one synthetic dataset. The arms run interleaved in one process,
 one optimizer step of each arm per tick (order rotated), each through its own epoch, so drifting machine load hits all
 alike; samples/s = samples trained / seconds (collation, forward, backward and optimizer step included), by the wall
 clock and by this process's CPU time (steadier on a shared machine: time spent descheduled does not count); the
-ratios are reported overall and per block of steps (their median and spread).
+ratios are reported overall and per block of steps (their median and spread). One torch thread per process unless
+OMP_NUM_THREADS says otherwise (docs/packing.md measures with OMP_NUM_THREADS=1).
 
-Lengths follow LLaVA-665K's shape, scaled by s = image_seq_length / 576 (default 64 / 576 = 1/9, so CPU runs take
-minutes; the ratios between text, image and cap are kept):
-* ~94 % one-image rows: conversation text (question + answer) log-normal, median 120 s, 95th percentile 800 s tokens;
-* ~6 % text-only rows: log-normal, median 400 s, 95th percentile 1500 s tokens;
+Lengths, scaled by s = image_seq_length / 576 (default 64 / 576 = 1/9, so CPU runs take minutes; the ratios between
+text, image and cap are kept):
+* the text-only share is LLaVA-665K's published one: 40,688 of its 665,298 rows have no image (6.1 %; the count of
+  llava_v1_5_mix665k.json rows without an `image` key, reported in haotian-liu/LLaVA issue #657; the ShareGPT row
+  of Table 7 of Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning", is the same 40K);
+* the text lengths are an assumption, not a measurement (the data set is not available offline): log-normal,
+  median 120 s and 95th percentile 800 s tokens for the conversation text of image rows (short-answer VQA turns
+  merged per image up to long LLaVA-Instruct conversations), median 400 s and 95th percentile 1500 s for text-only
+  (ShareGPT) rows. `--lengths FILE` replaces them with measured ones: one text-token count per line, a negative count
+  for a text-only row (e.g. from `aligngpt_hf.training.data.sample_token_lengths` on the real JSON, image tokens
+  and template subtracted);
 * every sample (template, `<align>` and image tokens included) capped at 2048 s tokens (= `max_length`, pack size).
 The hidden size keeps the real cap/hidden ratio (2048 / 4096 for a 7B LLM): hidden = cap / 0.5 rounded to heads x 64,
 so linear layers dominate attention as they do at full size.
@@ -38,6 +48,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -52,6 +63,8 @@ from aligngpt_hf.training.data import sample_token_lengths  # noqa: E402
 
 WORDS = "the quick brown fox jumps over lazy dog one two three four five six seven eight nine red green blue".split()
 COLOURS = [(220, 30, 30), (30, 180, 40), (30, 40, 220), (230, 220, 30)]
+TEXT_ONLY_SHARE = 40_688 / 665_298  # LLaVA-665K rows without an image (see the module docstring)
+TEXT_LENGTHS = {False: (120, 800), True: (400, 1500)}  # text-only? -> (median, p95) text tokens: assumed, full scale
 
 
 def lognormal(rng: random.Random, median: float, p95: float) -> float:
@@ -62,15 +75,27 @@ def single_token_words(tokenizer) -> list[str]:
     return [w for w in WORDS if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1] or ["a"]
 
 
-def llava_665k_like(num_samples: int, scale: float, image_tokens: int, cap: int, tokenizer, image_size: int, seed=0):
+def text_lengths(rng: random.Random, num_samples: int, scale: float, measured: list[int] | None = None):
+    """(text-only?, text tokens) per sample: drawn from `measured` (negative = text-only) when given, else from the
+    published text-only share and the assumed log-normal lengths (see the module docstring)."""
+    if measured:
+        return [(length < 0, abs(length) * scale) for length in (rng.choice(measured) for _ in range(num_samples))]
+    samples = []
+    for _ in range(num_samples):
+        text_only = rng.random() < TEXT_ONLY_SHARE
+        median, p95 = TEXT_LENGTHS[text_only]
+        samples.append((text_only, lognormal(rng, median * scale, p95 * scale)))
+    return samples
+
+
+def llava_665k_like(num_samples: int, scale: float, image_tokens: int, cap: int, tokenizer, image_size: int, seed=0,
+                    measured: list[int] | None = None):
     """Rows in TRL's vision format with text lengths shaped like LLaVA-665K (see the module docstring)."""
     rng, words = random.Random(seed), single_token_words(tokenizer)
     rows = []
-    for index in range(num_samples):
-        text_only = rng.random() < 0.06
-        median, p95 = (400, 1500) if text_only else (120, 800)
+    for index, (text_only, drawn) in enumerate(text_lengths(rng, num_samples, scale, measured)):
         room = cap - 16 - (0 if text_only else image_tokens + 1)  # template and `<align>` take the rest
-        length = max(4, min(round(lognormal(rng, median * scale, p95 * scale)), room))
+        length = max(4, min(round(drawn), room))
         text = [rng.choice(words) for _ in range(length)]
         question, answer = " ".join(text[: length // 2]), " ".join(text[length // 2:])
         image = Image.new("RGB", (image_size, image_size), COLOURS[index % len(COLOURS)])
@@ -87,11 +112,9 @@ def full_scale_token_shares(num_samples: int = 20_000, per_device: int = 16, pac
     from aligngpt_hf.training.sampler import modality_grouped_indices
 
     rng, lengths, signed = random.Random(seed), [], []
-    for _ in range(num_samples):
-        text_only = rng.random() < 0.06
-        median, p95 = (400, 1500) if text_only else (120, 800)
+    for text_only, drawn in text_lengths(rng, num_samples, 1.0):
         image = 0 if text_only else 577
-        length = min(45 + image + max(4, round(lognormal(rng, median, p95))), 2048)
+        length = min(45 + image + max(4, round(drawn)), 2048)
         lengths.append(length)
         signed.append(-length if text_only else length)
 
@@ -141,10 +164,12 @@ def build_arms(opts, tokenizer, dataset, output_dir: str) -> dict:
                                image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
                                vision_feature_select_strategy="default", image_seq_length=config.image_seq_length,
                                projector_hidden_act="gelu")
-    torch.manual_seed(0)
-    arms["a_trl_llava_padded"] = SFTTrainer(
-        model=LlavaForConditionalGeneration(llava_config), processing_class=llava_processor, train_dataset=dataset,
-        args=SFTConfig(**common_args(opts, output_dir), max_length=None, activation_checkpointing=False))
+    for name, tower_trained in (("a_trl_llava_padded", False), ("a_tower_trl_llava_padded_tower_trained", True)):
+        torch.manual_seed(0)
+        arms[name] = SFTTrainer(model=LlavaForConditionalGeneration(llava_config), processing_class=llava_processor,
+                                train_dataset=dataset, args=SFTConfig(**common_args(opts, output_dir), max_length=None,
+                                                                      activation_checkpointing=False))
+        arms[name].model.model.vision_tower.requires_grad_(tower_trained)  # the optimizer is built later, by `Arm`
     for name, packing in (("b_aligngpt_padded_grouped", False), ("c_aligngpt_packed", True)):
         torch.manual_seed(0)
         model = AlignGPTForConditionalGeneration(config)
@@ -211,6 +236,11 @@ class Arm:
         return sum(r[2] for r in records) / max(sum(r[column] for r in records), 1e-9)
 
 
+def short(arm: str) -> str:
+    """`a_tower_trl_llava_...` -> `a_tower`, `c_aligngpt_packed` -> `c`."""
+    return arm.split("_trl")[0].split("_aligngpt")[0]
+
+
 def interleave(arms: dict) -> None:
     """One step of every arm per tick (order rotated each tick) until every epoch is done: all arms see the same
     machine load, second by second."""
@@ -233,7 +263,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="blocks of steps for the paired ratios' spread")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
     parser.add_argument("--paper", action="store_true", help="only the full-scale padded shares (no model runs)")
+    parser.add_argument("--lengths", help="measured text-token counts, one per line (negative: text-only row)")
     opts = parser.parse_args()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    measured = None
+    if opts.lengths:
+        with open(opts.lengths) as handle:
+            measured = [int(line) for line in handle if line.strip()]
     if opts.paper:
         print(json.dumps(full_scale_token_shares(), indent=2))
         return
@@ -242,7 +278,8 @@ def main() -> None:
     opts.cap = round(2048 * scale)
     opts.hidden = max(64, round(opts.cap / 0.5 / 64) * 64)
     tokenizer = build_tokenizer()
-    dataset = llava_665k_like(opts.samples, scale, image_tokens, opts.cap, tokenizer, opts.image_size)
+    dataset = llava_665k_like(opts.samples, scale, image_tokens, opts.cap, tokenizer, opts.image_size,
+                              measured=measured)
     lengths = sample_token_lengths(dataset, build_processor(tokenizer, image_size=opts.image_size, patch_size=opts.patch))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as output_dir:
@@ -256,17 +293,18 @@ def main() -> None:
                       "padded_token_share": round(arm.padding / max(arm.tokens, 1), 3),
                       "tokens_per_step": round(arm.tokens / max(len(arm.records), 1)),
                       "peak_step_memory_mib": round(arm.peak_growth / 2**20, 1)} for name, arm in arms.items()}
-    a, b, c = list(arms)
+    a, a_tower, b, c = list(arms)
     ratios, overall = {}, {}
     for clock, column in (("wall", 0), ("cpu", 1)):
-        for top, bottom in ((c, a), (c, b), (b, a)):
-            key = f"{top[0]}_over_{bottom[0]}_{clock}"
+        for top, bottom in ((c, a), (c, a_tower), (c, b), (b, a), (a, a_tower)):
+            key = f"{short(top)}_over_{short(bottom)}_{clock}"
             ratios[key] = [arms[top].rate(k, opts.rounds, column) / arms[bottom].rate(k, opts.rounds, column)
                            for k in range(opts.rounds)]
             overall[key] = round(arms[top].rate(column=column) / arms[bottom].rate(column=column), 3)
     sorted_lengths = sorted(lengths)
     report = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+        f"cpu, {torch.get_num_threads()} thread(s) of {os.cpu_count()} cores",
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "config": vars(opts),
         "dataset": {"samples": len(lengths), "text_only_share": round(sum(not r for r in dataset["images"]) / len(lengths), 3),

@@ -1,4 +1,4 @@
-"""Issue 16, conversion layer: truncated or hostile weight files are named, and a pickle payload never runs.
+"""Bad input, conversion layer: truncated or hostile weight files are named, and a pickle payload never runs.
 
 Each test is named after the case and asserts the exception type and the key words of its message.
 """

@@ -7,14 +7,19 @@ budgets (~16 s); the file takes ~75 s of CPU in all."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from aligngpt_hf.cli import main
 from aligngpt_hf.demo.compare import run_compare
-from aligngpt_hf.demo.pipeline import summarise
+from aligngpt_hf.demo.pipeline import gate_figure
+from aligngpt_hf.demo.runs import summarise
 from aligngpt_hf.demo.stages import DemoSettings, choose_threads
 from aligngpt_hf.demo.task import (
     ANSWERS,
@@ -27,6 +32,7 @@ from aligngpt_hf.demo.task import (
     text_only_chats,
     verdict,
 )
+from conftest import REPO_ROOT
 
 TINY_COMPARE = dict(clip_pairs=200, clip_steps=60, pretrain_pairs=64, instruct_rows=160, text_only_rows=8,
                     heldout_per_kind=4, stage1_steps=4, stage2_steps=30, batch_size=8)
@@ -51,6 +57,13 @@ def test_quick_demo_writes_every_artefact(quick_run):
     assert results["reloaded_from"].startswith("transformers_modules.")  # remote code, not this package
     assert results["spearman"] > 0.3
     assert results["threads"] == 1
+    files = [*[path for name, path in results["files"].items() if name != "plots"], *results["files"]["plots"]]
+    assert len(files) >= 5
+    for path in files:  # relative to the run folder, wherever the run was started from
+        assert not Path(path).is_absolute() and (quick_run / path).is_file(), path
+    header = (quick_run / "accuracy.md").read_text().splitlines()[0]
+    assert header == ("Held-out exact-match accuracy of `aligngpt-hf demo --quick --seed 0`; Spearman(CLIP score, "
+                      f"caption correctness) = {results['spearman']:.3f}.")
 
 
 def test_quick_demo_beats_chance_on_every_kind(quick_run):
@@ -74,6 +87,37 @@ def test_quick_demo_beats_chance_on_every_kind(quick_run):
 def test_rerun_into_the_same_folder_refuses_without_overwrite(quick_run):
     with pytest.raises(SystemExit, match="already exists and is not empty .*pass --overwrite"):
         main(["demo", "--quick", "--out", str(quick_run)])
+
+
+def test_demo_refuses_an_existing_folder_before_importing_the_library(tmp_path):
+    """The refusal is a usage error: it comes from the command line's front end, before torch is imported (~25 s)."""
+    (tmp_path / "earlier.txt").write_text("an earlier run")
+    code = ("import sys\nfrom aligngpt_hf_cli import main\ntry:\n    main(['demo', '--quick', '--out', sys.argv[1]])\n"
+            "except SystemExit as error:\n    print(error)\nprint('torch imported:', 'torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    lines = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                           env=env).stdout.splitlines()
+    assert lines == [f"aligngpt-hf demo: {tmp_path} already exists and is not empty (an earlier run?); pass "
+                     "--overwrite to replace it, or choose another --out", "torch imported: False"]
+
+
+def test_gate_plot_keeps_every_text_inside_the_figure():
+    """The headline plot's title (and why the global level is not drawn) fits the saved image."""
+    matplotlib = pytest.importorskip("matplotlib", reason="matplotlib draws the demo's plots (`.[plot]`/`.[test]`)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = {kind: [0.3, 0.4, 0.3] for kind in QUESTION_KINDS}
+    figure = gate_figure(plt, {"gate_weights": kinds, "gate_weights_std": kinds})
+    figure.canvas.draw()
+    renderer, box = figure.canvas.get_renderer(), figure.bbox
+    texts = [text for text in figure.findobj(matplotlib.text.Text) if text.get_text() and text.get_visible()]
+    assert any("Global level 3 is not drawn" in text.get_text() for text in texts)
+    for text in texts:
+        extent = text.get_window_extent(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, \
+            text.get_text()
+    plt.close(figure)
 
 
 def test_overwrite_refuses_a_folder_the_demo_did_not_make(tmp_path):

@@ -12,6 +12,7 @@ import argparse
 import ast
 import dataclasses
 import importlib
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -80,13 +81,21 @@ def broken_links(path: Path, root: Path = REPO_ROOT) -> list[str]:
 
 
 def resolve_dotted(dotted: str) -> bool:
-    """`aligngpt_hf.a.b.name`: the longest importable module prefix, then attributes."""
+    """`aligngpt_hf.a.b.name`: the longest importable module prefix, then attributes. A module that exists but needs
+    an optional package (the lmms-eval plugin without lmms-eval) is checked in its source instead of imported."""
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):
+        module = ".".join(parts[:cut])
         try:
-            obj = importlib.import_module(".".join(parts[:cut]))
+            obj = importlib.import_module(module)
         except ModuleNotFoundError:
             continue
+        except ImportError:
+            try:
+                origin = importlib.util.find_spec(module).origin  # imports the parents, not the module itself
+            except ImportError:  # a name inside the module that needs the package: try the shorter prefix
+                continue
+            return names_in_source(origin, parts[cut:])
         try:
             for name in parts[cut:]:
                 obj = getattr(obj, name)
@@ -94,6 +103,23 @@ def resolve_dotted(dotted: str) -> bool:
             return False
         return True
     return False
+
+
+def names_in_source(path: str, names: list[str]) -> bool:
+    """Whether `names` (a top-level name, then a name in that class) are defined in the source file at `path`."""
+    body = ast.parse(Path(path).read_text(encoding="utf-8")).body
+    for name in names:
+        defined = {}
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined[node.name] = getattr(node, "body", [])
+            for target in getattr(node, "targets", [getattr(node, "target", None)]):
+                if isinstance(target, ast.Name):
+                    defined[target.id] = []
+        if name not in defined:
+            return False
+        body = defined[name]
+    return True
 
 
 def snippet_imports(code: str) -> list[str]:
@@ -157,14 +183,14 @@ def test_module_paths_and_repository_paths_exist():
 
 
 def test_no_package_index_installs_and_no_citations_of_files_outside_the_repository():
-    """The package is not on PyPI (`pip install aligngpt-hf[...]` fails on a clone); `spec/...` notes are not shipped."""
+    """The package is not on PyPI (`pip install aligngpt-hf[...]` fails on a clone); notes outside the repository are not cited."""
     problems = []
     for path in DOC_FILES:
         text = path.read_text(encoding="utf-8")
         problems += [f"{rel(path)}: {hit!r}: install from the clone, `pip install -e \".[extra]\"`"
                      for hit in re.findall(r"pip install [^\n]*?['\"]?aligngpt-hf\b[^\n]*", text)]
         problems += [f"{rel(path)}: cites {hit}, which is not in the repository"
-                     for hit in re.findall(r"(?<![\w/])(?:shared/)?spec/[\w.-]+", text)]
+                     for hit in re.findall(r"(?<![\w/])(?:shared/)?spec[/][\w.-]+", text)]
     assert not problems, "\n".join(problems)
 
 
@@ -261,3 +287,43 @@ def test_the_checks_catch_what_they_claim(tmp_path):
     assert len(problems) == 2 and "#nope" in problems[0] and "nothing.md does not exist" in problems[1], problems
     assert [reason for _, _, reason in code_blocks(page.read_text())] == ["needs a GPU", None]
     assert github_slug("Stage-1 artefact (`mm_projector_align.bin`)") == "stage-1-artefact-mm_projector_alignbin"
+
+
+def test_ci_runs_the_readmes_install_and_test_command_before_any_extra():
+    """`.ci/run` checks what the README promises: its install, then its test command, with no extra package between
+    (an extra installed first would hide a test that fails without it on a newcomer's `.[test]` install)."""
+    quick_start = next(code for language, code, _ in code_blocks((REPO_ROOT / "README.md").read_text()) if language == "bash")
+    readme = [line.split("#")[0].strip() for line in quick_start.splitlines()]
+    install = next(line for line in readme if line.startswith("pip install"))
+    test = next(line for line in readme if "pytest" in line)
+    ci = [line.split(" #")[0].strip().replace(" --quiet", "")
+          for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert test in ci, f".ci/run never runs the README's test command {test!r}"
+    installs = [line for line in ci[: ci.index(test)] if "pip " in line]
+    assert installs == [install], f".ci/run installs {installs} before the README's test command, not {install!r}"
+
+
+def test_every_help_option_states_its_default_once():
+    """`aligngpt-hf COMMAND --help` appends argparse's `(default: X)` only where the help text does not already say it."""
+    from aligngpt_hf_cli import build_parser
+
+    subparsers = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    twice = []
+    for name, parser in subparsers.choices.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            text = (formatter._get_help_string(action) if action.help else "").replace("%(default)s", str(action.default))
+            if text.lower().count("default") > 1:
+                twice.append(f"{name} {'/'.join(action.option_strings) or action.dest}: {text}")
+    assert not twice, "\n".join(twice)
+
+
+def test_code_tests_and_docs_state_facts_instead_of_citing_internal_notes():
+    """Readers have the repository only: no design-note sections, note files, issue or wave numbers."""
+    citation = re.compile(r"spe[c]/[\w.-]|DESIG[N] §|\b[Ii]ssue [0-9]|\b[Ww]ave [0-9]")
+    roots = [REPO_ROOT / name for name in ("src", "modeling_tests", "docs", "hub_configs")]
+    files = [REPO_ROOT / "README.md", *(path for root in roots for path in root.rglob("*")
+                                         if path.suffix in (".py", ".md", ".yaml", ".json", ".jinja"))]
+    hits = [f"{rel(path)}:{number}: {line.strip()}" for path in files if "fixtures" not in path.parts
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if citation.search(line)]
+    assert not hits, "\n".join(hits)

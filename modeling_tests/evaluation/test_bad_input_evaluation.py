@@ -1,4 +1,4 @@
-"""Issue 16, evaluation layer: bad question files, image paths outside the folder, half-written answers files.
+"""Bad input, evaluation layer: bad question files, image paths outside the folder, half-written answers files.
 
 Each test is named after the case and asserts the exception type and the key words of its message.
 """
@@ -117,13 +117,20 @@ def test_duplicate_question_id(tmp_path):
         read_questions(path)
 
 
-def test_lmms_eval_and_inspect_images_use_the_processors_conversion(tmp_path):
+def test_inspect_images_use_the_processors_conversion(tmp_path):
     from aligngpt_hf.evaluation.inspect_alignment import _as_rgb_image
+
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "rgba.png")
+    assert _as_rgb_image(tmp_path / "rgba.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_lmms_eval_images_use_the_processors_conversion(tmp_path):
+    pytest.importorskip("lmms_eval", reason="lmms-eval is an optional extra (`pip install -e '.[eval]'`); the README's "
+                                            "`.[test]` install does not include it")
     from aligngpt_hf.evaluation.lmms_eval_plugin import _as_images
 
     Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "rgba.png")
     rgba = Image.open(tmp_path / "rgba.png")
     assert [image.getpixel((0, 0)) for image in _as_images([str(tmp_path / "rgba.png"), [rgba]])] == [(255,) * 3] * 2
-    assert _as_rgb_image(tmp_path / "rgba.png").getpixel((0, 0)) == (255, 255, 255)
     with pytest.raises(ValueError, match=r"^visual 0 is empty \(0x0 pixels\)"):
         _as_images([Image.new("RGB", (0, 0))])

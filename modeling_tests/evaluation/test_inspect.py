@@ -43,7 +43,7 @@ def test_gate_free_mode_is_explained(make_model, processor, images):
 
 
 def test_table_and_plot(tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="matplotlib draws the plots (`.[plot]`, included in `.[test]`)")
     weights = torch.softmax(torch.randn(3, 7, generator=torch.Generator().manual_seed(0)), -1)
     table = format_weights_table(weights, PROMPTS)
     assert "L6" in table and "What colour is the shape?" in table and "global level L7" in table
@@ -61,7 +61,7 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
 
 
 def test_inspect_cli_on_a_saved_folder(make_model, processor, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="matplotlib draws the plots (`.[plot]`, included in `.[test]`)")
     folder = tmp_path / "model"
     make_model(seed=5).save_pretrained(folder)
     processor.save_pretrained(folder)

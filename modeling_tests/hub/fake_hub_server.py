@@ -1,6 +1,6 @@
 """A stand-in Hugging Face Hub on 127.0.0.1 (stdlib only) for offline push/pull round trips.
 
-Adapted from the server verified in `shared/spec/hf-stack.md` §B (Appendix): the same endpoints and answers, restyled,
+The endpoints and answers `huggingface_hub` needs for an upload and a download, verified against its client,
 plus `POST .../branch/{name}` (for `--revision`), a port chosen by the OS and written to a file (no port races), and a
 bounded lifetime so a crashed test run never leaves it behind. Storage ignores revisions: every branch sees one tree.
 

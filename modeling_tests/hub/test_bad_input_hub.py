@@ -1,4 +1,4 @@
-"""Issue 16, hub layer: a truncated shard or a pickle in the folder to publish is named; the pickle never runs.
+"""Bad input, hub layer: a truncated shard or a pickle in the folder to publish is named; the pickle never runs.
 
 Each test is named after the case and asserts the exception type and the key words of its message.
 """

@@ -1,4 +1,4 @@
-"""Issue 16, levels layer: ties within float noise, paths outside the image folder, cut-short cache chunks, image modes.
+"""Bad input, levels layer: ties within float noise, paths outside the image folder, cut-short cache chunks, image modes.
 
 Each test is named after the case and asserts the exception type and the key words of its message.
 """

@@ -1,4 +1,4 @@
-"""Alignment levels (issue 4): CLIP scoring, bucketing, resume, sharding, bad input, report and plot.
+"""Alignment levels: CLIP scoring, bucketing, resume, sharding, bad input, report and plot.
 
 Everything runs offline on a tiny random CLIP built from a config with a locally trained byte-level BPE
 tokenizer whose end token is the id CLIP pools at (with eos_token_id == 2 CLIP would pool at argmax(ids)).
@@ -144,8 +144,21 @@ def test_assign_levels_rejects_bad_arguments(args, message):
         assign_levels(*args)
 
 
+def test_cli_names_scorer_in_one_line_when_the_scorer_cannot_be_loaded(tmp_path):
+    """Offline (the test suite runs with HF_HUB_OFFLINE=1) with an uncached Hub id: one line, naming the fix."""
+    from aligngpt_hf.cli import main
+
+    source = _save_json(_write_pairs(tmp_path, 2), tmp_path / "pairs.json")
+    with pytest.raises(SystemExit) as caught:
+        main(["levels", str(source), str(tmp_path / "out.json"), "--image-folder", str(tmp_path / "images"),
+              "--scorer", "nobody/no-such-clip", "--num-levels", "2", "--device", "cpu"])
+    message = str(caught.value)
+    assert message.startswith("aligngpt-hf levels: cannot load the scorer 'nobody/no-such-clip' (") and "\n" not in message
+    assert "Pass --scorer a local CLIP or SigLIP folder" in message and "docs/levels.md" in message
+
+
 def test_cli_end_to_end_writes_json_report_and_plot(tiny_clip, tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="matplotlib draws the plots (`.[plot]`, included in `.[test]`)")
     from aligngpt_hf.cli import main
 
     model, processor = tiny_clip

@@ -21,7 +21,7 @@ ABSTRACTOR = dict(projector_type="abstractor", abstractor_num_queries=6, abstrac
 
 
 def reference_abstractor(abstractor, visual):
-    """spec/mplug-owl.md §1.3 written out with plain matrix products and an explicit softmax."""
+    """The mPLUG-Owl v1 abstractor (paper §3.1) written out with plain matrix products and an explicit softmax."""
     queries = abstractor.query_tokens.expand(visual.shape[0], -1, -1)
     for layer in abstractor.layers:
         normed = layer_norm(queries, queries.shape[-1:], layer.norm_queries.weight, layer.norm_queries.bias, 1e-5)

@@ -1,4 +1,4 @@
-"""Issue 16, models layer: bad input to the processor, config and model fails loudly, naming the input and the fix.
+"""Bad input, models layer: bad input to the processor, config and model fails loudly, naming the input and the fix.
 
 Each test is named after the case; each asserts the exception type and the key words of its message.
 """

@@ -1,4 +1,4 @@
-"""AlignGPT forward semantics against an independent per-sample computation written from DESIGN §1."""
+"""AlignGPT forward semantics against an independent per-sample computation written from the paper's equations."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import user_message
 
 
 def reference_forward(model, input_ids, attention_mask, pixel_values, levels=None, gate_text_mask=None):
-    """Per-sample, loop-based reimplementation of DESIGN §1 (deliberately unlike the vectorised model code)."""
+    """Per-sample, loop-based reimplementation of the paper's equations (deliberately unlike the vectorised model code)."""
     config, base = model.config, model.model
     embed = base.get_input_embeddings()
     image_id, align_id, tokens_per_image = config.image_token_id, config.alignment_token_id, config.image_seq_length

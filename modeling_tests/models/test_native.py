@@ -1,4 +1,4 @@
-"""Issue 14, "native contract": what a user does with transformers' LLaVA works the same way with AlignGPT.
+"""The native contract: what a user does with transformers' LLaVA works the same way with AlignGPT.
 
 One behavioural test per item (loss kwargs under gradient accumulation, image input forms, tuples, assisted decoding,
 inputs_embeds, compiled static-cache decoding, get_image_features, processor offsets, one Auto mapping). transformers'

@@ -26,7 +26,7 @@ from conftest import package_free_env, user_message
 
 EXPECTED_AUTO_MAP = {
     "AutoConfig": "configuration_aligngpt.AlignGPTConfig",
-    "AutoModel": "modeling_aligngpt.AlignGPTForConditionalGeneration",  # as registered in-library (issue 14 item 9)
+    "AutoModel": "modeling_aligngpt.AlignGPTForConditionalGeneration",  # as registered in-library
     "AutoModelForImageTextToText": "modeling_aligngpt.AlignGPTForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_aligngpt.AlignGPTForConditionalGeneration",
     "AutoProcessor": "processing_aligngpt.AlignGPTProcessor",

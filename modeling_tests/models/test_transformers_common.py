@@ -1,4 +1,4 @@
-"""transformers' own ModelTesterMixin against AlignGPT, with a tester modelled on LLaVA's (issue 14, "How to prove it").
+"""transformers' own ModelTesterMixin against AlignGPT, with a tester modelled on LLaVA's.
 
 The mixins ship in the transformers *source distribution* (`tests/test_modeling_common.py`), not in the wheel, and are
 never copied here. Point `TRANSFORMERS_TESTS_DIR` at the `tests/` folder of the installed version's unpacked sdist

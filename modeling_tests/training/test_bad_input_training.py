@@ -1,4 +1,4 @@
-"""Issue 16, training layer: bad LLaVA JSON, bad rows at collate time, empty data, NaN, half-written checkpoints.
+"""Bad input, training layer: bad LLaVA JSON, bad rows at collate time, empty data, NaN, half-written checkpoints.
 
 Each test is named after the case and asserts the exception type and the key words of its message (file, line or
 record, field, value, fix).

@@ -109,7 +109,7 @@ def test_instruct_under_fsdp_config_starts_from_a_multi_process_stage1_folder(st
 
 
 def test_zero2_launch_of_pretrain_matches_one_process(stage1):
-    pytest.importorskip("deepspeed")
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (`pip install -e '.[deepspeed]'`)")
     root, _ = stage1
     launch("zero2", ["pretrain", "pretrain_tiny", "--disable_tqdm", "true", "--output_dir", "zero2"], root)
     assert max_difference(root / "zero2", root / "single") < 1e-6
@@ -117,7 +117,7 @@ def test_zero2_launch_of_pretrain_matches_one_process(stage1):
 
 def test_zero3_launch_of_instruct_with_text_only_rows_matches_one_process(stage1, stage2_reference):
     """A text-only rank must gather the ZeRO-3-partitioned tower as its peers do, in their module order, or it hangs."""
-    pytest.importorskip("deepspeed")
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (`pip install -e '.[deepspeed]'`)")
     root, _ = stage1
     launch("zero3", [*instruct_args(root), "--output_dir", "zero3"], root, timeout=180)
     # the gathered ZeRO-3 save names the LLM the legacy way (`language_model.model.`); from_pretrained maps it back

@@ -1,4 +1,4 @@
-"""mPLUG-Owl recipe (spec/mplug-owl.md §1.5-1.6, §5.4-5.5) on tiny models: what each stage trains, where LoRA lands,
+"""mPLUG-Owl recipe (its paper's §3.2 and released code) on tiny models: what each stage trains, where LoRA lands,
 1:1 text-only / image batching, stage-1 vision weights handed to stage 2, the shipped recipes."""
 
 from __future__ import annotations

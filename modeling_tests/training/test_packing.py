@@ -44,11 +44,12 @@ def mixed_rows(images) -> list[dict]:
     return rows
 
 
-def stage_collator(processor, stage: str) -> AlignGPTDataCollator:
+def stage_collator(processor, stage: str, assistant_only: bool = True) -> AlignGPTDataCollator:
     if stage == "pretrain":
-        return AlignGPTDataCollator(processor=processor, max_length=2048, assistant_only_loss=True,
+        return AlignGPTDataCollator(processor=processor, max_length=2048, assistant_only_loss=assistant_only,
                                     chat_template=PLAIN_CHAT_TEMPLATE, level_column="alignment_level")
-    return AlignGPTDataCollator(processor=processor, max_length=2048, assistant_only_loss=True, gate_text_mask=True)
+    return AlignGPTDataCollator(processor=processor, max_length=2048, assistant_only_loss=assistant_only,
+                                gate_text_mask=True)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -95,22 +96,28 @@ def test_packed_rows_restart_positions_mask_first_labels_and_keep_images_in_orde
     assert torch.equal(packed["pixel_values"], padded["pixel_values"])  # 1 + 0 + 2 + 1 images, pack order
 
 
+@pytest.mark.parametrize("assistant_only", [True, False], ids=["assistant-only", "full-labels"])
 @pytest.mark.parametrize("stage", ["pretrain", "instruct"])
-def test_packed_losses_and_gradients_equal_padded(make_model, processor, images, stage):
+def test_packed_losses_and_gradients_equal_padded(make_model, processor, images, stage, assistant_only):
+    """Full labels supervise each sample's first token, which in a packed row would be predicted from the previous
+    sample's last one: the packing collator must mask it (assistant-only labels mask it anyway and hide the bug)."""
     rows = mixed_rows(images)
-    inner = stage_collator(processor, stage)
+    inner = stage_collator(processor, stage, assistant_only)
     padded, packed = inner(rows), AlignGPTPackingCollator(inner)(rows)  # padding-free: the batch in one row
     assert packed["input_ids"].shape[0] == 1 and padded["attention_mask"].eq(0).any()
     results = []
     for batch in (padded, packed):
         model = make_model(seed=3)
-        out = model(**model_inputs(batch))
+        out = model(**batch)  # the model's own loss: the mean over the batch's targets
         losses = token_losses(out.logits, batch["labels"])
-        torch.cat(losses).sum().backward()
+        out.loss.backward()
         grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
-        results.append((losses, grads, out.alignment_weights))
-    (padded_losses, padded_grads, padded_weights), (packed_losses, packed_grads, packed_weights) = results
+        results.append((losses, grads, out.alignment_weights, out.loss.detach()))
+    padded_losses, padded_grads, padded_weights, padded_loss = results[0]
+    packed_losses, packed_grads, packed_weights, packed_loss = results[1]
+    assert [len(losses) for losses in packed_losses] == [sum(len(losses) for losses in padded_losses)]
     torch.testing.assert_close(torch.cat(packed_losses), torch.cat(padded_losses), rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=0, atol=1e-6)
     assert len(padded_losses) == 4 and all(len(losses) > 0 for losses in padded_losses)
     assert padded_grads.keys() == packed_grads.keys()
     assert "model.multi_modal_projector.linear_1.weight" in packed_grads
@@ -168,6 +175,30 @@ def test_padding_free_stage2_steps_with_modality_sampler_and_accumulation_equal_
         weights.append(_weights_after_training(trainer))
     before = make_model(seed=2).state_dict()
     assert not torch.equal(weights[0]["model.alignment.fc1.weight"], before["model.alignment.fc1.weight"])
+    _assert_same_weights(weights[1], weights[0])
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_accumulated_micro_batches_take_the_full_batch_sgd_step(make_model, processor, images, tmp_path, padding_free):
+    """Two micro-batches of 2 with unequal token counts must give the gradient of one batch of 4: the loss is summed
+    over the accumulated targets and divided once by their count, not averaged per micro-batch. Plain SGD makes the
+    step proportional to that gradient (AdamW's first step is about lr x sign(gradient) and would hide a wrong scale)."""
+    rows = mixed_rows(images) + synthetic_dataset(4, "instruct").to_list()
+    dataset = Dataset.from_list(rows)
+    weights = []
+    for batch_size, accumulation, packed in ((4, 1, False), (2, 2, padding_free)):
+        model = make_model(seed=5).train()
+        model.config.aligngpt_stage = "pretrain"
+        args = AlignGPTInstructConfig(output_dir=str(tmp_path / f"{batch_size}-{packed}"), max_steps=2, optim="sgd",
+                                      per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                                      group_by_modality_length=False, padding_free=packed, assistant_only_loss=False,
+                                      **{**FAST, "learning_rate": 0.5})
+        trainer = AlignGPTInstructTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+        assert type(trainer.create_optimizer()) is torch.optim.SGD
+        weights.append(_weights_after_training(trainer))
+    before = make_model(seed=5).state_dict()
+    assert not torch.equal(weights[0]["model.multi_modal_projector.linear_1.weight"],
+                           before["model.multi_modal_projector.linear_1.weight"])
     _assert_same_weights(weights[1], weights[0])
 
 

@@ -85,9 +85,10 @@ def test_overrides_beat_the_recipe_and_unknown_recipes_are_named():
     assert accelerate_config_path("zero3").read_text().count("zero_stage: 3") == 1
 
 
-def test_tiny_recipes_run_both_stages_and_lora_merge(tmp_path):
+def test_tiny_recipes_run_both_stages_and_lora_merge(tmp_path, capsys):
     stage1, stage2, lora = tmp_path / "stage1", tmp_path / "stage2", tmp_path / "lora"
     assert main(["pretrain", "pretrain_tiny", "--output_dir", str(stage1), "--disable_tqdm", "true"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"aligngpt-hf pretrain: model saved to {stage1}"
     assert (stage1 / "model.safetensors").is_file() and (stage1 / "processor_config.json").is_file()
     common = ["--model_name_or_path", str(stage1), "--disable_tqdm", "true", "--max_steps", "2"]
     assert main(["instruct", "instruct_tiny", "--output_dir", str(stage2), *common]) == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aligngpt_hf_cli.options import SUBCOMMAND_HELP, add_subcommand_arguments
+from aligngpt_hf_cli.options import SUBCOMMAND_HELP, HelpFormatter, add_subcommand_arguments
 
 __all__ = ["SUBCOMMAND_HELP", "build_parser", "main"]
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMAND_HELP.items():
         subparser = subparsers.add_parser(
-            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            name, help=help_text, description=help_text, formatter_class=HelpFormatter
         )
         add_subcommand_arguments(name, subparser)
         subparser.set_defaults(_command=name)
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "_early_check", None) is not None:
+        args._early_check(args)  # usage errors that need no library answer before the heavy import
     from aligngpt_hf.cli import run
 
     return run(args)

@@ -108,7 +108,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse SOURCE unless it is this kind (default: detect from the keys)")
     parser.add_argument("--dtype", choices=("auto", *library_dict_keys("conversion/convert.py", "DTYPES")), default="auto",
                         help="cast floating weights (default: keep the checkpoint's dtype, bit-identical)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -137,10 +137,10 @@ def add_levels_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorer", default=library_constant("levels/scorer.py", "DEFAULT_SCORER"), help="CLIP or SigLIP model id or path (AutoModel)")
     parser.add_argument("--num-levels", type=int, default=8, help="number of alignment levels N >= 2")
     parser.add_argument("--binning", choices=library_constant("levels/binning.py", "BINNINGS"), default="quantile",
-                        help="quantile: equal-count levels by rank (default); uniform: equal-width score bins")
+                        help="quantile: equal-count levels by rank; uniform: equal-width score bins")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad records; they are counted in the report")
     parser.add_argument("--batch-size", type=int, default=64, help="image-caption pairs scored per forward pass")
-    parser.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default min(8, CPUs))")
+    parser.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default: min(8, CPUs))")
     parser.add_argument("--chunk-size", type=int, default=10_000, help="rows per cached chunk (resume granularity)")
     parser.add_argument("--cache-dir", default=None, help="score cache (default: .<output stem>.levels-cache/ next to OUTPUT); delete it after "
                         "changing image files")
@@ -155,7 +155,7 @@ def add_levels_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scores closer than this are ties and share a level (raise to 1e-3 for bf16 scoring)")
     parser.add_argument("--allow-outside-image-folder", action="store_true",
                         help="read `image` paths that resolve outside --image-folder (refused by default)")
-    parser.add_argument("--device", default=None, help="default: cuda (bf16) when available, else cpu (fp32)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda in bf16 when available, else cpu in fp32)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG histogram (no matplotlib needed)")
 
 
@@ -168,13 +168,13 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the publish-ready folder (see --out) and upload nothing")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="where to write the publish folder (default for --dry-run: FOLDER/../REPO_NAME-publish)")
-    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size")
     parser.add_argument("--base-model", action="append", default=None, metavar="ID",
                         help="card base_model (repeatable; default: from the config, else Vicuna-7B v1.5 and "
                         "CLIP-L/336)")
     parser.add_argument("--dataset", action="append", default=None, metavar="ID",
                         help="card datasets (repeatable; default: LLaVA-Pretrain, LLaVA-Instruct-150K)")
-    parser.add_argument("--license", default=None, help=f"card licence id (default {library_constant('hub/model_card.py', 'DEFAULT_LICENSE')})")
+    parser.add_argument("--license", default=None, help=f"card licence id (default: {library_constant('hub/model_card.py', 'DEFAULT_LICENSE')})")
     parser.add_argument("--auto-model", choices=("generation", "base"), default="generation",
                         help="class `AutoModel` loads: generation (what lmms-eval needs, default) or base backbone")
     parser.add_argument("--commit-message", default=None, help="commit message on the Hub (default: a generated one)")
@@ -234,19 +234,53 @@ def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="sub-minute smoke version (smaller data and budgets)")
-    parser.add_argument("--out", default=None, help="run folder (None: runs/demo, or runs/demo-compare)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke version (smaller data and budgets; its time: docs/demo.md#how-long-it-takes)")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/demo, or runs/demo-compare with --compare)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (--compare: the first seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (None: from free cores and load; 1 on a 2-core machine)")
+                        help="torch threads (default: from free cores and load; 1 on a 2-core machine)")
     parser.add_argument("--wrong-share", type=float, default=None,
-                        help="share of wrong pre-training captions (None: 0.5)")
+                        help="share of wrong pre-training captions (default: 0.5)")
     parser.add_argument("--stage1-steps", type=int, default=None, help="override the preset's stage-1 steps")
     parser.add_argument("--stage2-steps", type=int, default=None, help="override the preset's stage-2 steps")
     parser.add_argument("--compare", action="store_true",
                         help="train AlignGPT, plain LLaVA and AlignGPT with shuffled levels on the same data")
     parser.add_argument("--seeds", type=int, default=3, help="--compare: number of seeds")
+    parser.set_defaults(_early_check=check_demo_folder)
+
+
+def demo_folder_problem(run: Path, overwrite: bool, marker: str) -> str | None:
+    """Why the demo may not write into `run` (None: it may): a non-empty folder needs `--overwrite`, and
+    `--overwrite` deletes only a folder the demo made (it holds `marker`)."""
+    if not run.is_dir() or not any(run.iterdir()):
+        return None
+    if not overwrite:
+        return (f"aligngpt-hf demo: {run} already exists and is not empty (an earlier run?); pass --overwrite to "
+                "replace it, or choose another --out")
+    if not (run / marker).is_file():
+        return (f"aligngpt-hf demo: {run} is not empty and was not made by the demo (no {marker} file); refusing "
+                "to delete it even with --overwrite: choose another --out")
+    return None
+
+
+def check_demo_folder(args: argparse.Namespace) -> None:
+    """The demo's run-folder refusal as a usage error, before torch and the library are imported (~25 s)."""
+    run = Path(args.out or ("runs/demo-compare" if args.compare else "runs/demo"))
+    problem = demo_folder_problem(run, args.overwrite, library_constant("demo/runs.py", "MARKER"))
+    if problem:
+        raise SystemExit(problem)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: X)` once: not when the help already states the default, nor for an unset default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text.lower() or action.default is None or action.default is False:
+            return help_text
+        return super()._get_help_string(action)
 
 
 def add_subcommand_arguments(name: str, parser: argparse.ArgumentParser) -> None:

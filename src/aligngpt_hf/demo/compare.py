@@ -18,9 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from aligngpt_hf.demo.evaluate import answer_questions
-from aligngpt_hf.demo.pipeline import (
-    _loadavg,
+from aligngpt_hf.demo.runs import (
     cpu_seconds,
+    loadavg,
     prepare_folder,
     settings_for,
     setup,
@@ -153,7 +153,7 @@ def run_compare(out: str | Path = "runs/demo-compare", quick: bool = False, seed
                 threads: int | None = None, wrong_share: float | None = None, settings=None) -> dict:
     """Three arms x `seeds` on shared data; writes and returns the comparison. `settings` (a `DemoSettings`)
     replaces the quick/full budgets."""
-    start, cpu_start, load = time.perf_counter(), cpu_seconds(), _loadavg()
+    start, cpu_start, load = time.perf_counter(), cpu_seconds(), loadavg()
     run, seeds = Path(out), list(seeds)
     settings = settings or settings_for(quick, wrong_share)
     prepare_folder(run, overwrite)
@@ -170,7 +170,7 @@ def run_compare(out: str | Path = "runs/demo-compare", quick: bool = False, seed
     results = {"table": table, "gaps": gap, "chance": chance, "per_seed": per_seed, "seeds": seeds,
                "settings": asdict(settings), "threads": threads,
                "seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu_start,
-               "loadavg_at_start": load, "loadavg_at_end": _loadavg(), "plots": write_plot(run, table, chance)}
+               "loadavg_at_start": load, "loadavg_at_end": loadavg(), "plots": write_plot(run, table, chance)}
     (run / "results.json").write_text(json.dumps(results, indent=2))
     markdown = compare_table(table, chance, seeds) + "\n" + gap_lines(gap)
     (run / "compare.md").write_text(markdown)

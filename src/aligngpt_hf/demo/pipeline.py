@@ -20,22 +20,26 @@ import json
 import logging
 import os
 import random
-import resource
-import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from aligngpt_hf.demo import evaluate as evaluate_module
+from aligngpt_hf.demo.runs import (
+    cpu_seconds,
+    loadavg,
+    prepare_folder,
+    settings_for,
+    setup,
+    summarise,
+    write_heldout,
+)
 from aligngpt_hf.demo.stages import (
-    FULL,
-    QUICK,
     DemoSettings,
     Progress,
     build_aligngpt,
-    choose_threads,
     instruct_dataset,
     run_stages,
     say,
@@ -43,38 +47,7 @@ from aligngpt_hf.demo.stages import (
     stage_costs,
     train_clip,
 )
-from aligngpt_hf.demo.task import QUESTION_KINDS, best_constant_accuracy, draw, heldout_rows, verdict
-
-MARKER = ".aligngpt-demo"  # written into every run folder, so --overwrite only ever deletes a demo's own output
-
-
-def prepare_folder(run: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into an earlier one: a non-empty folder needs `--overwrite` (and must be a demo's)."""
-    if run.exists() and any(run.iterdir()):
-        if not overwrite:
-            raise SystemExit(f"aligngpt-hf demo: {run} already exists and is not empty (an earlier run?); pass "
-                             "--overwrite to replace it, or choose another --out")
-        if not (run / MARKER).is_file():
-            raise SystemExit(f"aligngpt-hf demo: {run} is not empty and was not made by the demo (no {MARKER} file); "
-                             "refusing to delete it even with --overwrite: choose another --out")
-        say(f"--overwrite: removing the earlier run in {run}")
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / MARKER).write_text("made by `aligngpt-hf demo`; --overwrite may delete this folder\n")
-
-
-def write_heldout(run: Path, settings: DemoSettings, rng: random.Random) -> Path:
-    """Balanced held-out questions on unseen images (`data/heldout/questions.json`)."""
-    folder = run / "data" / "heldout"
-    folder.mkdir(parents=True, exist_ok=True)
-    questions = []
-    for index, row in enumerate(heldout_rows(settings.heldout_per_kind, rng)):
-        path = folder / f"heldout-{index:04d}.png"
-        draw(row["scene"]).save(path)
-        questions.append({"kind": row["kind"], "question": row["question"], "answer": row["answer"],
-                          "image": str(path)})
-    (folder / "questions.json").write_text(json.dumps(questions, indent=1))
-    return folder / "questions.json"
+from aligngpt_hf.demo.task import QUESTION_KINDS
 
 
 def evaluate_saved(run: Path, questions: Path, threads: int) -> dict:
@@ -85,22 +58,6 @@ def evaluate_saved(run: Path, questions: Path, threads: int) -> dict:
     subprocess.run([sys.executable, evaluate_module.__file__, str(run / "model"), str(questions),
                     str(run / "answers.json")], check=True, env=env)
     return json.loads((run / "answers.json").read_text())
-
-
-def summarise(answers: list[dict]) -> dict:
-    """Per question kind: exact-match accuracy, chance (best constant answer), and the gate weights' mean and
-    standard deviation over that kind's questions (None for a model without a gate)."""
-    import numpy as np
-
-    summary = {"accuracy": {}, "chance": {}, "gate_weights": {}, "gate_weights_std": {}}
-    for kind in QUESTION_KINDS:
-        rows = [row for row in answers if row["kind"] == kind]
-        summary["accuracy"][kind] = sum(verdict(row["prediction"], kind) == row["answer"] for row in rows) / len(rows)
-        summary["chance"][kind] = best_constant_accuracy([row["answer"] for row in rows])
-        weights = [row["alignment_weights"] for row in rows if row["alignment_weights"] is not None]
-        summary["gate_weights"][kind] = np.mean(weights, axis=0).tolist() if weights else None
-        summary["gate_weights_std"][kind] = np.std(weights, axis=0).tolist() if weights else None
-    return summary
 
 
 def write_plots(run: Path, logs: dict, summary: dict) -> list[str]:
@@ -121,8 +78,16 @@ def write_plots(run: Path, logs: dict, summary: dict) -> list[str]:
         axis.set(title=f"{stage} training loss", xlabel="step", ylabel="loss")
     figure.tight_layout()
     figure.savefig(run / "loss_curves.png", dpi=100)
+    gate_figure(plt, summary).savefig(run / "gate_weights.png", dpi=100)
+    plt.close("all")
+    return ["loss_curves.png", "gate_weights.png"]
+
+
+def gate_figure(plt, summary: dict):
+    """Mean gate weight per local level for each question kind, whiskers = std over the kind's questions. Only the
+    N-1 local levels are drawn: the gate weighs those, and the global level N-1 is always added at weight 1."""
     means, spreads = summary["gate_weights"], summary["gate_weights_std"]
-    figure, axis = plt.subplots(figsize=(8, 3.8))
+    figure, axis = plt.subplots(figsize=(8, 4.4), layout="constrained")
     width = 0.8 / len(means)
     for offset, kind in enumerate(means):
         axis.bar([level + offset * width for level in range(len(means[kind]))], means[kind], width,
@@ -130,13 +95,13 @@ def write_plots(run: Path, logs: dict, summary: dict) -> list[str]:
     levels = range(len(next(iter(means.values()))))
     axis.set_xticks([level + 0.4 - width / 2 for level in levels], [f"local level {level}" for level in levels])
     axis.axhline(1 / len(levels), color="grey", linestyle=":", linewidth=1)
-    axis.set(title="gate weight per local level, by question kind (bar: mean, whisker: std over questions;\n"
-                   "dotted: uniform). Bars apart by more than their whiskers: the gate treats those kinds differently", ylabel="weight")
+    axis.set_title("Gate weight per local level, by question kind\n"
+                   "bar: mean, whisker: std over the questions, dotted: uniform; bars apart by more than their\n"
+                   f"whiskers: the gate treats those kinds differently. Global level {len(levels)} is not drawn: it "
+                   "is always added at weight 1", fontsize=9)
+    axis.set(ylabel="weight")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(run / "gate_weights.png", dpi=100)
-    plt.close("all")
-    return ["loss_curves.png", "gate_weights.png"]
+    return figure
 
 
 def accuracy_table(summary: dict) -> str:
@@ -146,47 +111,12 @@ def accuracy_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the fresh evaluation process)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def settings_for(quick: bool, wrong_share: float | None = None, **budgets: int | None) -> DemoSettings:
-    """QUICK or FULL with the given fields replaced (None keeps the preset's value)."""
-    changes = {name: value for name, value in {"wrong_share": wrong_share, **budgets}.items() if value is not None}
-    return replace(QUICK if quick else FULL, **changes)
-
-
-def setup(seed: int, threads: int | None) -> int:
-    """Seed everything and pick torch's thread count (`choose_threads`); returns the count."""
-    import torch
-    from transformers import set_seed
-
-    set_seed(seed)
-    count, why = choose_threads(threads)
-    torch.set_num_threads(count)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_libraries()
-    say(f"torch threads: {count} ({why}); set --threads or OMP_NUM_THREADS to override")
-    return count
-
-
-def _quiet_libraries() -> None:
-    """The demo prints its own progress lines; the libraries' progress bars would bury them."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, overwrite: bool = False,
              threads: int | None = None, wrong_share: float | None = None,
              settings: DemoSettings | None = None) -> dict:
     """Run the whole pipeline; returns (and writes to `out/results.json`) accuracy, chance, Spearman and seconds.
     `settings` replaces the quick/full budgets."""
-    start, cpu_start, load = time.perf_counter(), cpu_seconds(), _loadavg()
+    start, cpu_start, load = time.perf_counter(), cpu_seconds(), loadavg()
     run, settings = Path(out), settings or settings_for(quick, wrong_share)
     prepare_folder(run, overwrite)
     threads = setup(seed, threads)
@@ -209,17 +139,20 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     summary = summarise(answers["answers"])
     plots = write_plots(run, logs, summary)
     results = {**summary, "spearman": correlation, "seconds": time.perf_counter() - start,
-               "cpu_seconds": cpu_seconds() - cpu_start, "loadavg_at_start": load, "loadavg_at_end": _loadavg(),
+               "cpu_seconds": cpu_seconds() - cpu_start, "loadavg_at_start": load, "loadavg_at_end": loadavg(),
                "threads": threads, "settings": asdict(settings), "seed": seed,
-               "reloaded_from": answers["model_class"], "files": {**level_files, "plots": plots}}
+               "reloaded_from": answers["model_class"], "files": {**relative_to(run, level_files), "plots": plots}}
     (run / "results.json").write_text(json.dumps(results, indent=2))
-    (run / "accuracy.md").write_text(accuracy_table(summary))
+    (run / "accuracy.md").write_text(f"Held-out exact-match accuracy of `aligngpt-hf demo{' --quick' if quick else ''} "
+                                     f"--seed {seed}`; Spearman(CLIP score, caption correctness) = {correlation:.3f}."
+                                     f"\n\n{accuracy_table(summary)}")
     print_summary(results, run)
     return results
 
 
-def _loadavg() -> list[float]:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else []
+def relative_to(run: Path, files: dict[str, str]) -> dict[str, str]:
+    """Paths inside the run folder, relative to it (results.json stays valid when the folder moves)."""
+    return {name: os.path.relpath(path, run) for name, path in files.items()}
 
 
 def print_summary(results: dict, run: Path) -> None:

@@ -89,7 +89,9 @@ def plot_alignment_weights(
     count, num_levels = values.shape
     columns = min(count, 3)
     grid_rows = math.ceil(count / columns)
-    figure = Figure(figsize=(4.2 * columns, 3.3 * grid_rows + 0.6), layout="constrained")
+    titles = ["\n".join(textwrap.wrap(prompt, 40)) for prompt in prompts]  # whole prompts: captions differ at the end
+    title_lines = max(title.count("\n") + 1 for title in titles)
+    figure = Figure(figsize=(4.2 * columns, (3.1 + 0.16 * title_lines) * grid_rows + 0.8), layout="constrained")
     axes = figure.subplots(grid_rows, columns, squeeze=False, sharey=True)
     top = max(float(values.max()) * 1.15, 1.5 / num_levels)
     levels = list(range(num_levels))
@@ -102,14 +104,15 @@ def plot_alignment_weights(
         colours = ["#d95f02" if level == best else "#1b9e77" for level in levels]
         axis.bar(levels, row, color=colours, edgecolor="black", linewidth=0.4)
         axis.axhline(1.0 / num_levels, color="grey", linestyle="--", linewidth=0.8)
-        axis.set_title("\n".join(textwrap.wrap(prompts[index], 40)[:2]), fontsize=9)
+        axis.set_title(titles[index], fontsize=9)
         axis.set_xticks(levels, [f"L{level}" for level in levels], fontsize=8)
         axis.set_ylim(0, top)
         axis.set_xlabel("local alignment level", fontsize=8)
         if index % columns == 0:
             axis.set_ylabel("gate weight", fontsize=8)
     figure.suptitle(
-        title or f"AlignGPT gate weights per prompt (dashed: uniform; global level L{num_levels} always at 1.0)",
+        title or f"AlignGPT gate weights per prompt over the local levels L0-L{num_levels - 1} (dashed: uniform).\n"
+        f"The global level L{num_levels} is not drawn: it is always added at weight 1.0",
         fontsize=10,
     )
     out_path = Path(out_path)

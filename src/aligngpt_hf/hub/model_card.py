@@ -17,7 +17,7 @@ DEFAULT_DATASETS = ("liuhaotian/LLaVA-Pretrain", "liuhaotian/LLaVA-Instruct-150K
 DEFAULT_LICENSE = "llama2"
 CARD_TAGS = ("aligngpt", "llava", "vision-language", "multimodal", "custom_code", f"arxiv:{ARXIV_ID}")
 
-# Paper v2, Table 1 (spec/aligngpt.md §5.1): original checkpoints, vicuna_v1 prompt, greedy, batch size 1.
+# AlignGPT paper (arXiv 2405.14129 v2), Table 1: original checkpoints, vicuna_v1 prompt, greedy, batch size 1.
 PAPER_RESULTS = (
     ("Benchmark", "AlignGPT-7B", "AlignGPT-13B", "LLaVA-1.5-7B", "LLaVA-1.5-13B"),
     ("VQAv2 (test-dev)", "79.1", "80.0", "78.5", "80.0"),

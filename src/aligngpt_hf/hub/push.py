@@ -4,7 +4,7 @@ The folder is loaded with the in-library classes and re-saved into a staging fol
 (trainer state, optimizer files, one big or pickled weight file) the repository gets exactly: sharded safetensors, the
 remote-code files with a complete `auto_map`, processor/tokenizer configs with the chat template, a generation config
 that stops at EOS and never emits `<image>`/`<align>`, and a model card. That is the contract evaluation harnesses load
-through (lmms-eval's generic `huggingface` wrapper, `pipeline("image-text-to-text")`; spec/users.md §(c)).
+through (lmms-eval's generic `huggingface` wrapper, `pipeline("image-text-to-text")`).
 """
 
 from __future__ import annotations

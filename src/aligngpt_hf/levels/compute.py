@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from aligngpt_hf.levels.binning import BINNINGS, DEFAULT_TIE_TOLERANCE, assign_levels  # noqa: F401 (public here)
-from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, load_scorer
+from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, ScorerLoadError, load_scorer
 from aligngpt_hf.models.image_processing_utils_aligngpt import resolve_image_path, to_rgb
 
 SKIP_HINT = "pass --skip-bad (skip_bad=True) to skip such records; they are counted and listed in the report"
@@ -424,13 +424,16 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    result = compute_alignment_levels(
-        args.input, args.output, image_folder=args.image_folder, scorer=args.scorer, num_levels=args.num_levels,
-        binning=args.binning, skip_bad=args.skip_bad, image_column=args.image_column, text_column=args.text_column,
-        id_column=args.id_column, split=args.split, batch_size=args.batch_size, num_workers=args.num_workers,
-        chunk_size=args.chunk_size, cache_dir=args.cache_dir, num_shards=args.num_shards,
-        shard_index=args.shard_index, plot=not args.no_plot, device=args.device, tie_tolerance=args.tie_tolerance,
-        allow_outside_image_folder=args.allow_outside_image_folder)
+    try:
+        result = compute_alignment_levels(
+            args.input, args.output, image_folder=args.image_folder, scorer=args.scorer, num_levels=args.num_levels,
+            binning=args.binning, skip_bad=args.skip_bad, image_column=args.image_column, text_column=args.text_column,
+            id_column=args.id_column, split=args.split, batch_size=args.batch_size, num_workers=args.num_workers,
+            chunk_size=args.chunk_size, cache_dir=args.cache_dir, num_shards=args.num_shards,
+            shard_index=args.shard_index, plot=not args.no_plot, device=args.device, tie_tolerance=args.tie_tolerance,
+            allow_outside_image_folder=args.allow_outside_image_folder)
+    except ScorerLoadError as error:  # one line, not a traceback: the fix is an option
+        raise SystemExit(f"aligngpt-hf levels: {error}") from None
     if not result.complete:
         if result.report:
             print(f"shard {result.report['shard_index']}/{result.report['num_shards']} scored "

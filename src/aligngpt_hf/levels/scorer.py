@@ -17,6 +17,10 @@ import torch
 DEFAULT_SCORER = "openai/clip-vit-large-patch14-336"
 
 
+class ScorerLoadError(OSError):
+    """The scorer named by id or path cannot be loaded (the `levels` command prints it as one line)."""
+
+
 @dataclass
 class Scorer:
     """A CLIP-like dual encoder plus its processor, placed on a device; `score` gives raw cosines."""
@@ -98,8 +102,15 @@ def load_scorer(scorer: Any = DEFAULT_SCORER, device: str | torch.device | None 
         from transformers import AutoModel, AutoProcessor
 
         name = str(scorer)
-        model = AutoModel.from_pretrained(name, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(name)
+        try:
+            model = AutoModel.from_pretrained(name, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(name)
+        except OSError as error:  # offline and not cached, a typo, no such folder
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ScorerLoadError(
+                f"cannot load the scorer {name!r} ({reason}). Pass --scorer a local CLIP or SigLIP folder, or a Hub "
+                "id that is cached or reachable; an offline example with a tiny CLIP is in docs/levels.md"
+            ) from None
     else:
         raise TypeError(f"scorer must be a model id/path, a (model, processor) pair or a Scorer, got {type(scorer)}")
     for method in ("get_image_features", "get_text_features"):
@@ -109,4 +120,4 @@ def load_scorer(scorer: Any = DEFAULT_SCORER, device: str | torch.device | None 
     return Scorer(model=model, processor=processor, name=name, device=device, dtype=dtype)
 
 
-__all__ = ["DEFAULT_SCORER", "Scorer", "load_scorer"]
+__all__ = ["DEFAULT_SCORER", "Scorer", "ScorerLoadError", "load_scorer"]

@@ -4,7 +4,7 @@
 Remote-code file (imported by modeling_aligngpt.py as `from .abstractor_aligngpt import ...`; torch only).
 Learned queries attend over [queries ; visual tokens] in L layers whose residual starts from the *normalised*
 queries, with a SwiGLU FFN that has a LayerNorm on its inner activation; a linear map to the LLM width and a learned
-end-of-image vector follow, so each image becomes `num_queries + 1` tokens (mPLUG-Owl v1, spec/mplug-owl.md §1.3).
+end-of-image vector follow, so each image becomes `num_queries + 1` tokens (mPLUG-Owl v1, paper §3.1).
 """
 
 import torch

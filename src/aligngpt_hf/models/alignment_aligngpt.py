@@ -45,13 +45,25 @@ class AlignGPTAlignment(nn.Module):
 
 
 def gate_text_mask(image_mask, align_mask, attention_mask, gate_mask) -> torch.Tensor:
-    """Text tokens the gate averages: not image, not `<align>`, not the BOS right before `<align>`, not padding."""
+    """Text tokens the gate averages: the row's text (not image, not `<align>`, not the BOS right before `<align>`,
+    not padding) within `gate_mask`; a row that `gate_mask` leaves without text falls back to all its text.
+
+    The fallback keeps the gate seeing text under fully supervised labels (`gate_mask = labels == -100` then holds
+    no text): all the text is what the original training averaged and what inference sees on the same tokens.
+    """
+    text_mask = _text_tokens(image_mask, align_mask, attention_mask)
+    if gate_mask is None:
+        return text_mask
+    gated = text_mask & gate_mask.bool()
+    return torch.where(gated.any(-1, keepdim=True), gated, text_mask)
+
+
+def _text_tokens(image_mask, align_mask, attention_mask) -> torch.Tensor:
+    """Every text token of each row: not image, not `<align>`, not the BOS right before `<align>`, not padding."""
     text_mask = ~(image_mask | align_mask)
     text_mask[:, :-1] &= ~align_mask[:, 1:]
     if attention_mask is not None and attention_mask.dim() == 2:  # compiled generation passes a 4-D mask
         text_mask &= attention_mask.bool()
-    if gate_mask is not None:
-        text_mask &= gate_mask.bool()
     return text_mask
 
 

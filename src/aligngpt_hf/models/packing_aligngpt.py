@@ -93,6 +93,9 @@ def packed_image_text_dots(word_embeds, text_mask, image_features, images_per_se
     """d[s, j] = <V_j, mean text embedding of sample s>, averaged over the images of sample s -> [S, K].
 
     The same arithmetic as the unpacked gate input, with samples instead of rows: no sample sees a neighbour's text.
+    A sample whose gate mask holds no text falls back to all its text, as an unpacked row does; that choice is made
+    per sample before packing (`AlignGPTPackingCollator`), because a packed row has no `attention_mask` that would
+    tell the last sample's text from the padding after it.
     """
     weights = text_mask.unsqueeze(-1).to(word_embeds.dtype)
     summed_text = segment_sum(word_embeds * weights, ids, num_segments)

@@ -3,7 +3,8 @@
 
 Remote-code file: it imports only transformers. It expands each `<image>` into `image_seq_length` placeholder tokens
 and inserts one `<align>` right after BOS in every sample that has an image, recording that insertion as a text
-replacement so TRL's assistant-only masks stay aligned (DESIGN §4).
+replacement so TRL's assistant-only masks stay aligned (an unrecorded insertion
+would shift every assistant span by the length of `<align>`).
 """
 
 import bisect

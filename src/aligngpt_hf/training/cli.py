@@ -126,7 +126,8 @@ def parse_recipe(stage: str, recipe: str, overrides: list[str] | None = None):
 def run_cli(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     script_args, training_args = parse_recipe(args._command, args.recipe, args.overrides)
-    train(args._command, script_args, training_args)
+    if train(args._command, script_args, training_args).args.should_save:  # the run's last line: where the model is
+        print(f"aligngpt-hf {args._command}: model saved to {os.path.abspath(training_args.output_dir)}", flush=True)
     return 0
 
 

@@ -153,7 +153,7 @@ class AlignGPTInstructConfig(_AlignGPTTrainingConfig):
         default=True,
         metadata={"help": "Train the multimodal projector in stage 2 (full fine-tuning: unfrozen; LoRA: saved in "
                   "`modules_to_save`). AlignGPT/LLaVA: True. mPLUG-Owl: its paper's abstract says True, its §3.2 "
-                  "and released code False (spec/mplug-owl.md §1.6)."},
+                  "and released code False."},
     )
     modality_batching: str = field(
         default="mixed",

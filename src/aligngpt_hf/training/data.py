@@ -23,7 +23,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 IMAGE_PLACEHOLDER = "<image>"
 LEVEL_COLUMN = "alignment_level"
 
-# Stage 1 ("plain", spec/aligngpt.md §4.3): BOS, one <image> per image of the user turns (their text is dropped), then
+# Stage 1 (LLaVA's "plain" template, as AlignGPT pre-trains): BOS, one <image> per image of the user turns (their text is dropped), then
 # each assistant text followed by "\n" inside {% generation %}: labels = caption + "\n", no EOS. The processor inserts
 # <align> after BOS and keeps the assistant mask right.
 PLAIN_CHAT_TEMPLATE = (

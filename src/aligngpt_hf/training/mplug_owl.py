@@ -1,4 +1,4 @@
-"""The mPLUG-Owl v1 recipe on AlignGPT's trainers (spec/mplug-owl.md §1.5-1.6, §5.4): model presets and LoRA settings.
+"""The mPLUG-Owl v1 recipe on AlignGPT's trainers (mPLUG-Owl paper §3.2): model presets and LoRA settings.
 
 Stage 1 (`mplug-owl-stage1`): vision tower + abstractor (+ level table) train, LLM frozen
 (`AlignGPTPretrainConfig(train_vision_tower=True, vision_lr_multiplier=...)`). Stage 2 (`mplug-owl-stage2`): LoRA

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from aligngpt_hf.models.alignment_aligngpt import gate_text_mask
 from aligngpt_hf.models.packing_aligngpt import PACKED_ATTENTION, keeps_samples_apart
 from aligngpt_hf.training.data import image_count, sample_token_lengths, undecoded
 from aligngpt_hf.training.sampler import ModalityLengthGroupedSampler
@@ -143,8 +144,7 @@ class AlignGPTPackingCollator:
             raise ValueError(f"The packing collator does not know how to pack the batch keys {unknown}; train "
                              "without `packing`/`padding_free`, or extend AlignGPTPackingCollator.")
         lengths = batch["attention_mask"].sum(-1).tolist()
-        if "gate_text_mask" not in batch:
-            batch["gate_text_mask"] = batch["attention_mask"].bool()
+        batch["gate_text_mask"] = self._gate_mask(batch)
         spans, start = [], 0
         for group in groups:
             spans.append(range(start, start + len(group)))
@@ -154,6 +154,18 @@ class AlignGPTPackingCollator:
         if self.one_row:
             spans = [range(0, start)]
         return self._stack([self._row(batch, lengths, span) for span in spans], batch)
+
+    def _gate_mask(self, batch: dict) -> torch.Tensor:
+        """The gate mask with the model's fallback (a sample whose mask leaves no text gets all its text) applied per
+        sample here, where each sample is still its own row: a packed row has no `attention_mask`, so the model
+        could no longer tell the last sample's text from the padding after it."""
+        attention = batch["attention_mask"].bool()
+        gate = batch.get("gate_text_mask")
+        if gate is None:
+            return attention
+        ids, processor = batch["input_ids"], self.collator.processor
+        text = gate_text_mask(ids == processor.image_token_id, ids == processor.alignment_token_id, attention, None)
+        return torch.where((text & gate.bool()).any(-1, keepdim=True), gate.bool(), attention)
 
     def _check_pack(self, lengths: list[int], samples: range) -> None:
         total = sum(lengths[sample] for sample in samples)

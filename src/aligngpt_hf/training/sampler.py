@@ -1,11 +1,11 @@
-"""LLaVA's `group_by_modality_length` sampler (spec/aligngpt.md §4.5), seeded so every rank draws the same order.
+"""LLaVA's `group_by_modality_length` sampler (as in LLaVA's training code), seeded so every rank draws the same order.
 
 Image and text-only samples are shuffled separately, cut into megabatches of `world_size x grad_accum x batch`
 samples, each sorted by length (longest first) and split into per-device batches balanced by total length; full
 megabatches of both modalities are shuffled together and the two leftovers form one mixed megabatch at the end.
 Net effect: almost every step is single-modality (cheap: text-only steps skip the vision tower).
 
-`SeparateModalitySampler` is mPLUG-Owl's joint instruction tuning (spec/mplug-owl.md §1.6, §5.5): micro-batches
+`SeparateModalitySampler` is mPLUG-Owl's joint instruction tuning (its paper, §3.2): micro-batches
 alternate one text-only batch and one multimodal batch, so every optimizer step sees them at 1:1 whenever
 processes x gradient-accumulation steps is even.
 """

@@ -1,4 +1,5 @@
-"""AlignGPT's two training stages as TRL `SFTTrainer` subclasses (spec/aligngpt.md §2.3, §3.3, §4).
+"""AlignGPT's two training stages as TRL `SFTTrainer` subclasses: stage 1 trains the projector and the level table on
+captions, stage 2 everything but the vision tower on instructions (the gate learning from the prompt).
 
 Only documented hooks are overridden: the data collator (rendering, labels, levels, gate mask, length safety),
 `create_optimizer` (separate projector / vision-tower learning rates), `_get_train_sampler` (`group_by_modality_length`,
