@@ -117,5 +117,5 @@ def test_no_command_prints_the_table_and_exits_2(capsys):
 
 def test_a_parsed_command_runs_through_the_library(tmp_path, capsys):
     """The front end hands a parsed command to `aligngpt_hf.cli.run` (here: a usage error the library reports)."""
-    with pytest.raises(FileNotFoundError, match="No recipe 'no-such-recipe'"):
-        aligngpt_hf_cli.main(["pretrain", "no-such-recipe", "--output_dir", str(tmp_path)])
+    assert aligngpt_hf_cli.main(["pretrain", "no-such-recipe", "--output_dir", str(tmp_path)]) == 1
+    assert "aligngpt-hf pretrain: error: No recipe 'no-such-recipe'" in capsys.readouterr().err
