@@ -51,9 +51,7 @@ def disk_error(error: OSError, path: str | os.PathLike, action: str = "write") -
     reason = os.strerror(error.errno) if error.errno else str(error)
     fix = ("free space on that disk or write elsewhere" if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
            else "make it writable or choose another folder")
-    named = type(error)(f"cannot {action} {path}: {reason}; {fix}")
-    named.errno, named.filename = error.errno, str(path)
-    return named
+    return type(error)(f"cannot {action} {path}: {reason}; {fix}")
 
 
 @contextlib.contextmanager

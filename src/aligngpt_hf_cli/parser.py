@@ -34,4 +34,8 @@ def parse(argv: list[str]) -> argparse.Namespace | None:
     if args.command is None:
         parser.print_help()
         return None
+    overrides = getattr(args, "overrides", None)
+    if overrides and "--debug" in overrides:  # the training commands pass what follows the recipe on as fields
+        overrides.remove("--debug")
+        args.debug = True
     return args

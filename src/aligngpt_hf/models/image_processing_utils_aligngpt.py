@@ -112,7 +112,7 @@ def load_image(image, where: str = "image", image_folder=None, allow_outside: bo
 
 def _why(error: Exception) -> str:
     if isinstance(error, PIL.Image.DecompressionBombError):
-        return f"{error} It is larger than PIL's limit for untrusted files; shrink it, or raise " \
+        return f"{type(error).__name__}: {error} It is larger than PIL's limit for untrusted files; shrink it, or raise " \
                "`PIL.Image.MAX_IMAGE_PIXELS` if you trust it"
     if "truncated" in str(error):
         return f"{type(error).__name__}: {error}; the file is cut short"

@@ -117,13 +117,13 @@ def check_resumable(checkpoint, args, stage: str) -> None:
     config = _read_json(folder / "config.json")
     saved_stage = config.get("aligngpt_stage")
     if saved_stage in ("pretrain", "instruct") and saved_stage != stage:
-        names = {"pretrain": "stage 1 (`pretrain`)", "instruct": "stage 2 (`instruct`)"}
+        names = {"pretrain": "stage 1 (`pretrain`", "instruct": "stage 2 (`instruct`"}
         fix = ("start stage 2 FROM the stage-1 output (`model_name_or_path` = its output folder) in a new output_dir, "
                "without resume_from_checkpoint" if stage == "instruct"
                else "resume it with `aligngpt-hf instruct` (AlignGPTInstructTrainer), or use another output_dir")
         raise ValueError(
-            f"{folder} is a checkpoint of {names[saved_stage]} (its config.json says aligngpt_stage="
-            f"{saved_stage!r}), but this is {names[stage]}: a stage resumes only its own checkpoints. To go on, {fix}."
+            f"{folder} is a checkpoint of {names[saved_stage]}, its config.json says aligngpt_stage="
+            f"{saved_stage!r}), but this is {names[stage]}): a stage resumes only its own checkpoints. To go on, {fix}."
         )
     state = _read_json(folder / "trainer_state.json")
     step, epoch = int(state.get("global_step", 0)), float(state.get("epoch") or 0.0)
