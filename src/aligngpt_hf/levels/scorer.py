@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aligngpt_hf.paths import check_local_or_hub
+
 DEFAULT_SCORER = "openai/clip-vit-large-patch14-336"
 
 
@@ -97,9 +99,16 @@ def load_scorer(scorer: Any = DEFAULT_SCORER, device: str | torch.device | None 
     elif isinstance(scorer, (str, os.PathLike)):
         from transformers import AutoModel, AutoProcessor
 
-        name = str(scorer)
-        model = AutoModel.from_pretrained(name, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(name)
+        name = check_local_or_hub(scorer, "scorer")
+        try:
+            model = AutoModel.from_pretrained(name, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(name)
+        except OSError as error:  # not downloaded yet and offline, or no such repo
+            raise OSError(
+                f"cannot load the scorer {name!r} (--scorer): {' '.join(str(error).split())[:300]} Download it "
+                "once with network access, or pass --scorer a local CLIP or SigLIP folder (one saved with "
+                "`save_pretrained`)."
+            ) from None
     else:
         raise TypeError(f"scorer must be a model id/path, a (model, processor) pair or a Scorer, got {type(scorer)}")
     for method in ("get_image_features", "get_text_features"):
