@@ -1,5 +1,5 @@
 """Released original-layout AlignGPT checkpoints -> this layout (`convert`), with the key mapping and the
 original-config translation (`mapping`), and the stage-1 artefact loader the trainers use.
 
-May import `aligngpt_hf.models` only.
+May import `aligngpt_hf.models` and `aligngpt_hf.paths` (atomic output folder, writability) only.
 """
