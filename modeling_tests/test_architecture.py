@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "aligngpt_hf"
 REMOTE_CODE_ALLOWED = {"torch", "transformers"} | set(sys.stdlib_module_names)
-# capability -> the other parts of the package it may import (models is allowed everywhere outside models/)
+# capability -> the other parts of the package it may import (models and paths are allowed everywhere outside models/)
 CAPABILITY_IMPORTS = {
     "training": {"models", "tiny", "conversion"},  # conversion: load_stage1_artefact / is_stage1_artefact only
     "levels": {"models", "tiny"},
@@ -48,7 +48,7 @@ def test_remote_code_files_import_only_torch_transformers_stdlib_and_their_folde
 
 @pytest.mark.parametrize("capability", sorted(CAPABILITY_IMPORTS))
 def test_capability_imports_flow_one_way(capability):
-    allowed = CAPABILITY_IMPORTS[capability] | {capability}
+    allowed = CAPABILITY_IMPORTS[capability] | {capability, "paths"}
     offenders = []
     for path in sorted((PACKAGE / capability).glob("*.py")):
         for level, module in _imports(path):
@@ -71,7 +71,13 @@ def test_every_capability_folder_documents_what_it_owns():
 
 def test_package_root_holds_only_the_entry_points():
     top_level = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert top_level == ["__init__.py", "cli.py", "tiny.py"], top_level
+    assert top_level == ["__init__.py", "cli.py", "paths.py", "tiny.py"], top_level
+
+
+def test_paths_helper_imports_only_the_standard_library():
+    """`paths.py` (atomic writes, writability) is shared by every capability, so it depends on none of them."""
+    modules = [module for _, module in _imports(PACKAGE / "paths.py")]
+    assert all(module.split(".")[0] in sys.stdlib_module_names | {"__future__"} for module in modules), modules
 
 
 def test_files_and_functions_stay_small():

@@ -117,5 +117,77 @@ def test_no_command_prints_the_table_and_exits_2(capsys):
 
 def test_a_parsed_command_runs_through_the_library(tmp_path, capsys):
     """The front end hands a parsed command to `aligngpt_hf.cli.run` (here: a usage error the library reports)."""
+    assert aligngpt_hf_cli.main(["pretrain", "no-such-recipe", "--output_dir", str(tmp_path)]) == 1
+    assert "aligngpt-hf pretrain: error: No recipe 'no-such-recipe'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def _run_cli(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["pretrain", "no-such-recipe"], "aligngpt-hf pretrain: error: No recipe 'no-such-recipe'"),
+    (["instruct", "no-such-recipe"], "aligngpt-hf instruct: error: No recipe 'no-such-recipe'"),
+    (["levels", "{tmp}/missing.json", "{tmp}/out.json", "--image-folder", "{tmp}"],
+     "aligngpt-hf levels: error: input {tmp}/missing.json does not exist"),
+    (["answer", "{tmp}/runs/model", "--questions", "{tmp}/q.jsonl", "--image-folder", "{tmp}", "--answers",
+      "{tmp}/a.jsonl"], "aligngpt-hf answer: error: the MODEL folder {tmp}/runs/model does not exist"),
+    (["answer", "./runs/model", "--questions", "{tmp}/q.jsonl", "--image-folder", "{tmp}", "--answers",
+      "{tmp}/a.jsonl"], "aligngpt-hf answer: error: the MODEL folder ./runs/model does not exist"),
+    (["push", "{tmp}/runs/model", "me/model", "--dry-run"],
+     "aligngpt-hf push: error: the model folder {tmp}/runs/model does not exist"),
+    (["convert", "./no/such/folder", "{tmp}/out"],
+     "aligngpt-hf convert: error: the checkpoint folder ./no/such/folder does not exist"),
+    (["inspect", "{tmp}/model", "--image", "x.png", "--prompt", "hi", "--out", "{tmp}/p.png"],
+     "aligngpt-hf inspect: error: the MODEL folder {tmp}/model does not exist"),
+])
+def test_expected_errors_are_one_line_naming_the_path_without_traceback(argv, expected, tmp_path, capsys):
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "image": "x.png", "text": "hi"}\n')
+    code, err = _run_cli([arg.format(tmp=tmp_path) for arg in argv], capsys)
+    assert code == 1
+    assert err.startswith(expected.format(tmp=tmp_path)), err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback_of_an_expected_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No recipe 'no-such-recipe'"):
-        aligngpt_hf_cli.main(["pretrain", "no-such-recipe", "--output_dir", str(tmp_path)])
+        cli.main(["pretrain", "no-such-recipe", "--output_dir", str(tmp_path), "--debug"])
+
+
+def test_unwritable_output_folder_is_named_before_any_work(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "pairs.json").write_text("[]")
+    code, err = _run_cli(["levels", str(tmp_path / "pairs.json"), str(tmp_path / "a-file" / "out.json"),
+                          "--image-folder", str(tmp_path), "--no-plot"], capsys)
+    assert code == 1 and err == (f"aligngpt-hf levels: error: the output folder {tmp_path / 'a-file'} is inside "
+                                 f"{tmp_path / 'a-file'}, which is a file; choose another folder")
+
+
+def test_a_real_bug_keeps_its_traceback(monkeypatch):
+    module = type(sys)("broken_subcommand")
+    module.run_cli = lambda args: {}["missing"]
+    monkeypatch.setitem(sys.modules, "broken_subcommand", module)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "demo", "broken_subcommand")
+    with pytest.raises(KeyError):
+        cli.run(argparse.Namespace(command="demo", debug=False))
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return ({node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names})
+
+
+def test_dispatcher_and_front_end_import_each_other_one_way_only():
+    """The console script's front end hands over to the dispatcher; the dispatcher uses only the front end's parser,
+    which never reaches back (no import circle)."""
+    assert _imported_modules(Path(cli.__file__)) & {"aligngpt_hf_cli", "aligngpt_hf_cli.parser"} == {
+        "aligngpt_hf_cli.parser"}
+    for name in ("parser.py", "options.py"):
+        assert not {m for m in _imported_modules(FRONT_END / name) if m.startswith("aligngpt_hf")} - {
+            "aligngpt_hf_cli.options"}, name

@@ -67,3 +67,34 @@ def test_pickle_payload_is_refused_names_the_file_and_never_runs(source, tmp_pat
     assert not marker.exists()
     assert cli_main(["convert", str(source), str(tmp_path / "out2"), "--no-progress"]) != 0
     assert "weights_only=False" not in capsys.readouterr().err and not marker.exists()
+
+
+def test_random_bytes_bin_is_not_a_torch_checkpoint(source, tmp_path, capsys):
+    import random
+
+    noise = random.Random(0).randbytes(4096)
+    assert noise[:1] not in (b"\x80", b"P")
+    (source / "pytorch_model.bin").write_bytes(noise)
+    with pytest.raises(ConversionError, match=rf"^{source / 'pytorch_model.bin'} is not a torch checkpoint: it is "
+                                              r"neither a zip archive nor a pickle \(it starts with bytes [0-9a-f]{4}\)\."
+                                              r" Re-download or re-copy it, or remove it from the folder\.$"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+    assert cli_main(["convert", str(source), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert capsys.readouterr().err.startswith(f"aligngpt-hf convert: error: {source / 'pytorch_model.bin'} is not a "
+                                              "torch checkpoint")
+
+
+def test_interrupted_conversion_leaves_no_half_output_and_the_rerun_needs_no_overwrite(source, tmp_path,
+                                                                                        monkeypatch):
+    from aligngpt_hf.conversion import convert
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "_write_side_files", killed)  # weights written, config not yet
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    monkeypatch.undo()
+    result = convert_checkpoint(source, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "config.json").is_file() and "model.safetensors" in result.files

@@ -369,7 +369,8 @@ def test_unknown_key_is_refused_with_its_name(tmp_path):
     source2 = rewritten_checkpoint(tmp_path / "b", lambda s: s.update({"mystery.weight": torch.zeros(1)}))
     with pytest.raises(ConversionError, match=r"Unknown key.*\n  mystery\.weight"):
         convert_checkpoint(source2, tmp_path / "out2", progress=False)
-    assert not any((tmp_path / "out2").iterdir())  # nothing written before the mapping is proven complete
+    # nothing written before the mapping is proven complete, and no temporary folder left behind
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
 
 
 def test_missing_key_is_refused_with_its_name(tmp_path):

@@ -49,3 +49,22 @@ def test_pickle_weights_at_push_are_refused_without_torch_advice(folder, tmp_pat
     assert message.startswith(f"{folder}: the pickle weights (pytorch_model.bin) were refused: they hold more than "
                               "tensors, and unpickling them could run arbitrary code.")
     assert "weights_only=False" not in message and not marker.exists()
+
+
+def test_interrupted_dry_run_leaves_no_half_folder_and_the_rerun_works(folder, tmp_path, monkeypatch):
+    from aligngpt_hf.hub import push
+
+    out = tmp_path / "me-model-publish"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(push, "complete_auto_maps", killed)  # weights and processor written, auto_map not yet
+    with pytest.raises(KeyboardInterrupt):
+        push.push_to_hub(folder, "me/model", dry_run=True, output_dir=out)
+    assert not out.exists() and not list(tmp_path.glob(".me-model-publish*"))
+    (tmp_path / ".me-model-publish.aligngpt-tmp-k1ll3d").mkdir()  # what a kill -9 would leave behind
+    (tmp_path / ".me-model-publish.aligngpt-tmp-k1ll3d" / "model.safetensors").write_bytes(b"half")
+    monkeypatch.undo()
+    result = push.push_to_hub(folder, "me/model", dry_run=True, output_dir=out)
+    assert "config.json" in result.files and not list(tmp_path.glob(".me-model-publish*"))

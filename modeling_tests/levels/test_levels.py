@@ -144,16 +144,16 @@ def test_assign_levels_rejects_bad_arguments(args, message):
         assign_levels(*args)
 
 
-def test_cli_names_scorer_in_one_line_when_the_scorer_cannot_be_loaded(tmp_path):
+def test_cli_names_scorer_in_one_line_when_the_scorer_cannot_be_loaded(tmp_path, capsys):
     """Offline (the test suite runs with HF_HUB_OFFLINE=1) with an uncached Hub id: one line, naming the fix."""
     from aligngpt_hf.cli import main
 
     source = _save_json(_write_pairs(tmp_path, 2), tmp_path / "pairs.json")
-    with pytest.raises(SystemExit) as caught:
-        main(["levels", str(source), str(tmp_path / "out.json"), "--image-folder", str(tmp_path / "images"),
-              "--scorer", "nobody/no-such-clip", "--num-levels", "2", "--device", "cpu"])
-    message = str(caught.value)
-    assert message.startswith("aligngpt-hf levels: cannot load the scorer 'nobody/no-such-clip' (") and "\n" not in message
+    assert main(["levels", str(source), str(tmp_path / "out.json"), "--image-folder", str(tmp_path / "images"),
+                 "--scorer", "nobody/no-such-clip", "--num-levels", "2", "--device", "cpu"]) == 1
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("aligngpt-hf levels: error: cannot load the scorer 'nobody/no-such-clip' (")
+    assert "\n" not in message
     assert "Pass --scorer a local CLIP or SigLIP folder" in message and "docs/levels.md" in message
 
 

@@ -272,11 +272,22 @@ def test_training_cli_flag_allows_paths_outside_the_image_folder(folder):
     assert load_training_data("pretrain", allowed)[0]["images"][0].getpixel((0, 0)) == (30, 30, 200)
 
 
-def test_symlinked_folder_inside_the_image_folder_is_followed(folder):
+def test_symlink_inside_the_image_folder_pointing_outside_is_refused_unless_allowed(folder):
+    """The check is on real paths: a link inside the folder that leads out of it is an outside path too."""
     (folder / "shared").mkdir()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "shared" / "s.png")
-    (folder / "images" / "coco").symlink_to(folder / "shared", target_is_directory=True)  # the user's own layout
-    dataset = load_llava_json(write(folder, [record(image="coco/s.png")]), folder / "images")
+    (folder / "images" / "coco").symlink_to(folder / "shared", target_is_directory=True)
+    (folder / "images" / "inside").mkdir()
+    Image.new("RGB", (8, 8), (4, 5, 6)).save(folder / "images" / "inside" / "i.png")
+    (folder / "images" / "link.png").symlink_to(folder / "images" / "inside" / "i.png")  # stays inside: fine
+    assert load_llava_json(write(folder, [record(image="link.png")]), folder / "images")[0]["images"][0].getpixel(
+        (0, 0)) == (4, 5, 6)
+    with pytest.raises(ValueError, match=r"record 'r1' \(#0\) `image`: image path 'coco/s\.png' resolves to .*images/"
+                                         r"coco/s\.png \(through a symlink, to .*shared/s\.png\), outside the image "
+                                         r"folder .*allow_outside_image_folder=True"):
+        load_llava_json(write(folder, [record(image="coco/s.png")]), folder / "images")
+    dataset = load_llava_json(write(folder, [record(image="coco/s.png")]), folder / "images",
+                              allow_outside_image_folder=True)
     assert dataset[0]["images"][0].getpixel((0, 0)) == (1, 2, 3)
     with pytest.raises(ValueError, match=r"outside the image folder"):
         load_llava_json(write(folder, [record(image="coco/../../shared/s.png")]), folder / "images")

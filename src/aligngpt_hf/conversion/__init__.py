@@ -2,5 +2,5 @@
 original-config translation (`mapping`), and the stage-1 artefact loader the trainers use; transformers LLaVA
 checkpoints -> an AlignGPT folder (`from_llava`).
 
-May import `aligngpt_hf.models` only.
+May import `aligngpt_hf.models` and `aligngpt_hf.paths` (atomic output folder, writability) only.
 """

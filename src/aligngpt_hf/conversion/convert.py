@@ -36,7 +36,6 @@ import argparse
 import json
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +57,7 @@ from aligngpt_hf.conversion.mapping import (
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTForConditionalGeneration
 from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
+from aligngpt_hf.paths import atomic_path, check_local_or_hub, check_writable
 
 STAGE_FILE = "aligngpt_stage.json"
 STAGE1_WEIGHTS = "stage1.safetensors"
@@ -107,15 +107,30 @@ def convert_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConversionResult:
-    """Convert an original AlignGPT checkpoint (folder or Hub id) into OUTPUT; see the module docstring."""
+    """Convert an original AlignGPT checkpoint (folder or Hub id) into OUTPUT; see the module docstring.
+
+    OUTPUT is built in a temporary folder next to it and renamed into place when complete, so a failed or killed
+    conversion never leaves a half-written OUTPUT (and a rerun removes its leftovers)."""
     source_dir = resolve_folder(source, SOURCE_PATTERNS, "checkpoint")
     output = _prepare_output(Path(output), overwrite)
+    with atomic_path(output, directory=True) as staging:
+        result = _convert_into(source, source_dir, staging, vision_tower, tokenizer, kind, dtype, max_shard_size,
+                               progress)
+    result.output = output
+    if push_to_hub:
+        result.notes.append(f"Pushed to https://huggingface.co/{push_folder(output, push_to_hub, private=private)}")
+    return result
+
+
+def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenizer, kind, dtype, max_shard_size,
+                  progress) -> ConversionResult:
+    """Everything `convert_checkpoint` writes, into the (staging) folder `output`."""
     orig = _read_original_config(source_dir)
     from aligngpt_hf.conversion.family import convert_family, is_family_config  # it builds on this module
 
     if is_family_config(orig):  # AlignGPT_family: other LLM classes, n_indicators, SigLIP towers
-        return convert_family(source_dir, output, orig, source, vision_tower, tokenizer, push_to_hub, kind=kind,
-                              dtype=dtype, max_shard_size=max_shard_size, private=private, progress=progress)
+        return convert_family(source_dir, output, orig, source, vision_tower, tokenizer, kind=kind, dtype=dtype,
+                              max_shard_size=max_shard_size, progress=progress)
     files = WeightFiles(weight_files_in(source_dir))
     shapes = files.shapes()
     detected = detect_kind(shapes)
@@ -139,8 +154,6 @@ def convert_checkpoint(
             "`--tokenizer lmsys/vicuna-7b-v1.5` (or a local folder), or save an AlignGPTProcessor into OUTPUT; "
             f"`<image>` must be id {config.image_token_id} and `<align>` id {config.alignment_token_id}."
         )
-    if push_to_hub:
-        result.notes.append(f"Pushed to https://huggingface.co/{push_folder(output, push_to_hub, private=private)}")
     return result
 
 
@@ -215,6 +228,7 @@ def resolve_folder(name: str | Path, allow_patterns: list[str], what: str) -> Pa
         return path
     if path.exists():
         raise ConversionError(f"The {what} must be a folder or a Hub repo id, got the file {path}.")
+    check_local_or_hub(name, what)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)):
         raise ConversionError(f"The {what} {name!r} is neither an existing folder nor a Hub repo id (owner/name).")
     from huggingface_hub import snapshot_download
@@ -223,11 +237,12 @@ def resolve_folder(name: str | Path, allow_patterns: list[str], what: str) -> Pa
 
 
 def _prepare_output(output: Path, overwrite: bool) -> Path:
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise ConversionError(f"OUTPUT {output} exists and is not empty; pass --overwrite or another folder.")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+    """Refuse a non-empty OUTPUT without `overwrite` and an unwritable one, before any work (it is replaced whole)."""
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"OUTPUT {output} is a file; give a folder.")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ConversionError(f"OUTPUT {output} exists and is not empty; pass --overwrite or another folder.")
+    check_writable(output.parent, "OUTPUT's parent folder")
     return output
 
 
@@ -416,15 +431,11 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    try:
-        result = convert_checkpoint(
-            args.source, args.output, vision_tower=args.vision_tower, tokenizer=args.tokenizer,
-            push_to_hub=args.push_to_hub, kind=args.kind, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            private=args.private, overwrite=args.overwrite, progress=not args.no_progress,
-        )
-    except ConversionError as error:
-        print(f"aligngpt-hf convert: error: {error}", file=sys.stderr)
-        return 1
+    result = convert_checkpoint(
+        args.source, args.output, vision_tower=args.vision_tower, tokenizer=args.tokenizer,
+        push_to_hub=args.push_to_hub, kind=args.kind, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        private=args.private, overwrite=args.overwrite, progress=not args.no_progress,
+    )
     print(f"Converted a {result.kind} checkpoint into {result.output}: {', '.join(result.files)}")
     if result.dropped:
         reasons = sorted(set(result.dropped.values()))

@@ -169,9 +169,10 @@ def resolve_family_vision(orig: dict, source_dir: Path, override, need_weights: 
     return vision_config, folder, settings
 
 
-def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_tower=None, tokenizer=None,
-                   push_to_hub=None, *, kind=None, dtype=None, max_shard_size="5GB", private=False, progress=True):
-    """`convert_checkpoint` for a family checkpoint (called by it once config.json says so)."""
+def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_tower=None, tokenizer=None, *,
+                   kind=None, dtype=None, max_shard_size="5GB", progress=True):
+    """`convert_checkpoint` for a family checkpoint (called by it once config.json says so), into the staging
+    folder `output`; pushing happens in `convert_checkpoint`."""
     refuse_s2(orig, source_dir / "config.json")
     if tokenizer is not None:
         raise ConversionError(
@@ -200,9 +201,6 @@ def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_to
         "formats are not in AlignGPTProcessor yet. Build one with the language model's tokenizer, `<image>` = id "
         f"{config.image_token_id} and `<align>` = id {config.alignment_token_id}."
     )
-    if push_to_hub:
-        pushed = base.push_folder(output, push_to_hub, private=private)
-        result.notes.append(f"Pushed to https://huggingface.co/{pushed}")
     return result
 
 

@@ -279,10 +279,16 @@ class WeightFiles:
 
 class _PickleFile:
     def __init__(self, path: Path):
+        is_zip = zipfile.is_zipfile(path)
+        if not is_zip:
+            _check_pickle_header(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except pickle.UnpicklingError as error:
             raise ConversionError(refused_pickle_message(path, error)) from None
+        except (IndexError, KeyError, ValueError, TypeError) as error:  # the unpickler's own parse failures
+            raise ConversionError(f"{path} is not a torch checkpoint (it cannot be parsed: {type(error).__name__}: "
+                                  f"{error}); re-download or re-copy it.") from None
         except (RuntimeError, EOFError, OSError) as error:
             raise ConversionError(
                 f"{path} is truncated or corrupt ({str(error).splitlines()[0][:120]}); re-download or re-copy it."
@@ -302,6 +308,19 @@ class _PickleFile:
 
     def tensor(self, key):
         return self.state[key]
+
+
+def _check_pickle_header(path: Path) -> None:
+    """A `.bin` that is neither a zip archive (torch >= 1.6) nor a pickle (legacy torch: protocol 2+, first byte
+    0x80) is not a torch checkpoint at all: say so, instead of blaming a pickle payload."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return  # a zip cut short, or a pickle: torch.load names what is wrong with it
+    raise ConversionError(
+        f"{path} is not a torch checkpoint: it is neither a zip archive nor a pickle (it starts with bytes "
+        f"{head.hex() or 'nothing: the file is empty'}). Re-download or re-copy it, or remove it from the folder."
+    )
 
 
 def refused_pickle_message(path: Path, error: Exception) -> str:

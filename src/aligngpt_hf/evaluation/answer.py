@@ -22,6 +22,7 @@ from pathlib import Path
 
 from aligngpt_hf.models.image_processing_utils_aligngpt import load_image as open_rgb
 from aligngpt_hf.models.image_processing_utils_aligngpt import resolve_image_path
+from aligngpt_hf.paths import check_local_or_hub, check_writable
 
 ANSWER_ID_NAMESPACE = uuid.UUID("6f7a2b1e-4c1d-5e0a-9b2f-a11c9e7d0001")
 
@@ -234,6 +235,7 @@ def answer_questions(
     done = answered_ids(answers_file) if resume else set()
     todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
     report.resumed = len(questions) - len(todo)
+    check_writable(Path(answers_file).parent, "answers folder")
     Path(answers_file).parent.mkdir(parents=True, exist_ok=True)
     decoding = generation_kwargs(**gen_kwargs)
     with (
@@ -292,8 +294,10 @@ def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto"
 
 def run_cli(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
-        raise SystemExit("--batch-size must be >= 1.")
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
     questions = get_chunk(read_questions(args.questions), args.num_chunks, args.chunk_idx)
+    check_local_or_hub(args.model, "MODEL")
+    check_writable(Path(args.answers).parent, "folder of --answers")
     model, processor = load_for_answering(args.model, args.alignment_mode, args.dtype, args.device)
     if args.image_aspect_ratio:
         processor.image_processor.do_pad = args.image_aspect_ratio == "pad"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from aligngpt_hf.paths import atomic_path, atomic_write_text, check_local_or_hub, check_writable
+
 PLOT_EXTRA_HINT = 'Plotting needs matplotlib: pip install matplotlib (or pip install -e ".[plot]" in the aligngpt-hf clone)'
 
 
@@ -116,8 +118,8 @@ def plot_alignment_weights(
         fontsize=10,
     )
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=110, format="png")
+    with atomic_path(out_path) as temp:
+        figure.savefig(temp, dpi=110, format="png")
     return out_path
 
 
@@ -136,7 +138,11 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         import matplotlib  # noqa: F401  (fail before loading a 7B model, not after)
     except ImportError as error:
-        raise SystemExit(PLOT_EXTRA_HINT) from error
+        raise ImportError(PLOT_EXTRA_HINT) from error
+    check_local_or_hub(args.model, "MODEL")
+    for path in (args.out, args.json):
+        if path:
+            check_writable(Path(path).parent, "folder of " + str(path))
     model, processor = load_model_and_processor(args.model, args.dtype, args.device, args.revision)
     weights = alignment_weights_for_prompts(model, processor, args.image, args.prompt)
     print(format_weights_table(weights, args.prompt))
@@ -144,7 +150,7 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"Plot written to {path}")
     if args.json:
         record = {"model": args.model, "image": str(args.image), "prompts": args.prompt, "weights": weights.tolist()}
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
     return 0
 
 

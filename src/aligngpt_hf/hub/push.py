@@ -24,6 +24,7 @@ from aligngpt_hf.hub.model_card import (
     base_models_from_config,
     render_model_card,
 )
+from aligngpt_hf.paths import TEMP_MARKER, atomic_path, check_writable
 
 GENERATION_CLASS = "modeling_aligngpt.AlignGPTForConditionalGeneration"
 TOKENIZER_SHIM_FILE = "tokenization_aligngpt.py"
@@ -100,6 +101,9 @@ def load_for_publishing(folder: str | Path):
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the model folder {folder} does not exist; pass the folder written by "
+                                "save_pretrained, a training run or convert.")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; pass a folder written by save_pretrained or convert.")
     if not (folder / "processor_config.json").is_file():
@@ -249,24 +253,24 @@ def check_publish_folder(folder: str | Path) -> list[str]:
     return files
 
 
-def _prepare_output_dir(output_dir: Path, source: Path) -> None:
-    """Create `output_dir`, or empty a previous publish folder; never touch anything that is not a published file."""
+def _check_output_dir(output_dir: Path, source: Path) -> None:
+    """`output_dir` may be new or a previous publish folder (it is replaced whole); refuse anything else, and an
+    unwritable place, before the model is loaded. Temporary files of an interrupted run of ours do not count."""
     if output_dir.resolve() == source.resolve():
         raise ValueError(f"The publish folder must differ from the source folder {source}.")
-    if not output_dir.exists():
-        output_dir.mkdir(parents=True)
-        return
-    entries = list(output_dir.iterdir())
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} is a file; choose another `--out` folder.")
+    entries = list(output_dir.iterdir()) if output_dir.is_dir() else []
     foreign = [
-        p.name for p in entries if p.is_dir() or not any(fnmatch.fnmatch(p.name, pat) for pat in PUBLISHED_PATTERNS)
+        p.name for p in entries if TEMP_MARKER not in p.name
+        and (p.is_dir() or not any(fnmatch.fnmatch(p.name, pat) for pat in PUBLISHED_PATTERNS))
     ]
     if foreign:
         raise FileExistsError(
             f"{output_dir} already holds files that are not part of a publish folder "
             f"({', '.join(sorted(foreign)[:5])}); choose another `--out` folder."
         )
-    for path in entries:
-        path.unlink()
+    check_writable(output_dir.parent, "publish folder's parent")
 
 
 def prepare_publish_folder(
@@ -282,9 +286,18 @@ def prepare_publish_folder(
 ) -> list[str]:
     """Write the publish-ready repository content of `folder` into `output_dir`; returns the file names."""
     output_dir = Path(output_dir)
+    _check_output_dir(output_dir, Path(folder))
     model, processor = load_for_publishing(folder)
     ensure_generation_config(model, processor.tokenizer)
-    _prepare_output_dir(output_dir, Path(folder))
+    with atomic_path(output_dir, directory=True) as staging:  # a killed run leaves no half folder
+        _write_publish_files(staging, model, processor, repo_id, max_shard_size, base_models, datasets, license,
+                             auto_model)
+        check_publish_folder(staging)
+    return check_publish_folder(output_dir)
+
+
+def _write_publish_files(output_dir: Path, model, processor, repo_id, max_shard_size, base_models, datasets, license,
+                         auto_model) -> None:
     model.save_pretrained(output_dir, max_shard_size=max_shard_size)
     processor.save_pretrained(output_dir)
     complete_auto_maps(output_dir, auto_model)
@@ -297,7 +310,6 @@ def prepare_publish_folder(
         num_parameters=model.num_parameters(),
     )
     (output_dir / "README.md").write_text(card, encoding="utf-8")
-    return check_publish_folder(output_dir)
 
 
 def upload_publish_folder(

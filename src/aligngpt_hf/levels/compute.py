@@ -19,8 +19,9 @@ process with index 0 (or a later run without shard options) merges the cached ch
     accelerate launch --num_processes 8 -m aligngpt_hf.cli levels blip_laion_cc_sbu_558k.json levels_8.json \
         --image-folder images/ --batch-size 256 --num-workers 8
 
-The cache key covers the input rows, the image folder path, the scorer and the chunk size, not the image
-bytes: after replacing image files, delete the cache folder (`.<output stem>.levels-cache/` by default).
+The cache key covers the input rows, the image folder path, the scorer and the chunk size, and each chunk's file
+name also carries the size and modification time of every image file in it: a chunk whose images changed under the
+same names is scored again (its stale file is deleted). The cache folder is `.<output stem>.levels-cache/` by default.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ import numpy as np
 import torch
 
 from aligngpt_hf.levels.binning import BINNINGS, DEFAULT_TIE_TOLERANCE, assign_levels  # noqa: F401 (public here)
-from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, ScorerLoadError, load_scorer
-from aligngpt_hf.models.image_processing_utils_aligngpt import resolve_image_path, to_rgb
+from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, load_scorer
+from aligngpt_hf.models.image_processing_utils_aligngpt import resolve_image_path, to_rgb, upright
+from aligngpt_hf.paths import atomic_path, atomic_write_text, check_writable
 
 SKIP_HINT = "pass --skip-bad (skip_bad=True) to skip such records; they are counted and listed in the report"
 _CACHE_VERSION = "levels-v1"
@@ -105,10 +107,10 @@ def _open_image(value, image_folder: str | None, allow_outside: bool = False):
         raise ValueError(f"image file not found: {value}")
     try:
         if isinstance(value, Image.Image):
-            return to_rgb(value, "image"), value.mode
+            return to_rgb(upright(value), "image"), value.mode
         with Image.open(io.BytesIO(value) if isinstance(value, bytes) else value) as image:
             image.load()
-            return to_rgb(image, "image"), image.mode
+            return to_rgb(upright(image), "image"), image.mode
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"corrupt or unreadable image ({type(error).__name__}: {error})") from None
 
@@ -190,6 +192,36 @@ def _score_chunk(source, rows: range, fn, batch_size: int, features, cache_file:
     )
 
 
+def _files_signature(source, rows: range, image_column: str, image_folder: str | None) -> str:
+    """A short hash of the size and modification time of every image file of `rows`: replacing a file under the
+    same name changes it, so the chunk's cached scores are not reused. Embedded image bytes are covered by the
+    dataset fingerprint instead."""
+    digest = hashlib.sha256()
+    for value in source[rows.start:rows.stop][image_column]:
+        if isinstance(value, dict):
+            value = None if value.get("bytes") else value.get("path")
+        if isinstance(value, str):
+            path = os.path.join(image_folder, value) if image_folder else value
+            try:
+                stat = os.stat(path)
+                value = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+            except OSError:
+                value = f"{path}:missing"
+        digest.update(f"{value}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _chunk_cache_file(cache_dir: Path, base: str, chunk: int, num_chunks: int, files: str) -> str:
+    """The chunk's cache file; files of the same chunk made from other image files (stale) are deleted."""
+    suffix = f"-{chunk:05d}-of-{num_chunks:05d}.arrow"
+    current = cache_dir / f"scores-{base}-{files}{suffix}"
+    if cache_dir.is_dir():
+        for stale in cache_dir.glob(f"scores-{base}-*{suffix}"):
+            if stale != current:
+                stale.unlink(missing_ok=True)
+    return str(current)
+
+
 def default_cache_dir(output: str | os.PathLike) -> Path:
     output = Path(output)
     return output.parent / f".{output.stem}.levels-cache"
@@ -245,10 +277,11 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
                                allow_outside_image_folder)
             for chunk in mine:
                 rows = range(chunk * chunk_size, min(len(dataset), (chunk + 1) * chunk_size))
-                cache_file = None
+                cache_file, files = None, _files_signature(source, rows, image_column, image_folder)
                 if cache_dir is not None:
-                    cache_file = str(Path(cache_dir) / f"scores-{base}-{chunk:05d}-of-{num_chunks:05d}.arrow")
-                parts.append(_score_chunk(source, rows, fn, batch_size, features, cache_file, base, chunk, num_chunks))
+                    cache_file = _chunk_cache_file(Path(cache_dir), base, chunk, num_chunks, files)
+                parts.append(_score_chunk(source, rows, fn, batch_size, features, cache_file, base + files, chunk,
+                                          num_chunks))
         if not parts:  # more shards than chunks: this process has nothing to do
             parts = [Dataset.from_dict({name: [] for name in _SCORE_FEATURES}, features=features)]
         selected = [r for c in mine for r in range(c * chunk_size, min(len(dataset), (c + 1) * chunk_size))]
@@ -341,6 +374,7 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
     if plot:
         levels_report.require_matplotlib()
     output = Path(output)
+    check_writable(output.parent, "output folder")
     records, dataset = _load_input(input, split)
     if records is not None:
         image_column, text_column, id_column = "image", "caption", "id"
@@ -354,6 +388,7 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
     state, num_shards, shard_index, state_device = _distributed_shard(num_shards, shard_index, device)
     scorer = load_scorer(scorer, device=device or state_device)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(output)
+    check_writable(cache_dir, "cache folder")
     options = dict(image_column=image_column, text_column=text_column, id_column=id_column, image_folder=image_folder,
                    batch_size=batch_size, num_workers=num_workers, chunk_size=chunk_size, cache_dir=cache_dir,
                    skip_bad=skip_bad, progress=progress, allow_outside_image_folder=allow_outside_image_folder)
@@ -405,11 +440,11 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
             out_records.append(record)
     else:
         dataset_dir = output.with_name(output.stem + ".dataset")
-        kept.remove_columns(["alignment_error"]).save_to_disk(str(dataset_dir))
+        with atomic_path(dataset_dir, directory=True) as temp:
+            kept.remove_columns(["alignment_error"]).save_to_disk(str(temp))
         files["dataset"] = str(dataset_dir)
         out_records = levels_report.llava_records_from_dataset(kept, image_column, text_column, id_column)
-    with open(output, "w", encoding="utf-8") as handle:
-        json.dump(out_records, handle, ensure_ascii=False)
+    atomic_write_text(output, json.dumps(out_records, ensure_ascii=False))
     ids = scored[id_column] if id_column in scored.column_names else [f"row {i}" for i in range(len(scored))]
     report = levels_report.build_report(
         scores=scores, levels=levels, edges=edges, num_levels=num_levels, binning=binning, scorer=scorer.name,
@@ -424,16 +459,13 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    try:
-        result = compute_alignment_levels(
-            args.input, args.output, image_folder=args.image_folder, scorer=args.scorer, num_levels=args.num_levels,
-            binning=args.binning, skip_bad=args.skip_bad, image_column=args.image_column, text_column=args.text_column,
-            id_column=args.id_column, split=args.split, batch_size=args.batch_size, num_workers=args.num_workers,
-            chunk_size=args.chunk_size, cache_dir=args.cache_dir, num_shards=args.num_shards,
-            shard_index=args.shard_index, plot=not args.no_plot, device=args.device, tie_tolerance=args.tie_tolerance,
-            allow_outside_image_folder=args.allow_outside_image_folder)
-    except ScorerLoadError as error:  # one line, not a traceback: the fix is an option
-        raise SystemExit(f"aligngpt-hf levels: {error}") from None
+    result = compute_alignment_levels(
+        args.input, args.output, image_folder=args.image_folder, scorer=args.scorer, num_levels=args.num_levels,
+        binning=args.binning, skip_bad=args.skip_bad, image_column=args.image_column, text_column=args.text_column,
+        id_column=args.id_column, split=args.split, batch_size=args.batch_size, num_workers=args.num_workers,
+        chunk_size=args.chunk_size, cache_dir=args.cache_dir, num_shards=args.num_shards,
+        shard_index=args.shard_index, plot=not args.no_plot, device=args.device, tie_tolerance=args.tie_tolerance,
+        allow_outside_image_folder=args.allow_outside_image_folder)
     if not result.complete:
         if result.report:
             print(f"shard {result.report['shard_index']}/{result.report['num_shards']} scored "

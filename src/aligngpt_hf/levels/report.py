@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aligngpt_hf.paths import atomic_path, atomic_write_text
+
 BINNING_NOTE = (
     "The paper ranks pairs by CLIP similarity and assigns them to 'N equally spaced intervals'; this reads as "
     "equal-count groups by rank (quantile) or as equal-width score bins (uniform). The released data's per-level "
@@ -146,7 +148,8 @@ def plot_scores(report: dict, scores, edges, path) -> str:
                     f"  {captions}")
     text_ax.text(0, 1, "\n".join(rows), va="top", ha="left", family="monospace", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as temp:
+        fig.savefig(temp, dpi=100, format="png")
     plt.close(fig)
     return str(path)
 
@@ -159,9 +162,8 @@ def write_report(report: dict, output: Path, *, plot: bool, scores, edges, extra
     if plot:
         files["plot"] = plot_scores(report, scores, edges, output.with_name(output.stem + ".scores.png"))
     report["files"] = {"output": str(output), **(extra_files or {}), **files}
-    with open(files["report_json"], "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, ensure_ascii=False)
-    Path(files["report_markdown"]).write_text(report_markdown(report), encoding="utf-8")
+    atomic_write_text(files["report_json"], json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(files["report_markdown"], report_markdown(report))
     return files
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aligngpt_hf.paths import check_local_or_hub
+
 DEFAULT_SCORER = "openai/clip-vit-large-patch14-336"
 
 
@@ -101,7 +103,7 @@ def load_scorer(scorer: Any = DEFAULT_SCORER, device: str | torch.device | None 
     elif isinstance(scorer, (str, os.PathLike)):
         from transformers import AutoModel, AutoProcessor
 
-        name = str(scorer)
+        name = check_local_or_hub(scorer, "scorer")
         try:
             model = AutoModel.from_pretrained(name, dtype=dtype)
             processor = AutoProcessor.from_pretrained(name)

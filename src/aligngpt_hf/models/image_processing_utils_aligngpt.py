@@ -3,28 +3,33 @@
 
 Remote-code file (copied next to the weights with `processing_aligngpt.py`): it imports only transformers and the
 standard library. Why one path: the same picture must become the same pixels in training, level scoring and
-evaluation. Every mode becomes RGB the same way: transparency is composited on WHITE (as transformers'
+evaluation. Every picture is turned upright by its EXIF orientation tag (as `datasets` and transformers'
+`load_image` do), and every mode becomes RGB the same way: transparency is composited on WHITE (as transformers'
 `convert_to_rgb` does), 16-bit and 32-bit integer greyscale is scaled to 8 bits (not clipped), float greyscale in
-0..1 is scaled by 255. Empty (0x0) images and objects that are not images are refused, naming the input.
+0..1 is scaled by 255. Empty (0x0) images and objects that are not images are refused, naming the input. `http(s)://`
+URLs are fetched by transformers' `load_image`.
 """
 
 import io
 import os
 from pathlib import Path
 
+from transformers import image_utils
 from transformers.image_utils import PIL
 
 ROLES = ("system", "user", "assistant")
 CONTENT_TYPES = ("image", "text")
 _ARRAY_TYPES = ("ndarray", "Tensor")  # numpy / torch images pass through to the image processor unchanged
+URL_SCHEMES = ("http://", "https://")
+_ORIENTATION = 0x0112  # the EXIF tag that says how the camera was turned
 
 
 def resolve_image_path(value, image_folder=None, allow_outside: bool = False, where: str = "image") -> str:
     """`value` joined to `image_folder`; a path that resolves outside the folder is refused unless `allow_outside`.
 
-    Why: LLaVA JSON files come from strangers; `../../etc/x` or `/home/me/private.png` must not be read silently.
-    The check is on the path as written (`..` and absolute paths), so symlinks you put inside the folder (e.g.
-    `images/coco -> /data/coco`) keep working.
+    Why: LLaVA JSON files come from strangers; `../../etc/x`, `/home/me/private.png` or a symlink inside the folder
+    that points out of it must not be read silently. The check is on the real path (symlinks resolved, in the folder
+    as well), so link a data folder in from elsewhere with `allow_outside_image_folder=True`.
     """
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise TypeError(f"{where}: expected an image path (string), got {type(value).__name__} {value!r}.")
@@ -32,13 +37,22 @@ def resolve_image_path(value, image_folder=None, allow_outside: bool = False, wh
         return str(value)
     folder = Path(os.path.abspath(image_folder))
     path = Path(os.path.normpath(folder / value))
-    if not allow_outside and path != folder and folder not in path.parents:
+    real, real_folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if not allow_outside and real != real_folder and real_folder not in real.parents:
+        via = "" if real == path else f" (through a symlink, to {real})"
         raise ValueError(
-            f"{where}: image path {str(value)!r} resolves to {path}, outside the image folder {folder}. Move the file "
-            "into the folder, or allow paths outside it explicitly with `allow_outside_image_folder=True` "
+            f"{where}: image path {str(value)!r} resolves to {path}{via}, outside the image folder {folder}. Move the "
+            "file into the folder, or allow paths outside it explicitly with `allow_outside_image_folder=True` "
             "(CLI: --allow-outside-image-folder)."
         )
     return str(path)
+
+
+def upright(image):
+    """`image` turned by its EXIF orientation tag (a phone photo stored sideways), as `datasets` decodes it."""
+    if image.getexif().get(_ORIENTATION, 1) in (None, 1):
+        return image
+    return PIL.ImageOps.exif_transpose(image)
 
 
 def to_rgb(image, where: str = "image"):
@@ -72,8 +86,10 @@ def load_image(image, where: str = "image", image_folder=None, allow_outside: bo
     """
     if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
         image = image.get("bytes") or image.get("path")
+    if isinstance(image, str) and image.startswith(URL_SCHEMES):
+        return to_rgb(load_url(image, where), where)
     if isinstance(image, PIL.Image.Image):
-        return to_rgb(image, where)
+        return to_rgb(upright(image), where)
     if isinstance(image, (bytes, bytearray)):
         source, name = io.BytesIO(image), "the given bytes"
     elif isinstance(image, (str, os.PathLike)):
@@ -88,11 +104,27 @@ def load_image(image, where: str = "image", image_folder=None, allow_outside: bo
     try:
         with PIL.Image.open(source) as opened:
             opened.load()
-            return to_rgb(opened, where)
+            return to_rgb(upright(opened), where)
     except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(
-            f"{where}: {name} is not a readable image ({type(error).__name__}: {error}). Replace or re-download it."
-        ) from None
+        raise ValueError(f"{where}: {name} is not a readable image ({_why(error)}). Replace or re-download it.") \
+            from None
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, PIL.Image.DecompressionBombError):
+        return f"{type(error).__name__}: {error} It is larger than PIL's limit for untrusted files; shrink it, or raise " \
+               "`PIL.Image.MAX_IMAGE_PIXELS` if you trust it"
+    if "truncated" in str(error):
+        return f"{type(error).__name__}: {error}; the file is cut short"
+    return f"{type(error).__name__}: {error}"
+
+
+def load_url(url: str, where: str = "image"):
+    """An `http(s)://` image fetched and decoded by transformers' `load_image` (EXIF orientation applied)."""
+    try:
+        return image_utils.load_image(url)
+    except Exception as error:  # noqa: BLE001 (network, HTTP and decoding errors of any client library)
+        raise ValueError(f"{where}: could not load the image URL {url} ({type(error).__name__}: {error}).") from None
 
 
 def check_text(text):
@@ -134,12 +166,18 @@ def _load_one(image, where: str):
     return load_image(image, where)
 
 
-def check_conversation(conversation) -> None:
+def check_conversation(conversation):
     """Refuse messages the chat templates would render wrong or drop: unknown roles, unknown content types, content
-    that is neither a string nor a list of parts. Accepts one conversation or a batch (list of conversations)."""
-    batch = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+    that is neither a string nor a list of parts, two `user` messages in a row (the templates would glue them).
+    Accepts one conversation or a batch; returns it as plain dicts: message objects (`role`/`content` attributes)
+    become dicts without their None fields, OpenAI `image_url` parts become `{"type": "image", "url": ...}`."""
+    batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+    batch = conversation if batched else [conversation]
+    normalised = []
     for sample, messages in enumerate(batch):
         prefix = f"conversation {sample}, " if len(batch) > 1 else ""
+        messages = [_as_dict(message) for message in messages]
+        previous = None
         for index, message in enumerate(messages):
             where = f"{prefix}message {index}"
             if not isinstance(message, dict):
@@ -149,26 +187,55 @@ def check_conversation(conversation) -> None:
                 raise ValueError(f"{where} has role {role!r}; AlignGPT's chat template knows only {list(ROLES)}.")
             if role == "system" and index > 0:
                 raise ValueError(f"{where} is a `system` message; only the first message may be one.")
-            _check_content(message.get("content"), where)
+            if role == "user" and previous == "user":
+                raise ValueError(f"{where} is a second `user` message in a row, which the chat template would glue "
+                                 "to the first; merge them into one message or put the assistant's answer between.")
+            previous = role
+            message["content"] = _check_content(message.get("content"), where)
+        normalised.append(messages)
+    return normalised if batched else normalised[0]
 
 
-def _check_content(content, where: str) -> None:
+def _as_dict(item):
+    """A message or content part given as an object (a dataclass, or anything with attributes) -> a dict without
+    None values, as transformers renders message objects; dicts are copied the same way."""
+    if not isinstance(item, dict):
+        fields = getattr(item, "__dataclass_fields__", None)
+        if fields is not None:
+            item = {name: getattr(item, name) for name in fields}
+        elif hasattr(item, "__dict__") and (hasattr(item, "role") or hasattr(item, "type")):
+            item = dict(vars(item))
+        else:
+            return item
+    return {key: value for key, value in item.items() if value is not None}
+
+
+def _check_content(content, where: str):
     if isinstance(content, str):
-        return
+        return content
     if not isinstance(content, (list, tuple)):
         raise TypeError(
             f"{where} has content of type {type(content).__name__}; give a string or a list of parts like "
             "[{'type': 'image'}, {'type': 'text', 'text': ...}]."
         )
+    parts = []
     for part_index, part in enumerate(content):
+        part = _as_dict(part)
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image_url":  # OpenAI style: {"type": "image_url", "image_url": {"url": ...} or "..."}
+            url = part.get("image_url")
+            part = {"type": "image", "url": url.get("url") if isinstance(url, dict) else url}
+            kind = "image"
         if kind not in CONTENT_TYPES:
             raise ValueError(
-                f"{where}, content part {part_index} has type {kind!r}; accepted types: {list(CONTENT_TYPES)} "
-                "(an image part is {'type': 'image'} plus the image in `images`)."
+                f"{where}, content part {part_index} has type {kind!r}; accepted types: {list(CONTENT_TYPES)} and "
+                "'image_url' (an image part is {'type': 'image'} plus the image in `images`, or carries it under "
+                "'image', 'url' or 'path')."
             )
         if kind == "text" and not isinstance(part.get("text"), str):
             raise TypeError(f"{where}, content part {part_index} is a text part whose `text` is not a string.")
+        parts.append(part)
+    return parts
 
 
 def call_with_truncation_check(call, processor, images, text, kwargs: dict):

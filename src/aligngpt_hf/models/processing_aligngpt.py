@@ -116,7 +116,7 @@ class AlignGPTProcessor(ProcessorMixin):
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """Refuse roles and content types the template would render wrong or drop, naming the message."""
-        check_conversation(conversation)
+        conversation = check_conversation(conversation)  # also: message objects and `image_url` parts -> dicts
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):

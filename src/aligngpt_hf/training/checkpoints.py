@@ -109,6 +109,48 @@ def resolve_resume(resume_from_checkpoint, output_dir: str | Path):
     return resume_from_checkpoint
 
 
+def check_resumable(checkpoint, args, stage: str) -> None:
+    """Refuse to resume from a checkpoint of the other stage (its optimizer holds other parameters, and torch would
+    only say the parameter groups differ) or of a run that already reached its end (the stock Trainer would train
+    one more step past `max_steps` and write another checkpoint)."""
+    folder = Path(checkpoint)
+    config = _read_json(folder / "config.json")
+    saved_stage = config.get("aligngpt_stage")
+    if saved_stage in ("pretrain", "instruct") and saved_stage != stage:
+        names = {"pretrain": "stage 1 (`pretrain`", "instruct": "stage 2 (`instruct`"}
+        fix = ("start stage 2 FROM the stage-1 output (`model_name_or_path` = its output folder) in a new output_dir, "
+               "without resume_from_checkpoint" if stage == "instruct"
+               else "resume it with `aligngpt-hf instruct` (AlignGPTInstructTrainer), or use another output_dir")
+        raise ValueError(
+            f"{folder} is a checkpoint of {names[saved_stage]}, its config.json says aligngpt_stage="
+            f"{saved_stage!r}), but this is {names[stage]}): a stage resumes only its own checkpoints. To go on, {fix}."
+        )
+    state = _read_json(folder / "trainer_state.json")
+    step, epoch = int(state.get("global_step", 0)), float(state.get("epoch") or 0.0)
+    if args.max_steps > 0:
+        done, end = step >= args.max_steps, f"max_steps={args.max_steps}"
+    else:
+        done, end = epoch >= args.num_train_epochs - 1e-6, f"num_train_epochs={args.num_train_epochs}"
+    if done:
+        raise TrainingCompleteError(
+            f"Training is already complete: {folder} is at step {step} (epoch {epoch:g}), the configured end "
+            f"({end}). Nothing was trained and no checkpoint was written. Raise {end.split('=')[0]} to train further; "
+            f"the trained model is in {folder}."
+        )
+
+
+class TrainingCompleteError(ValueError):
+    """Resuming a run that already reached its configured end."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def check_finite_loss(loss, inputs: dict, step: int) -> None:
     """NaN policy: a non-finite loss stops training with what is known about the batch (the stock Trainer would
     quietly drop it from the logged average with `logging_nan_inf_filter` and keep stepping on NaN gradients)."""

@@ -183,6 +183,10 @@ def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training
     from transformers import AutoProcessor
 
     name = script_args.model_name_or_path
+    if name not in (None, "tiny"):
+        from aligngpt_hf.paths import check_local_or_hub
+
+        check_local_or_hub(name, "model_name_or_path")  # a missing local folder is named as one, not as a Hub id
     if stage == "instruct":
         from aligngpt_hf.training.stage_handoff import load_for_instruct
 

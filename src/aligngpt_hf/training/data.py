@@ -156,6 +156,7 @@ def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_ou
         if not isinstance(value, str):
             raise ValueError(f"{where}: `conversations[{turn_index}].value` is {value!r}; expected a string.")
         count = value.count(IMAGE_PLACEHOLDER)
+        _check_turn(where, turn_index, role, count, messages[-1]["role"] if messages else None)
         placeholders += count
         text = value.replace(IMAGE_PLACEHOLDER, "").strip("\n") if count else value
         content = [{"type": "image", "text": None}] * count + [{"type": "text", "text": text}]
@@ -173,6 +174,18 @@ def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_ou
         "messages": messages,
         LEVEL_COLUMN: _record_level(record.get("similarity"), where, num_levels),
     }
+
+
+def _check_turn(where: str, turn_index: int, role: str, images: int, previous: str | None) -> None:
+    """An `<image>` in an answer would be trained as part of the answer's text; two human turns in a row would be
+    glued into one prompt by the chat template."""
+    field = f"`conversations[{turn_index}].value`"
+    if role == "assistant" and images:
+        raise ValueError(f"{where}: {field} is a `gpt` turn holding `<image>`; images belong to a human turn. Move "
+                         "the `<image>` tag into the question before it.")
+    if role == "user" and previous == "user":
+        raise ValueError(f"{where}: {field} is a second human turn in a row; merge it into the turn before or add "
+                         "the `gpt` answer between them.")
 
 
 def _record_level(level, where: str, num_levels: int | None) -> int | None:

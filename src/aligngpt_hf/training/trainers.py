@@ -16,10 +16,17 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from aligngpt_hf.paths import check_writable, saving_to
 from aligngpt_hf.training import packing as packing_support
-from aligngpt_hf.training.checkpoints import check_finite_loss, resolve_resume
+from aligngpt_hf.training.checkpoints import check_finite_loss, check_resumable, resolve_resume
 from aligngpt_hf.training.configs import AlignGPTInstructConfig, AlignGPTPretrainConfig, _AlignGPTTrainingConfig
-from aligngpt_hf.training.data import LEVEL_COLUMN, PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator, sample_token_lengths
+from aligngpt_hf.training.data import (
+    LEVEL_COLUMN,
+    PLAIN_CHAT_TEMPLATE,
+    AlignGPTDataCollator,
+    sample_token_lengths,
+    undecoded,
+)
 from aligngpt_hf.training.lora_presets import lora_target_modules
 from aligngpt_hf.training.sampler import (
     ModalityLengthGroupedSampler,
@@ -137,6 +144,9 @@ class _AlignGPTTrainer(SFTTrainer):
                             f"got {type(args).__name__}.")
         model, processing_class = self._load(model, processing_class, args)
         self._check_start(model, args, peft_config)
+        check_writable(args.output_dir, "output_dir")  # before any step is spent, not at the first checkpoint
+        if train_dataset is not None and getattr(train_dataset, "features", None) is not None:
+            train_dataset = undecoded(train_dataset)  # images open in the collator: the one loader, errors name rows
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("`train_dataset` is empty (0 rows): there is nothing to train on. Check the data file "
                              "and any filtering before the trainer.")
@@ -188,6 +198,12 @@ class _AlignGPTTrainer(SFTTrainer):
 
     def _drop_overlong(self, dataset, processor, args):
         """Drop and count samples that do not fit `max_length` (never truncate: image tokens must stay whole)."""
+        if not hasattr(dataset, "select"):
+            raise ValueError(
+                f"skip_overlong_samples=True measures every sample before training, which a streaming "
+                f"{type(dataset).__name__} cannot offer. Load the data without streaming, or drop long samples "
+                "yourself (`dataset.filter(...)`) and set skip_overlong_samples=False."
+            )
         template = PLAIN_CHAT_TEMPLATE if self._stage == "pretrain" else None
         lengths = sample_token_lengths(dataset, processor, chat_template=template)
         keep = [index for index, length in enumerate(lengths) if length <= args.max_length]
@@ -260,7 +276,18 @@ class _AlignGPTTrainer(SFTTrainer):
         """`resume_from_checkpoint=True` resumes from the newest COMPLETE checkpoint (a half-written one is skipped,
         with a warning naming it and why); a given folder is checked first, naming a broken file."""
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint:
+            check_resumable(resume_from_checkpoint, self.args, self._stage)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """A full disk or read-only folder while saving names the folder (safetensors says only "File too large")."""
+        with saving_to(output_dir or self.args.output_dir, "save the model to"):
+            return super()._save(output_dir, state_dict)
+
+    def _save_checkpoint(self, model, trial):
+        with saving_to(self.args.output_dir, "save a checkpoint to"):
+            return super()._save_checkpoint(model, trial)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset

@@ -1,0 +1,167 @@
+"""Paths the package reads and writes: atomic writes, writability checks, and local folder versus Hub repo id.
+
+Why one place: every output (levels JSON and report, answer JSONL, converted and publish folders) must be either the
+old file or the complete new one, never half of it, whatever kills the process; and a read-only or full disk must be
+named with its path before work starts, not as a bare "File too large" after an hour. Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+# Every temporary file or folder the package makes next to an output carries this marker, so a rerun can remove the
+# leftovers of a killed run (and only those).
+TEMP_MARKER = ".aligngpt-tmp-"
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# How writers that are not Python file objects report a failed write: safetensors ("... (os error 28)") and torch's
+# zip writer ("unexpected pos ...", "PytorchStreamWriter failed writing file ...").
+_OS_ERROR_CODE = re.compile(r"os error (\d+)")
+_TORCH_WRITER_FAILURE = ("unexpected pos", "PytorchStreamWriter failed")
+
+
+def temp_name(target: str | os.PathLike) -> str:
+    """The prefix of the package's temporary files for `target`: hidden, in the same folder, marked."""
+    return f".{Path(target).name}{TEMP_MARKER}"
+
+
+def remove_leftovers(target: str | os.PathLike) -> list[Path]:
+    """Delete temporary files/folders a killed earlier write of `target` left next to it; returns what went."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    removed = []
+    for path in target.parent.glob(temp_name(target) + "*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def disk_error(error: OSError, path: str | os.PathLike, action: str = "write") -> OSError:
+    """`error` (disk full, read-only, no permission) as the same OSError type, naming `path` and the fix."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    fix = ("free space on that disk or write elsewhere" if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+           else "make it writable or choose another folder")
+    return type(error)(f"cannot {action} {path}: {reason}; {fix}")
+
+
+@contextlib.contextmanager
+def saving_to(path: str | os.PathLike, action: str = "save to"):
+    """Re-raise a failed write inside the block (disk full, file too large, read-only, also as safetensors' or torch's
+    own error types) as an OSError naming `path`; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _DISK_ERRNOS:
+            raise
+        raise disk_error(error, path, action) from None
+    except Exception as error:  # noqa: BLE001 (safetensors' and torch's writers raise their own types)
+        found = _OS_ERROR_CODE.search(str(error))
+        if found:
+            raise disk_error(OSError(int(found.group(1)), str(error)), path, action) from None
+        if any(text in str(error) for text in _TORCH_WRITER_FAILURE):
+            raise OSError(f"cannot {action} {path}: the write stopped short ({str(error).splitlines()[0][:80]}); "
+                          "check the free space of that disk") from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, directory: bool = False):
+    """Yield a temporary path next to `target`; on success it replaces `target` in one rename, on error it is removed.
+
+    `directory=True` yields an empty folder (a whole output folder is built there, then renamed). Disk-full and
+    permission errors are re-raised naming `target`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
+    if directory:
+        temp = Path(tempfile.mkdtemp(prefix=temp_name(target), dir=target.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=temp_name(target), dir=target.parent)
+        os.close(handle)
+        temp = Path(name)
+    try:
+        with saving_to(target, "write"):
+            yield temp
+            if directory and target.is_dir():  # move the old folder aside, put the new one in place, then drop it
+                old = Path(tempfile.mkdtemp(prefix=temp_name(target), dir=target.parent))
+                os.replace(target, old / target.name)
+                os.replace(temp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(temp, target)
+    except BaseException:
+        _discard(temp)
+        raise
+    _keep_default_permissions(target, directory)
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _keep_default_permissions(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp make private 0600/0700 entries; give `path` the mode a plain `open(..., "w")` or `mkdir`
+    would (0666/0777 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `target` atomically (temp file in the same folder, flushed, then renamed over it)."""
+    with atomic_path(target) as temp, open(temp, "w", encoding=encoding) as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Path(target)
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Refuse a folder the package could not write into, before any work: its nearest existing parent must accept a
+    new file. The check writes and removes one marked temporary file."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise NotADirectoryError(f"the {what} {folder} is inside {existing}, which is a file; choose another folder")
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".write-check{TEMP_MARKER}", dir=existing)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as error:
+        raise disk_error(error, folder if folder == existing else existing, f"write the {what} into") from None
+    return folder
+
+
+def check_local_or_hub(name: str | os.PathLike, what: str = "model") -> str:
+    """A local folder that exists, or something that can be a Hub repo id; a path that does not exist is named as a
+    missing folder (transformers would call it an invalid repo id)."""
+    text = str(name)
+    if Path(text).expanduser().exists():
+        return text
+    owner = text.split("/")[0]
+    looks_local = (text.startswith((".", "/", "~")) or text.count("/") > 1 or not _HUB_ID.match(text)
+                   or ("/" in text and Path(owner).is_dir()))
+    if looks_local:
+        raise FileNotFoundError(f"the {what} folder {text} does not exist (and it is not a Hub repo id like "
+                                "'owner/name'); check the path")
+    return text
+
+
+__all__ = ["TEMP_MARKER", "atomic_path", "atomic_write_text", "check_local_or_hub", "check_writable",
+           "disk_error", "remove_leftovers", "saving_to"]
