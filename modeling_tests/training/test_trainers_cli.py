@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from aligngpt_hf.cli import main
-from aligngpt_hf.training.cli import RECIPES_DIR, accelerate_config_path, build_from_components, parse_recipe
+from aligngpt_hf.training.cli import RECIPES_DIR, accelerate_config_path, parse_recipe
+from aligngpt_hf.training.model_setup import build_from_components
 
 GPU_ONLY = ["--bf16", "false", "--tf32", "false", "--use_cpu", "true"]
 
