@@ -24,7 +24,6 @@ from aligngpt_hf.training.configs import AlignGPTScriptArguments
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 ACCELERATE_CONFIGS_DIR = PACKAGE_DIR / "accelerate_configs"
-logger = logging.getLogger(__name__)
 
 
 def resolve_recipe(name: str) -> Path:

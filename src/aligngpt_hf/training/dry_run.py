@@ -268,22 +268,23 @@ def check_data(stage: str, script_args: AlignGPTScriptArguments, num_levels: int
             "size_mib": round(path.stat().st_size / 2**20, 1)}
 
 
-def _training_shape(model, counts: dict, training_args, num_gpus: int, mixed: bool) -> TrainingShape:
+def training_shape(model, counts: dict, batch_size: int, seq_length: int, mixed_precision: bool,
+                   activation_checkpointing: bool, num_gpus: int) -> TrainingShape:
+    """What the memory estimate needs from a (meta or real) model and its parameter counts."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     text, vision = base.config.text_config, base.config.vision_config
     layers = base.model.language_model.layers
     layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
     tower_trains = counts["modules"].get("model.vision_tower", {}).get("trainable", 0) > 0
-    patches = (vision.image_size // vision.patch_size) ** 2 + 1
     return TrainingShape(
         total_params=counts["total_params"], trainable_params=counts["trainable_params"],
         decoder_layer_params=layer_params, root_params=counts["total_params"] - layer_params * len(layers),
         num_layers=text.num_hidden_layers, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
-        batch_size=training_args.per_device_train_batch_size, seq_length=training_args.max_length,
-        mixed_precision=mixed, activation_checkpointing=bool(training_args.activation_checkpointing),
-        num_gpus=num_gpus, vision_layers=vision.num_hidden_layers if tower_trains else 0,
-        vision_hidden_size=vision.hidden_size, vision_intermediate_size=vision.intermediate_size,
-        vision_tokens=patches,
+        batch_size=batch_size, seq_length=seq_length, mixed_precision=mixed_precision,
+        activation_checkpointing=activation_checkpointing, num_gpus=num_gpus,
+        vision_layers=vision.num_hidden_layers if tower_trains else 0, vision_hidden_size=vision.hidden_size,
+        vision_intermediate_size=vision.intermediate_size,
+        vision_tokens=(vision.image_size // vision.patch_size) ** 2 + 1,
     )
 
 
@@ -303,7 +304,8 @@ def plan(stage: str, script_args: AlignGPTScriptArguments, training_args, precis
     counts = parameter_counts(model)
     num_gpus = script_args.num_gpus or (1 if training_args.use_cpu else 8)
     dtype = planned_dtype(precision, training_args.use_cpu)
-    shape = _training_shape(model, counts, training_args, num_gpus, dtype != "float32")
+    shape = training_shape(model, counts, training_args.per_device_train_batch_size, training_args.max_length,
+                           dtype != "float32", bool(training_args.activation_checkpointing), num_gpus)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     data = check_data(stage, script_args, base.config.num_alignment_levels)
     return {
@@ -360,4 +362,4 @@ def dry_run(stage: str, script_args: AlignGPTScriptArguments, training_args, pre
     return report
 
 
-__all__ = ["build_planned_model", "dry_run", "parameter_counts", "plan", "planned_dtype"]
+__all__ = ["build_planned_model", "dry_run", "parameter_counts", "plan", "planned_dtype", "training_shape"]
