@@ -5,6 +5,7 @@ transformers-LLaVA twin with the same weights, or tiny versions of both for `--c
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import time
@@ -162,6 +163,8 @@ def peak_memory_gib(device: str) -> float | None:
 
 
 def reset_peak_memory(device: str) -> None:
+    """Free what earlier runs left (their trainers hold cycles) and start a new peak from what is allocated now."""
     if device.startswith("cuda"):
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

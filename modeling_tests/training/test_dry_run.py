@@ -171,3 +171,38 @@ def test_data_path_is_checked_on_its_first_records(tmp_path):
     (images / "3.png").unlink()
     with pytest.raises(FileNotFoundError, match="r3"):
         dry_run(tmp_path, "pretrain", "pretrain_7b", *common)
+
+
+def test_instruct_from_a_converted_stage1_artefact_needs_the_base_llm_and_plans_its_config(make_model, tmp_path):
+    from safetensors.torch import save_file
+
+    source = make_model(seed=5)
+    artefact = tmp_path / "artefact"
+    source.config.save_pretrained(artefact)
+    tensors = {k: v.contiguous() for k, v in source.state_dict().items()
+               if k.startswith("model.multi_modal_projector.") or k == "model.alignment.level_embeddings"}
+    save_file(tensors, artefact / "stage1.safetensors")
+    (artefact / "aligngpt_stage.json").write_text(json.dumps(
+        {"stage": "pretrain", "weights": "stage1.safetensors", "tensors": sorted(tensors)}))
+    with pytest.raises(ValueError, match=r"is a converted stage-1 artefact \(projector \+ level table only\): pass "
+                                         r"`language_model`"):
+        dry_run(tmp_path, "instruct", "instruct_tiny", "--model_name_or_path", str(artefact))
+    report = dry_run(tmp_path, "instruct", "instruct_tiny", "--model_name_or_path", str(artefact),
+                     "--language_model", str(tmp_path / "base-llm"))
+    assert report["model_source"] == f"{artefact} (converted stage-1 artefact)"
+    assert report["total_params"] == sum(p.numel() for p in source.parameters())
+
+
+def test_a_stage2_start_nobody_writes_is_refused_with_the_way_out(tmp_path):
+    from aligngpt_hf.hub.hub_configs import config_json, released_config
+
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"not the output_dir of a shipped recipe\. Plan from a folder holding "
+                                                r"the config instead"):
+        dry_run(tmp_path, "instruct", "instruct_7b", "--model_name_or_path", missing)
+    published = tmp_path / "aligngpt-7b"
+    published.mkdir()
+    (published / "config.json").write_text(config_json(released_config("aligngpt-7b")))
+    report = dry_run(tmp_path, "instruct", "instruct_7b", "--model_name_or_path", str(published),
+                     "--allow_untrained_alignment", "true")
+    assert report["trainable_params"] == report["total_params"] - CLIP_L_336 - LEVEL_TABLE_7B

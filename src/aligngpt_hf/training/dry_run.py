@@ -165,7 +165,10 @@ def _instruct_config(script_args: AlignGPTScriptArguments, training_args) -> tup
         return config, f"{name}/config.json"
     recipe = _recipe_writing(name)
     if recipe is None:
-        raise _missing_config_error("model_name_or_path", name)
+        raise FileNotFoundError(
+            f"dry run: stage 2 starts from {name!r}, which is not a folder with a config.json, not in the Hugging Face "
+            "cache, and not the output_dir of a shipped recipe. Plan from a folder holding the config instead, e.g. "
+            "`--model_name_or_path hub_configs/aligngpt-7b --allow_untrained_alignment true` (the published layouts).")
     stage1_args = TrlParser((AlignGPTScriptArguments,)).parse_args_and_config(
         args=["--config", str(recipe)], return_remaining_strings=True)[0]
     config, source = _pretrain_config(stage1_args)
