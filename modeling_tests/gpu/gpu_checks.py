@@ -74,7 +74,7 @@ def check_remote_code(ctx: Context) -> dict:
     ctx.processor.save_pretrained(folder)
     batch = gt.prompt_batch(ctx, ctx.processor, align=True)
     with torch.no_grad():
-        ours = model.generate(**batch.to(ctx.device), max_new_tokens=ctx.sizes.new_tokens, do_sample=False)
+        ours = model.generate(**gt.cast_pixels(batch, ctx), max_new_tokens=ctx.sizes.new_tokens, do_sample=False)
     inputs = ctx.workdir / "remote_inputs.pt"
     torch.save({key: value.cpu() for key, value in batch.items()}, inputs)
     start = time.perf_counter()

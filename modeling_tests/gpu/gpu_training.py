@@ -63,7 +63,8 @@ def prompt_batch(ctx, processor, align: bool = True, with_answer: bool = False, 
     return batch
 
 
-def _cast_pixels(batch, ctx):
+def cast_pixels(batch, ctx):
+    """The batch on the device, images in the model's dtype (as the remote-code script does)."""
     batch = batch.to(ctx.device)
     batch["pixel_values"] = batch["pixel_values"].to(ctx.dtype)
     return batch
@@ -248,7 +249,7 @@ def versus_llava(ctx) -> dict:
     for name, model, processor, align in (("aligngpt", ours, ctx.processor, True),
                                           ("llava", llava, ctx.llava_processor, False)):
         model.to(ctx.device, ctx.dtype)
-        batch = _cast_pixels(prompt_batch(ctx, processor, align, with_answer=True, count=ctx.sizes.batch), ctx)
+        batch = cast_pixels(prompt_batch(ctx, processor, align, with_answer=True, count=ctx.sizes.batch), ctx)
         special = [ctx.tokenizer.convert_tokens_to_ids(token) for token in ("<image>", "<align>")]
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         labels = labels.masked_fill(torch.isin(labels, torch.tensor(special, device=labels.device)), -100)
@@ -260,7 +261,7 @@ def versus_llava(ctx) -> dict:
         model.train()
         train_s = _median_seconds(step, ctx, ctx.sizes.steps)
         model.eval()
-        prompts = _cast_pixels(prompt_batch(ctx, processor, align), ctx)
+        prompts = cast_pixels(prompt_batch(ctx, processor, align), ctx)
         new = ctx.sizes.new_tokens
         with torch.no_grad():
             decode_s = _median_seconds(lambda m=model, p=prompts, n=new: m.generate(
@@ -278,7 +279,7 @@ def versus_llava(ctx) -> dict:
 def decode_eager_vs_compiled(ctx) -> dict:
     """Greedy decode with a static cache, eager vs `torch.compile`d decoding steps (prefill stays eager)."""
     model = gm.build_aligngpt(ctx.sizes, ctx.tokenizer).to(ctx.device, ctx.dtype).eval()
-    batch = _cast_pixels(prompt_batch(ctx, ctx.processor), ctx)
+    batch = cast_pixels(prompt_batch(ctx, ctx.processor), ctx)
     config = CompileConfig(backend="eager") if ctx.cpu_smoke else CompileConfig(fullgraph=True, dynamic=False)
     config._compile_all_devices = True  # transformers compiles on CUDA only by default
 

@@ -54,9 +54,17 @@ def test_dry_run_flag_is_accepted_before_the_recipe_too(tmp_path):
     assert json.loads((out / "dry_run.json").read_text())["dtype"] == "float32"
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def recipe_stage(stem: str) -> str:
+    return "instruct" if stem.startswith("instruct") or "stage2" in stem else "pretrain"
+
+
+# recipes that start from `aligngpt-hf from-llava`'s output: planned from a folder holding its config
+FROM_LLAVA = [p.stem for p in RECIPES_DIR.glob("*from_llava*.yaml")]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem not in FROM_LLAVA))
 def test_every_shipped_recipe_dry_runs(tmp_path, recipe):
-    stage = "instruct" if recipe.startswith("instruct") or "stage2" in recipe else "pretrain"
+    stage = recipe_stage(recipe)
     report = dry_run(tmp_path, stage, recipe)
     assert 0 < report["trainable_params"] < report["total_params"]
     for strategy in ("ddp", "zero2", "zero3", "fsdp"):
@@ -193,12 +201,12 @@ def test_instruct_from_a_converted_stage1_artefact_needs_the_base_llm_and_plans_
     assert report["total_params"] == sum(p.numel() for p in source.parameters())
 
 
-def test_a_stage2_start_nobody_writes_is_refused_with_the_way_out(tmp_path):
+def test_a_start_nobody_writes_is_refused_with_the_way_out(tmp_path):
     from aligngpt_hf.hub.hub_configs import config_json, released_config
 
     missing = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=r"not the output_dir of a shipped recipe\. Plan from a folder holding "
-                                                r"the config instead"):
+    with pytest.raises(FileNotFoundError, match=r"not the output_dir of a shipped recipe; the dry run never downloads\. "
+                                                r"Plan from a folder holding its config instead"):
         dry_run(tmp_path, "instruct", "instruct_7b", "--model_name_or_path", missing)
     published = tmp_path / "aligngpt-7b"
     published.mkdir()
@@ -206,3 +214,20 @@ def test_a_stage2_start_nobody_writes_is_refused_with_the_way_out(tmp_path):
     report = dry_run(tmp_path, "instruct", "instruct_7b", "--model_name_or_path", str(published),
                      "--allow_untrained_alignment", "true")
     assert report["trainable_params"] == report["total_params"] - CLIP_L_336 - LEVEL_TABLE_7B
+
+
+@pytest.mark.parametrize("recipe", sorted(FROM_LLAVA))
+def test_from_llava_recipes_plan_from_the_config_of_their_start(tmp_path, recipe):
+    """Their start is `aligngpt-hf from-llava`'s output, which no recipe writes: refused until a config is named."""
+    from aligngpt_hf.hub.hub_configs import config_json, released_config
+
+    with pytest.raises(FileNotFoundError, match=r"Plan from a folder holding its config instead"):
+        dry_run(tmp_path, recipe_stage(recipe), recipe)
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "config.json").write_text(config_json(released_config("aligngpt-7b")))
+    stage = recipe_stage(recipe)
+    extra = ["--allow_untrained_alignment", "true"] if stage == "instruct" else []
+    report = dry_run(tmp_path, stage, recipe, "--model_name_or_path", str(start), *extra)
+    if recipe.startswith("pretrain"):  # the alignment warm-up: the level table only (train_projector: false)
+        assert report["trainable_params"] == LEVEL_TABLE_7B

@@ -6,9 +6,11 @@ import pytest
 import torch
 import yaml
 
+from aligngpt_hf import AlignGPTConfig
 from aligngpt_hf.cli import main
+from aligngpt_hf.hub.hub_configs import hub_config_variants
 from aligngpt_hf.training.cli import RECIPES_DIR, accelerate_config_path, parse_recipe
-from aligngpt_hf.training.model_setup import build_from_components
+from aligngpt_hf.training.model_setup import build_from_components, config_overrides
 
 GPU_ONLY = ["--bf16", "false", "--tf32", "false", "--use_cpu", "true"]
 
@@ -23,6 +25,51 @@ def test_paper_recipes(size):
         assert args.num_train_epochs == 1 and args.max_length == 2048 and args.weight_decay == 0
         assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == global_batch
     assert script.model_name_or_path == f"checkpoints/aligngpt-{size}-pretrain" and args.group_by_modality_length
+
+
+# recipe suffix -> (language model, vision tower, hub config of the result, stage-2 batch per device, accumulation)
+FAMILY_RECIPES = {
+    "llama3_8b_siglip": ("meta-llama/Meta-Llama-3-8B-Instruct", "google/siglip-so400m-patch14-384",
+                         "aligngpt-llama3-8b-instruct-siglip", 8, 2),
+    "gemma_7b": ("google/gemma-7b", "openai/clip-vit-large-patch14-336", "aligngpt-gemma-7b", 16, 1),
+    "mistral_7b": ("mistralai/Mistral-7B-Instruct-v0.2", "openai/clip-vit-large-patch14-336",
+                   "aligngpt-mistral-7b-instruct", 16, 1),
+    "phi2": ("microsoft/phi-2", "openai/clip-vit-large-patch14-336", "aligngpt-phi-2", 16, 1),
+}
+
+
+def recipe_stage(stem: str) -> str:
+    return "pretrain" if stem.startswith("pretrain") or stem.endswith(("stage1", "stage1-tiny")) else "instruct"
+
+
+def test_every_shipped_recipe_parses_for_its_stage():
+    stems = sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+    assert {f"{stage}_{name}" for name in FAMILY_RECIPES for stage in ("pretrain", "instruct")} <= set(stems)
+    for stem in stems:
+        script, args = parse_recipe(recipe_stage(stem), stem, GPU_ONLY)
+        assert args.output_dir and (script.model_name_or_path or (script.language_model and script.vision_tower)), stem
+
+
+@pytest.mark.parametrize("name", FAMILY_RECIPES)
+def test_family_recipes_build_the_hub_config_and_keep_the_paper_schedule(name):
+    language_model, vision_tower, variant, per_device, accumulation = FAMILY_RECIPES[name]
+    script, pretrain = parse_recipe("pretrain", f"pretrain_{name}", GPU_ONLY)
+    assert (script.language_model, script.vision_tower, script.num_alignment_levels) == (language_model, vision_tower, 8)
+    assert pretrain.learning_rate == 1e-3 and pretrain.per_device_train_batch_size * 8 * pretrain.gradient_accumulation_steps == 256
+    stage2_script, instruct = parse_recipe("instruct", f"instruct_{name}", GPU_ONLY)
+    assert stage2_script.model_name_or_path == pretrain.output_dir and instruct.learning_rate == 2e-5
+    assert (instruct.per_device_train_batch_size, instruct.gradient_accumulation_steps) == (per_device, accumulation)
+    assert instruct.group_by_modality_length and instruct.max_length == 2048
+    hub = hub_config_variants()[variant]
+    for levels in (4, 5, 6, 8, 10):  # the level count is a recipe override
+        script = parse_recipe("pretrain", f"pretrain_{name}", [*GPU_ONLY, "--num_alignment_levels", str(levels)])[0]
+        built = AlignGPTConfig(  # what build_from_components makes of the recipe, on the hub config's parts
+            vision_config=hub.vision_config, text_config=hub.text_config, image_token_id=hub.image_token_id,
+            alignment_token_id=hub.alignment_token_id, num_alignment_levels=script.num_alignment_levels,
+            **config_overrides(script))
+        assert built.num_alignment_levels == levels
+        assert (built.image_seq_length, built.vision_feature_select_strategy) == (
+            hub.image_seq_length, hub.vision_feature_select_strategy)
 
 
 def test_overrides_beat_the_recipe_and_unknown_recipes_are_named():

@@ -18,6 +18,7 @@ import aligngpt_hf_cli
 # subcommand -> the module whose run_cli(args) runs it (one-line help: aligngpt_hf_cli.SUBCOMMAND_HELP)
 SUBCOMMANDS: dict[str, str] = {
     "convert": "aligngpt_hf.conversion.convert",
+    "from-llava": "aligngpt_hf.conversion.from_llava",
     "levels": "aligngpt_hf.levels.compute",
     "pretrain": "aligngpt_hf.training.cli",
     "instruct": "aligngpt_hf.training.cli",

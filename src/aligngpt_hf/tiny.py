@@ -156,3 +156,49 @@ def build_clip(corpus: Iterable[str], hidden_size: int = 32, num_layers: int = 2
         projection_dim=hidden_size,
     )
     return CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# llava-hf's 1.5 format ("USER: <image>\n... ASSISTANT: ..."), so a tiny LLaVA folder carries its own template as theirs do.
+LLAVA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ 'USER: ' }}"
+    "{%- else -%}{{ ' ASSISTANT: ' }}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+
+def build_llava(hidden_size: int = 32, num_layers: int = 2, image_size: int = 32, patch_size: int = 8,
+                vocab_multiple: int | None = None, corpus: Iterable[str] = DEFAULT_CORPUS):
+    """A random tiny transformers LLaVA `(LlavaForConditionalGeneration, LlavaProcessor)` in llava-hf's layout (CLIP +
+    Llama, `<image>` in the tokenizer, no `<align>`): the starting point of `aligngpt-hf from-llava`, offline.
+
+    `vocab_multiple=64` pads the vocabulary as llava-hf's checkpoints do (then `<align>` fits in a padded row).
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    backend = _train_bpe(corpus, 300, [t for t in SPECIAL_TOKENS if t != "<align>"], "<s> $A")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                        model_max_length=2048)
+    vocab = len(tokenizer) if vocab_multiple is None else -(-len(tokenizer) // vocab_multiple) * vocab_multiple
+    vision = CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                              num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    text = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(image_size // patch_size) ** 2)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_CHAT_TEMPLATE)
+    return LlavaForConditionalGeneration(config), processor

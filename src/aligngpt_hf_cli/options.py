@@ -16,6 +16,7 @@ from pathlib import Path
 # subcommand -> one-line help (the module that runs each one: aligngpt_hf.cli.SUBCOMMANDS)
 SUBCOMMAND_HELP: dict[str, str] = {
     "convert": "convert a released original-layout AlignGPT checkpoint to this layout",
+    "from-llava": "start an AlignGPT from a transformers LLaVA checkpoint (fresh level table and gate)",
     "levels": "score image-caption pairs with CLIP and bucket them into alignment levels",
     "pretrain": "stage 1: train the projector and level table (YAML recipe)",
     "instruct": "stage 2: instruction-tune LLM, projector and gate (YAML recipe)",
@@ -114,6 +115,22 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_from_llava_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE",
+                        help="transformers LLaVA checkpoint with its LlavaProcessor: local folder or Hub id")
+    parser.add_argument("output", metavar="OUTPUT", help="folder for the AlignGPT model and processor")
+    parser.add_argument("--alignment-mode", choices=["adaptive", "global", "local", "mean", "none"], default="adaptive",
+                        help="the model's alignment mode (none = no alignment token: LLaVA's logits)")
+    parser.add_argument("--num-alignment-levels", type=int, default=8, help="rows N of the level table")
+    parser.add_argument("--image-aspect-ratio", choices=("pad", "square"), default=None,
+                        help="pad = AlignGPT's expand-to-square; square = resize + crop; None = as SOURCE's processor")
+    parser.add_argument("--dtype", choices=("auto", *library_dict_keys("conversion/convert.py", "DTYPES")),
+                        default="auto", help="cast the weights (auto = keep SOURCE's dtype)")
+    parser.add_argument("--reuse-alignment-token", action="store_true",
+                        help="SOURCE's tokenizer already has <align>: use its id (refused by default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
 
 
 def add_levels_arguments(parser: argparse.ArgumentParser) -> None:
@@ -240,6 +257,7 @@ def add_subcommand_arguments(name: str, parser: argparse.ArgumentParser) -> None
     """Declare subcommand `name`'s options on `parser`."""
     declare = {
         "convert": add_convert_arguments,
+        "from-llava": add_from_llava_arguments,
         "levels": add_levels_arguments,
         "pretrain": functools.partial(add_training_arguments, stage="pretrain"),
         "instruct": functools.partial(add_training_arguments, stage="instruct"),

@@ -1,5 +1,6 @@
 """Released original-layout AlignGPT checkpoints -> this layout (`convert`), with the key mapping and the
-original-config translation (`mapping`), and the stage-1 artefact loader the trainers use.
+original-config translation (`mapping`), and the stage-1 artefact loader the trainers use; transformers LLaVA
+checkpoints -> an AlignGPT folder (`from_llava`).
 
 May import `aligngpt_hf.models` only.
 """

@@ -111,6 +111,11 @@ def convert_checkpoint(
     source_dir = resolve_folder(source, SOURCE_PATTERNS, "checkpoint")
     output = _prepare_output(Path(output), overwrite)
     orig = _read_original_config(source_dir)
+    from aligngpt_hf.conversion.family import convert_family, is_family_config  # it builds on this module
+
+    if is_family_config(orig):  # AlignGPT_family: other LLM classes, n_indicators, SigLIP towers
+        return convert_family(source_dir, output, orig, source, vision_tower, tokenizer, push_to_hub, kind=kind,
+                              dtype=dtype, max_shard_size=max_shard_size, private=private, progress=progress)
     files = WeightFiles(weight_files_in(source_dir))
     shapes = files.shapes()
     detected = detect_kind(shapes)

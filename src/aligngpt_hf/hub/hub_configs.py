@@ -5,6 +5,12 @@
 The 7B/13B configs describe the released AlignGPT models after conversion: CLIP ViT-L/14-336 (layer -2, CLS dropped,
 576 tokens), a Vicuna-1.5 LLM whose 32000-token vocabulary gains `<image>` (32000) and `<align>` (32001) and is padded
 to a multiple of 64, N=8 levels, a 576 -> 256 -> 7 gate and the mlp2x_gelu projector.
+
+The family variants pair other language models with the towers AlignGPT's follow-up trained them with: LLaMA-3-8B-Instruct
+with SigLIP-so400m-384 (all 27 x 27 = 729 patch tokens, no CLS to drop, so a 729 -> 256 gate), and Gemma-7B,
+Mistral-7B-Instruct-v0.2 and Phi-2 with CLIP ViT-L/14-336. Each language model keeps its published dimensions; its
+vocabulary V gains `<image>` (V) and `<align>` (V + 1) and is padded to a multiple of 64, as conversion does. N=8 here;
+the level count is a recipe field (`num_alignment_levels`, 4 to 10 were trained).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from transformers import CLIPVisionConfig, LlamaConfig
+from transformers import CLIPVisionConfig, GemmaConfig, LlamaConfig, MistralConfig, PhiConfig, SiglipVisionConfig
 
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP
@@ -32,6 +38,53 @@ VICUNA_DIMS = {
     "aligngpt-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                          num_key_value_heads=40),
 }
+SIGLIP_SO400M_384 = dict(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
+    patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+)
+VOCAB_MULTIPLE = 64
+# name -> (text config class, published dimensions of the language model, vision tower, its select strategy)
+FAMILY_VARIANTS = {
+    "aligngpt-llama3-8b-instruct-siglip": (LlamaConfig, dict(  # meta-llama/Meta-Llama-3-8B-Instruct
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+        hidden_act="silu", bos_token_id=128000, eos_token_id=128009, tie_word_embeddings=False,
+    ), SiglipVisionConfig(**SIGLIP_SO400M_384), "full"),
+    "aligngpt-gemma-7b": (GemmaConfig, dict(  # google/gemma-7b
+        vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=16, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
+        hidden_act="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True,
+    ), CLIPVisionConfig(**CLIP_L_336), "default"),
+    "aligngpt-mistral-7b-instruct": (MistralConfig, dict(  # mistralai/Mistral-7B-Instruct-v0.2
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        sliding_window=None, hidden_act="silu", bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    ), CLIPVisionConfig(**CLIP_L_336), "default"),
+    "aligngpt-phi-2": (PhiConfig, dict(  # microsoft/phi-2
+        vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=2048, layer_norm_eps=1e-5, rope_theta=10000.0,
+        partial_rotary_factor=0.4, hidden_act="gelu_new", bos_token_id=50256, eos_token_id=50256,
+        tie_word_embeddings=False,
+    ), CLIPVisionConfig(**CLIP_L_336), "default"),
+}
+
+
+def family_config(name: str, num_alignment_levels: int = 8) -> AlignGPTConfig:
+    """A family variant: the language model's published config with `<image>`/`<align>` appended to its vocabulary."""
+    text_class, dims, vision, strategy = FAMILY_VARIANTS[name]
+    vocab = dims["vocab_size"]
+    padded = -(-(vocab + 2) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return AlignGPTConfig(
+        vision_config=vision,
+        text_config=text_class(**{**dims, "vocab_size": padded}),
+        num_alignment_levels=num_alignment_levels,
+        gate_hidden_size=256,
+        projector_type="mlp2x_gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy,
+        image_token_id=vocab,
+        alignment_token_id=vocab + 1,
+    )
 
 
 def released_config(name: str) -> AlignGPTConfig:
@@ -73,6 +126,7 @@ def tiny_config() -> AlignGPTConfig:
 
 def hub_config_variants() -> dict[str, AlignGPTConfig]:
     variants = {name: released_config(name) for name in VICUNA_DIMS}
+    variants.update({name: family_config(name) for name in FAMILY_VARIANTS})
     return {**variants, "aligngpt-mplug-owl-7b": mplug_owl_config(), "tiny": tiny_config()}
 
 

@@ -486,5 +486,18 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
             model_kwargs["gate_text_mask"] = torch.cat([gate_mask, padding], dim=-1)
         return model_kwargs
 
+    @classmethod
+    def from_llava(cls, model_or_path, alignment_token_id: int | None = None, **config_kwargs):
+        """AlignGPT from a transformers LLaVA (`LlavaForConditionalGeneration` or its folder/Hub id): LLaVA's weights
+        bit for bit, a fresh level table and gate (this class's init), a vocabulary row for `<align>`.
+
+        `alignment_token_id`: the id the tokenizer gives `<align>` (default: a new row after LLaVA's vocabulary).
+        `config_kwargs` set the alignment fields (`alignment_mode`, `num_alignment_levels`, ...); with
+        `alignment_mode="none"` the model computes LLaVA's logits. For the processor too: `aligngpt-hf from-llava`.
+        """
+        from .llava_aligngpt import aligngpt_from_llava
+
+        return aligngpt_from_llava(cls, model_or_path, alignment_token_id, **config_kwargs)
+
 
 __all__ = ["AlignGPTForConditionalGeneration", "AlignGPTModel", "AlignGPTPreTrainedModel"]

@@ -50,6 +50,11 @@ class AlignGPTScriptArguments:
         metadata={"help": "Stage 1 from parts or `tiny`: a named model layout; `mplug-owl` = last-layer CLIP features "
                   "with CLS and post-LN + the visual abstractor (65 tokens per image). None: AlignGPT's MLP projector."},
     )
+    vision_feature_select_strategy: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1 from parts: `default` drops the tower's CLS token (CLIP), `full` keeps every token "
+                  "(SigLIP has no CLS: all 729 tokens of so400m-384). None: the config default (`default`)."},
+    )
     alignment_mode: str | None = field(
         default=None,
         metadata={"help": "Stage 1 from parts or `tiny`: `adaptive` (AlignGPT, default) ... or `none` (no level "
@@ -178,6 +183,11 @@ class AlignGPTPretrainConfig(_AlignGPTTrainingConfig):
     )
     level_column: str = field(
         default=LEVEL_COLUMN, metadata={"help": "Dataset column holding each pair's alignment level (0..N-1)."}
+    )
+    train_projector: bool = field(
+        default=True,
+        metadata={"help": "Train the multimodal projector (AlignGPT's stage 1). False for the alignment warm-up of a "
+                  "model started from LLaVA (`aligngpt-hf from-llava`): its projector is trained, the level table not."},
     )
 
     def __post_init__(self):

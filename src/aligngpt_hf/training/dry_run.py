@@ -46,12 +46,19 @@ PUBLISHED_COMPONENTS = {
     "openai/clip-vit-large-patch14-336": ("aligngpt-7b", "vision_config"),
     "huggyllama/llama-7b": ("aligngpt-mplug-owl-7b", "text_config"),
     "openai/clip-vit-large-patch14": ("aligngpt-mplug-owl-7b", "vision_config"),
+    "meta-llama/Meta-Llama-3-8B-Instruct": ("aligngpt-llama3-8b-instruct-siglip", "text_config"),
+    "google/siglip-so400m-patch14-384": ("aligngpt-llama3-8b-instruct-siglip", "vision_config"),
+    "google/gemma-7b": ("aligngpt-gemma-7b", "text_config"),
+    "mistralai/Mistral-7B-Instruct-v0.2": ("aligngpt-mistral-7b-instruct", "text_config"),
+    "microsoft/phi-2": ("aligngpt-phi-2", "text_config"),
 }
 
 
 def _published_variant(name: str) -> AlignGPTConfig:
-    from aligngpt_hf.hub.hub_configs import mplug_owl_config, released_config
+    from aligngpt_hf.hub.hub_configs import FAMILY_VARIANTS, family_config, mplug_owl_config, released_config
 
+    if name in FAMILY_VARIANTS:
+        return family_config(name)
     return mplug_owl_config() if name == "aligngpt-mplug-owl-7b" else released_config(name)
 
 
@@ -130,23 +137,39 @@ def _pretrain_config(script_args: AlignGPTScriptArguments) -> tuple[AlignGPTConf
     if name is None:
         return _parts_config(script_args)
     config = _offline_config(name, AlignGPTConfig)
-    if config is None:
-        raise _missing_config_error("model_name_or_path", name)
-    return config, f"{name}/config.json"
+    return (config, f"{name}/config.json") if config is not None else _planned_start(name)
 
 
 def _recipe_writing(folder: str) -> Path | None:
-    """The shipped recipe whose `output_dir` is `folder` (the stage-1 run a stage-2 recipe starts from)."""
+    """The shipped stage-1 recipe whose `output_dir` is `folder` (the run a later stage starts from)."""
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        if not path.stem.startswith("pretrain") and "stage1" not in path.stem:
+            continue
         recipe = yaml.safe_load(path.read_text())
         if Path(str(recipe.get("output_dir"))) == Path(folder) and recipe.get("model_name_or_path") != folder:
             return path
     return None
 
 
-def _instruct_config(script_args: AlignGPTScriptArguments, training_args) -> tuple[AlignGPTConfig, str]:
+def _planned_start(name: str) -> tuple[AlignGPTConfig, str]:
+    """The config of a start folder that does not exist yet, from the shipped recipe that writes it."""
     from trl import TrlParser
 
+    recipe = _recipe_writing(name)
+    if recipe is None:
+        raise FileNotFoundError(
+            f"dry run: the run starts from {name!r} (model_name_or_path), which is not a folder with a config.json, "
+            "not in the Hugging Face cache, and not the output_dir of a shipped recipe; the dry run never downloads. "
+            "Plan from a folder holding its config instead: a saved model, `hf download ID config.json --local-dir "
+            "DIR`, or a published layout, e.g. `--model_name_or_path hub_configs/aligngpt-7b` (stage 2 also "
+            "`--allow_untrained_alignment true`).")
+    stage1_args = TrlParser((AlignGPTScriptArguments,)).parse_args_and_config(
+        args=["--config", str(recipe)], return_remaining_strings=True)[0]
+    config, source = _pretrain_config(stage1_args)
+    return config, f"{name} does not exist yet: planned as recipe {recipe.stem} writes it ({source})"
+
+
+def _instruct_config(script_args: AlignGPTScriptArguments, training_args) -> tuple[AlignGPTConfig, str]:
     from aligngpt_hf.training.stage_handoff import check_alignment_trained
 
     name = script_args.model_name_or_path
@@ -160,19 +183,10 @@ def _instruct_config(script_args: AlignGPTScriptArguments, training_args) -> tup
                              "`language_model` (the base LLM, e.g. lmsys/vicuna-7b-v1.5).")
         return load_stage1_artefact(name)[0], f"{name} (converted stage-1 artefact)"
     config = _offline_config(name, AlignGPTConfig)
-    if config is not None:
-        check_alignment_trained(config, training_args.allow_untrained_alignment)
-        return config, f"{name}/config.json"
-    recipe = _recipe_writing(name)
-    if recipe is None:
-        raise FileNotFoundError(
-            f"dry run: stage 2 starts from {name!r}, which is not a folder with a config.json, not in the Hugging Face "
-            "cache, and not the output_dir of a shipped recipe. Plan from a folder holding the config instead, e.g. "
-            "`--model_name_or_path hub_configs/aligngpt-7b --allow_untrained_alignment true` (the published layouts).")
-    stage1_args = TrlParser((AlignGPTScriptArguments,)).parse_args_and_config(
-        args=["--config", str(recipe)], return_remaining_strings=True)[0]
-    config, source = _pretrain_config(stage1_args)
-    return config, f"{name} does not exist yet: planned as recipe {recipe.stem} writes it ({source})"
+    if config is None:
+        return _planned_start(name)
+    check_alignment_trained(config, training_args.allow_untrained_alignment)
+    return config, f"{name}/config.json"
 
 
 def _module_key(name: str) -> str:
@@ -207,7 +221,8 @@ def build_planned_model(stage: str, script_args: AlignGPTScriptArguments, traini
     with torch.device("meta"):
         model = AlignGPTForConditionalGeneration(config)
         if stage == "pretrain":
-            trainers.freeze_for_pretrain(model, training_args.train_vision_tower, training_args.train_level_table)
+            trainers.freeze_for_pretrain(model, training_args.train_vision_tower, training_args.train_level_table,
+                                         training_args.train_projector)
         elif peft_config is None:
             trainers.freeze_for_instruct(model, training_args.train_projector)
         else:

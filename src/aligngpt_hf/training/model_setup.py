@@ -31,6 +31,8 @@ def config_overrides(script_args: AlignGPTScriptArguments, tiny: bool = False) -
     overrides = model_preset(script_args.model_preset, tiny=tiny)
     if script_args.alignment_mode is not None:
         overrides["alignment_mode"] = script_args.alignment_mode
+    if script_args.vision_feature_select_strategy is not None:
+        overrides["vision_feature_select_strategy"] = script_args.vision_feature_select_strategy
     return overrides
 
 

@@ -19,6 +19,7 @@ from aligngpt_hf.training import packing as packing_support
 from aligngpt_hf.training.checkpoints import check_finite_loss, resolve_resume
 from aligngpt_hf.training.configs import AlignGPTInstructConfig, AlignGPTPretrainConfig, _AlignGPTTrainingConfig
 from aligngpt_hf.training.data import LEVEL_COLUMN, PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator, sample_token_lengths
+from aligngpt_hf.training.lora_presets import lora_target_modules
 from aligngpt_hf.training.sampler import (
     ModalityLengthGroupedSampler,
     SeparateModalitySampler,
@@ -45,14 +46,19 @@ class _StageMarkerCallback(TrainerCallback):
         setattr(self.config, STAGE_ATTRIBUTE, self.stage)
 
 
-def freeze_for_pretrain(model, train_vision_tower: bool = False, train_level_table: bool = True) -> None:
-    """Stage 1: only the projector and the level table (plus the vision tower for the mPLUG-Owl recipe) train."""
+def freeze_for_pretrain(model, train_vision_tower: bool = False, train_level_table: bool = True,
+                        train_projector: bool = True) -> None:
+    """Stage 1: only the projector and the level table (plus the vision tower for the mPLUG-Owl recipe) train;
+    `train_projector=False` keeps a trained projector (the alignment warm-up of a model started from LLaVA)."""
     base = model.model
     if train_level_table and not hasattr(base, "alignment"):
         raise ValueError("Stage 1 trains the level table, but this model has none (`alignment_mode='none'`); pass "
                          "`train_level_table=False` for a projector(+vision)-only stage 1.")
+    if not (train_projector or train_level_table or train_vision_tower):
+        raise ValueError("`train_projector`, `train_level_table` and `train_vision_tower` are all False: stage 1 "
+                         "would train nothing. Set at least one of them.")
     model.requires_grad_(False)
-    base.multi_modal_projector.requires_grad_(True)
+    base.multi_modal_projector.requires_grad_(train_projector)
     if train_level_table:
         base.alignment.level_embeddings.requires_grad_(True)
     base.vision_tower.requires_grad_(train_vision_tower)
@@ -68,12 +74,17 @@ def freeze_for_instruct(model, train_projector: bool = True) -> None:
         model.model.alignment.level_embeddings.requires_grad_(False)
 
 
-def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, **kwargs):
+def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, text_config=None,
+                         **kwargs):
     """LoRA on the language model only (never the vision tower), projector and gate trained in full and saved
-    alongside the adapter (`modules_to_save`); the level table stays frozen. Defaults follow LLaVA's LoRA recipe."""
+    alongside the adapter (`modules_to_save`); the level table stays frozen. Defaults follow LLaVA's LoRA recipe.
+    Without `target_modules` the adapters go on the attention and MLP projections of the language model's family
+    (`training/lora_presets.py`): from `text_config` when given (for plain `peft.get_peft_model`), else the trainer
+    fills them in from the model it trains."""
     from peft import LoraConfig
 
-    kwargs.setdefault("target_modules", LORA_LM_TARGETS)
+    if text_config is not None:
+        kwargs.setdefault("target_modules", lora_target_modules(text_config))
     kwargs.setdefault("modules_to_save", [PROJECTOR, *GATE_MODULES])
     return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM", **kwargs)
 
@@ -81,6 +92,8 @@ def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: floa
 def _prepare_peft_config(peft_config, model, train_projector: bool = True):
     """Keep adapters off the vision tower/projector/gate and save the gate (and, if trained, the projector) with the
     adapter; `train_projector=False` refuses a `modules_to_save` that names the projector."""
+    if peft_config.target_modules is None:
+        peft_config.target_modules = lora_target_modules(model.config.text_config)
     if getattr(peft_config, "exclude_modules", None) is None and hasattr(peft_config, "exclude_modules"):
         peft_config.exclude_modules = LORA_EXCLUDE
     if not train_projector and PROJECTOR in (peft_config.modules_to_save or []):
@@ -314,7 +327,7 @@ class AlignGPTPretrainTrainer(_AlignGPTTrainer):
                              "stage-2 option (AlignGPTInstructTrainer).")
 
     def _freeze(self, model, args) -> None:
-        freeze_for_pretrain(model, args.train_vision_tower, args.train_level_table)
+        freeze_for_pretrain(model, args.train_vision_tower, args.train_level_table, args.train_projector)
 
     def _collator(self, model, processor, args) -> AlignGPTDataCollator:
         return AlignGPTDataCollator(processor=processor, max_length=args.max_length,

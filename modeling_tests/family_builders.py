@@ -1,0 +1,55 @@
+"""Tiny language-model and vision-tower configs of each backbone family, from transformers' own config classes.
+
+Shared by the LoRA-preset and the family-conversion tests: hidden 32, 2 layers, 4 heads (2 key/value heads), head
+dim 8, random weights, no downloads.
+"""
+
+from __future__ import annotations
+
+from transformers import (
+    CLIPVisionConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PhiConfig,
+    Qwen2Config,
+    Qwen3Config,
+    SiglipVisionConfig,
+)
+
+from aligngpt_hf import AlignGPTConfig
+
+HIDDEN, LAYERS = 32, 2
+TEXT_CLASSES = {
+    "llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma": GemmaConfig,
+    "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig, "phi": PhiConfig, "phi3": Phi3Config,
+}
+NO_HEAD_DIM = ("phi", "phi3")  # their head dim is hidden / heads
+
+
+def tiny_text_config(family: str, vocab_size: int = 300, **overrides):
+    """A 2-layer language model of `family` (a `text_config.model_type`), BOS 1 / EOS 2 / pad 0."""
+    kwargs = dict(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    if family not in NO_HEAD_DIM:
+        kwargs["head_dim"] = 8
+    return TEXT_CLASSES[family](**{**kwargs, **overrides})
+
+
+def tiny_vision_config(kind: str = "clip", image_size: int = 28, patch_size: int = 14):
+    """CLIP (a CLS token + patches) or SigLIP (patches only) at 28 px with 14 px patches: 4 patches."""
+    vision_class = CLIPVisionConfig if kind == "clip" else SiglipVisionConfig
+    return vision_class(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+                        num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+
+
+def tiny_family_config(family: str, vision: str = "clip", vocab_size: int = 300, **overrides) -> AlignGPTConfig:
+    """A tiny AlignGPT on `family` + `vision`; `<image>`/`<align>` are the last two ids of the vocabulary."""
+    overrides.setdefault("gate_hidden_size", 16)
+    overrides.setdefault("vision_feature_select_strategy", "default" if vision == "clip" else "full")
+    return AlignGPTConfig(vision_config=tiny_vision_config(vision), text_config=tiny_text_config(family, vocab_size),
+                          image_token_id=vocab_size - 2, alignment_token_id=vocab_size - 1, **overrides)
