@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "aligngpt_hf"
 REMOTE_CODE_ALLOWED = {"torch", "transformers"} | set(sys.stdlib_module_names)
 # capability -> the other parts of the package it may import (models and paths are allowed everywhere outside models/)
 CAPABILITY_IMPORTS = {
-    "training": {"models", "tiny", "conversion"},  # conversion: load_stage1_artefact / is_stage1_artefact only
+    # conversion: load_stage1_artefact / is_stage1_artefact only; hub: the published configs a dry run plans from
+    "training": {"models", "tiny", "conversion", "hub"},
     "levels": {"models", "tiny"},
     "conversion": {"models"},
     "hub": {"models", "tiny"},

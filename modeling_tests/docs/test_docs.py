@@ -208,14 +208,15 @@ def subcommand_options(name: str) -> set[str] | None:
 
     if name not in SUBCOMMANDS:
         return None
+    parser = argparse.ArgumentParser(add_help=True)
+    add_subcommand_arguments(name, parser)
     if name in ("pretrain", "instruct"):
         from aligngpt_hf.training.cli import AlignGPTScriptArguments
         from aligngpt_hf.training.trainers import AlignGPTInstructConfig, AlignGPTPretrainConfig
 
         config = AlignGPTPretrainConfig if name == "pretrain" else AlignGPTInstructConfig
-        return {f"--{f.name}" for cls in (AlignGPTScriptArguments, config) for f in dataclasses.fields(cls)}
-    parser = argparse.ArgumentParser(add_help=True)
-    add_subcommand_arguments(name, parser)
+        fields = {f"--{f.name}" for cls in (AlignGPTScriptArguments, config) for f in dataclasses.fields(cls)}
+        return fields | set(parser._option_string_actions)
     return set(parser._option_string_actions)
 
 

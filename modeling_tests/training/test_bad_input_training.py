@@ -260,7 +260,8 @@ def test_turn_value_that_is_null(folder):
 def test_training_cli_flag_allows_paths_outside_the_image_folder(folder):
     from transformers import HfArgumentParser
 
-    from aligngpt_hf.training.cli import AlignGPTScriptArguments, load_training_data
+    from aligngpt_hf.training.configs import AlignGPTScriptArguments
+    from aligngpt_hf.training.model_setup import load_training_data
 
     path = write(folder, [record(image="../outside.png")])
     argv = ["--data_path", str(path), "--image_folder", str(folder / "images")]

@@ -9,13 +9,8 @@ import yaml
 from aligngpt_hf import AlignGPTConfig
 from aligngpt_hf.cli import main
 from aligngpt_hf.hub.hub_configs import hub_config_variants
-from aligngpt_hf.training.cli import (
-    RECIPES_DIR,
-    _config_overrides,
-    accelerate_config_path,
-    build_from_components,
-    parse_recipe,
-)
+from aligngpt_hf.training.cli import RECIPES_DIR, accelerate_config_path, parse_recipe
+from aligngpt_hf.training.model_setup import build_from_components, config_overrides
 
 GPU_ONLY = ["--bf16", "false", "--tf32", "false", "--use_cpu", "true"]
 
@@ -71,7 +66,7 @@ def test_family_recipes_build_the_hub_config_and_keep_the_paper_schedule(name):
         built = AlignGPTConfig(  # what build_from_components makes of the recipe, on the hub config's parts
             vision_config=hub.vision_config, text_config=hub.text_config, image_token_id=hub.image_token_id,
             alignment_token_id=hub.alignment_token_id, num_alignment_levels=script.num_alignment_levels,
-            **_config_overrides(script))
+            **config_overrides(script))
         assert built.num_alignment_levels == levels
         assert (built.image_seq_length, built.vision_feature_select_strategy) == (
             hub.image_seq_length, hub.vision_feature_select_strategy)

@@ -69,6 +69,10 @@ def dataclass_fields(relative_path: str, *class_names: str) -> list[str]:
 def add_training_arguments(parser: argparse.ArgumentParser, stage: str = "pretrain") -> None:
     owl = "mplug-owl-stage1" if stage == "pretrain" else "mplug-owl-stage2"
     parser.add_argument("recipe", help=f"YAML recipe: a path or a shipped name (e.g. {stage}_7b, {stage}_tiny, {owl})")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="plan the run instead of training: full-size model on the meta device, trainable "
+                        "parameters, memory per GPU for ddp/zero2/zero3/fsdp, data check -> OUTPUT_DIR/dry_run.json "
+                        "(offline, any machine; also accepted after RECIPE)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="`--field value` pairs overriding the recipe (any script or trainer-config field)")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -79,7 +83,7 @@ def recipe_help_epilog(stage: str) -> str:
     """Shipped recipes and overridable fields, read from the library's source (TRL is not imported)."""
     config_class = "AlignGPTPretrainConfig" if stage == "pretrain" else "AlignGPTInstructConfig"
     trainer_fields = dataclass_fields("training/configs.py", "_AlignGPTTrainingConfig", config_class)
-    script_fields = dataclass_fields("training/cli.py", "AlignGPTScriptArguments")
+    script_fields = dataclass_fields("training/configs.py", "AlignGPTScriptArguments")
     recipes = sorted(p.stem for p in (library_folder() / "training" / "recipes").glob("*.yaml")
                      if p.stem.startswith((stage, "mplug-owl")))
 

@@ -1,4 +1,5 @@
-"""The trainer configs of both stages: TRL's `SFTConfig` plus AlignGPT's fields, with the paper's defaults.
+"""The trainer configs of both stages (TRL's `SFTConfig` plus AlignGPT's fields, with the paper's defaults) and the
+script arguments of a run (model and data), which a recipe fills together.
 
 Kept apart from the trainers (as TRL keeps `sft_config.py` apart from `sft_trainer.py`) so a recipe can be validated
 and `aligngpt-hf pretrain --help` can list the fields without building a trainer.
@@ -24,6 +25,82 @@ def _bf16_default(config) -> bool:
     if config.fp16 or config.use_cpu or not torch.cuda.is_available():
         return False
     return torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class AlignGPTScriptArguments:
+    """Model and data of a training run (everything else is the stage's trainer config)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1: an AlignGPT folder/Hub id to start from, or `tiny` (random tiny model). Stage 2: "
+                  "the stage-1 output folder."},
+    )
+    language_model: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1 from parts: the causal LM (e.g. lmsys/vicuna-7b-v1.5). Stage 2: optional base LLM "
+                  "whose weights replace the stage-1 copy of the language model."},
+    )
+    vision_tower: str | None = field(
+        default=None, metadata={"help": "Stage 1 from parts: the vision encoder (e.g. openai/clip-vit-large-patch14-336)."}
+    )
+    num_alignment_levels: int = field(default=8, metadata={"help": "Stage 1 from parts: rows of the level table (N)."})
+    model_preset: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1 from parts or `tiny`: a named model layout; `mplug-owl` = last-layer CLIP features "
+                  "with CLS and post-LN + the visual abstractor (65 tokens per image). None: AlignGPT's MLP projector."},
+    )
+    vision_feature_select_strategy: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1 from parts: `default` drops the tower's CLS token (CLIP), `full` keeps every token "
+                  "(SigLIP has no CLS: all 729 tokens of so400m-384). None: the config default (`default`)."},
+    )
+    alignment_mode: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1 from parts or `tiny`: `adaptive` (AlignGPT, default) ... or `none` (no level "
+                  "table/gate: pure LLaVA/mPLUG-Owl; pair with `train_level_table: false`)."},
+    )
+    image_aspect_ratio: str | None = field(
+        default=None,
+        metadata={"help": "`pad` (expand to a square of the mean colour; paper stage 2) or `square` (resize + crop; "
+                  "paper stage 1); None keeps the processor's setting."},
+    )
+    data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON/JSONL file."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the JSON's image paths are relative to."})
+    allow_outside_image_folder: bool = field(
+        default=False, metadata={"help": "Read `image` paths that resolve outside --image_folder (refused by default)."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A datasets Hub id or saved folder in TRL's `messages` + `images` format, or `synthetic` "
+                  "(coloured squares, for smoke runs)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Config name for `dataset_name`."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of `dataset_name`."})
+    synthetic_samples: int = field(default=32, metadata={"help": "Rows of the `synthetic` dataset."})
+    use_lora: bool = field(default=False, metadata={"help": "Stage 2: LoRA on the language model (projector and gate "
+                                                           "trained in full and saved with the adapter)."})
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank (LLaVA's LoRA recipe: 128)."})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (LLaVA's LoRA recipe: 256)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "LoRA target regex; `mplug-owl` = the LLM's q_proj/v_proj only. None: every linear layer of "
+                  "the LLM (LLaVA). Adapters in the vision tower or projector are refused either way."},
+    )
+    merge_lora: bool = field(default=True, metadata={"help": "After LoRA training, also write a merged normal "
+                                                            "checkpoint to OUTPUT_DIR/merged."})
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Plan the run instead of training: build the full-size model on the meta device (no "
+                  "weights, nothing downloaded), apply the stage's freezing, LoRA and packing, check the data, write "
+                  "OUTPUT_DIR/dry_run.json (parameters, memory per strategy) and print a summary."},
+    )
+    num_gpus: int | None = field(
+        default=None,
+        metadata={"help": "GPUs the run is planned for (the dry run's memory estimate; a real run takes the process "
+                  "count from its launcher). None: 1 with `use_cpu`, else 8 as in the paper's runs."},
+    )
 
 
 @dataclass
@@ -177,4 +254,4 @@ class AlignGPTInstructConfig(_AlignGPTTrainingConfig):
         super().__post_init__()
 
 
-__all__ = ["AlignGPTInstructConfig", "AlignGPTPretrainConfig"]
+__all__ = ["AlignGPTInstructConfig", "AlignGPTPretrainConfig", "AlignGPTScriptArguments"]

@@ -1,0 +1,215 @@
+"""Assembling what a training stage starts from: model, processor, training rows and LoRA config.
+
+What `aligngpt-hf pretrain|instruct` (and its dry run) build from the script arguments, kept beside the trainers so
+the command line stays a thin shell: stage 1 starts from an AlignGPT folder, the random `tiny` model, or a causal LM
+plus a vision encoder (`build_from_components`); stage 2 from a stage-1 output folder or converted artefact.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
+from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
+from aligngpt_hf.training.configs import AlignGPTScriptArguments
+
+EMBEDDING_MULTIPLE = 64  # the original stage 1 pads the resized vocabulary to a multiple of 64
+
+
+def padded_vocab_size(num_tokens: int, multiple: int = EMBEDDING_MULTIPLE) -> int:
+    return -(-num_tokens // multiple) * multiple
+
+
+def config_overrides(script_args: AlignGPTScriptArguments, tiny: bool = False) -> dict:
+    """Model-config overrides of a fresh stage-1 model (`model_preset`, `alignment_mode`)."""
+    from aligngpt_hf.training.mplug_owl import model_preset
+
+    overrides = model_preset(script_args.model_preset, tiny=tiny)
+    if script_args.alignment_mode is not None:
+        overrides["alignment_mode"] = script_args.alignment_mode
+    if script_args.vision_feature_select_strategy is not None:
+        overrides["vision_feature_select_strategy"] = script_args.vision_feature_select_strategy
+    return overrides
+
+
+def check_fresh_model_options(script_args: AlignGPTScriptArguments) -> None:
+    """`model_preset`/`alignment_mode` shape a fresh model; a saved folder already has its layout."""
+    name = script_args.model_name_or_path
+    if name not in (None, "tiny") and (script_args.model_preset or script_args.alignment_mode):
+        raise ValueError("`model_preset`/`alignment_mode` shape a fresh stage-1 model (from `language_model` + "
+                         f"`vision_tower`, or `tiny`); {name!r} already has its layout.")
+    if name is None and (script_args.language_model is None or script_args.vision_tower is None):
+        raise ValueError("Stage 1 needs `model_name_or_path` (an AlignGPT folder, or `tiny`) or both "
+                         "`language_model` and `vision_tower`.")
+
+
+def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training_args):
+    """(model, processor) to start `stage` from, as the script arguments say."""
+    from transformers import AutoProcessor
+
+    name = script_args.model_name_or_path
+    if name not in (None, "tiny"):
+        from aligngpt_hf.paths import check_local_or_hub
+
+        check_local_or_hub(name, "model_name_or_path")  # a missing local folder is named as one, not as a Hub id
+    if stage == "instruct":
+        return _instruct_start(script_args, training_args)
+    check_fresh_model_options(script_args)
+    if name == "tiny":
+        from aligngpt_hf.tiny import build_model, build_processor, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        torch.manual_seed(training_args.seed)
+        model = build_model(tokenizer, num_alignment_levels=script_args.num_alignment_levels,
+                            **config_overrides(script_args, tiny=True))
+        return model, build_processor(tokenizer, image_seq_length=model.config.image_seq_length,
+                                      add_alignment_token=model.config.uses_alignment_token)
+    if name is not None:
+        model = AlignGPTForConditionalGeneration.from_pretrained(name, dtype=torch.float32)
+        return model, AutoProcessor.from_pretrained(name, trust_remote_code=training_args.trust_remote_code)
+    return build_from_components(script_args.language_model, script_args.vision_tower,
+                                 num_alignment_levels=script_args.num_alignment_levels,
+                                 image_aspect_ratio=script_args.image_aspect_ratio or "pad",
+                                 **config_overrides(script_args))
+
+
+def _instruct_start(script_args: AlignGPTScriptArguments, training_args):
+    from transformers import AutoProcessor
+
+    from aligngpt_hf.training.stage_handoff import load_for_instruct
+
+    name = script_args.model_name_or_path
+    if name is None:
+        raise ValueError("Stage 2 starts from a stage-1 output folder: set `model_name_or_path`.")
+    model = load_for_instruct(name, base_language_model=script_args.language_model,
+                              allow_untrained_alignment=training_args.allow_untrained_alignment,
+                              vision_tower=script_args.vision_tower)
+    if is_stage1_artefact(name):
+        # converted stage-1 artefact: tokenizer from the base LLM, image settings from the artefact
+        return model, processor_from_parts(script_args.language_model, name, model.config)
+    return model, AutoProcessor.from_pretrained(name, trust_remote_code=training_args.trust_remote_code)
+
+
+def is_stage1_artefact(folder) -> bool:
+    """A converted stage-1 artefact: projector + level table only, no model weights."""
+    return (Path(folder) / "aligngpt_stage.json").is_file() and not (Path(folder) / "model.safetensors").is_file()
+
+
+def stage1_config(text_config, vision_config, tokenizer, num_alignment_levels: int = 8,
+                  **config_overrides) -> AlignGPTConfig:
+    """The config of a fresh stage-1 model: the LLM's config with its vocabulary resized to hold `tokenizer` (padded
+    to a multiple of 64), the vision encoder's config, and `<image>`/`<align>` ids from the tokenizer."""
+    text_config = copy.deepcopy(text_config)
+    text_config.vocab_size = padded_vocab_size(len(tokenizer))
+    return AlignGPTConfig(
+        vision_config=vision_config, text_config=text_config, num_alignment_levels=num_alignment_levels,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        alignment_token_id=tokenizer.convert_tokens_to_ids("<align>"), **config_overrides,
+    )
+
+
+def build_from_components(language_model: str, vision_tower: str, num_alignment_levels: int = 8,
+                          image_aspect_ratio: str = "pad", **config_overrides):
+    """A fresh AlignGPT (model, processor) from a causal LM and a vision encoder, as the original stage 1 starts:
+    `<image>`/`<align>` added to the tokenizer, embeddings resized to a multiple of 64, pretrained LLM and vision
+    weights copied in, projector/level table/gate freshly initialised."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    tokenizer = tokenizer_with_image_tokens(language_model)
+    llm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
+    llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
+    config = stage1_config(llm.config, AutoConfig.from_pretrained(vision_tower), tokenizer,
+                           num_alignment_levels=num_alignment_levels, **config_overrides)
+    model = AlignGPTForConditionalGeneration(config)
+    vision = AutoModel.from_pretrained(vision_tower, config=config.vision_config, dtype=torch.float32)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(llm.get_decoder().state_dict())
+    with torch.no_grad():
+        model.lm_head.weight.copy_(llm.get_output_embeddings().weight)
+    return model, processor_from_parts(tokenizer, vision_tower, config, image_aspect_ratio)
+
+
+def tokenizer_with_image_tokens(language_model, **hub_kwargs):
+    """The LLM's tokenizer with `<image>`/`<align>` appended (ids V, V+1 as in conversion) and a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(language_model, **hub_kwargs)
+    missing = [token for token in ("<image>", "<align>") if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token  # LLaVA: pad = unk
+    return tokenizer
+
+
+def processor_from_parts(tokenizer, image_processor_source: str, config, image_aspect_ratio: str | None = "pad"):
+    """AlignGPTProcessor from a tokenizer (or LLM id) and a CLIP-style image processor folder; ids must match."""
+    from transformers import AutoImageProcessor, LlavaImageProcessorPil
+
+    from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
+
+    if isinstance(tokenizer, str):
+        tokenizer = tokenizer_with_image_tokens(tokenizer)
+    ids = (tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<align>"))
+    if ids != (config.image_token_id, config.alignment_token_id):
+        raise ValueError(f"The tokenizer gives `<image>`/`<align>` ids {ids}, the model expects "
+                         f"{(config.image_token_id, config.alignment_token_id)}; use the LLM the model was built from.")
+    source = AutoImageProcessor.from_pretrained(image_processor_source)
+    keys = ("size", "crop_size", "image_mean", "image_std", "do_center_crop", "do_resize", "do_normalize", "do_rescale",
+            "rescale_factor", "resample")
+    settings = {k: getattr(source, k) for k in keys if getattr(source, k, None) is not None}
+    pad = getattr(source, "do_pad", False) if image_aspect_ratio is None else image_aspect_ratio == "pad"
+    image_processor = LlavaImageProcessorPil(**settings, do_pad=pad)
+    return AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                             image_seq_length=config.image_seq_length,
+                             add_alignment_token=config.uses_alignment_token)
+
+
+def lora_config(stage: str, script_args: AlignGPTScriptArguments):
+    """The run's LoRA config (None without `use_lora`); `modules_to_save` is left to the trainer (gate, and projector
+    per `train_projector`)."""
+    if not script_args.use_lora:
+        return None
+    if stage == "pretrain":
+        raise ValueError("`use_lora` is a stage-2 option; stage 1 trains the projector and level table in full.")
+    from aligngpt_hf.training.mplug_owl import MPLUG_OWL_LORA_TARGETS
+    from aligngpt_hf.training.trainers import aligngpt_lora_config
+
+    targets = script_args.lora_target_modules
+    extra = {} if targets is None else {"target_modules": MPLUG_OWL_LORA_TARGETS if targets == "mplug-owl" else targets}
+    return aligngpt_lora_config(script_args.lora_r, script_args.lora_alpha, script_args.lora_dropout,
+                                modules_to_save=[], **extra)
+
+
+def load_training_data(stage: str, script_args: AlignGPTScriptArguments):
+    """The training rows: LLaVA JSON, a datasets id/folder, or the synthetic smoke set."""
+    from aligngpt_hf.training.data import load_llava_json, synthetic_dataset
+
+    if script_args.data_path is not None:
+        return load_llava_json(script_args.data_path, script_args.image_folder,
+                               allow_outside_image_folder=script_args.allow_outside_image_folder)
+    name = script_args.dataset_name
+    if name == "synthetic":
+        return synthetic_dataset(script_args.synthetic_samples, stage, text_only_every=4 if stage == "instruct" else 0)
+    if name is None:
+        raise ValueError("Set `data_path` (LLaVA JSON) or `dataset_name` (datasets id/folder, or `synthetic`).")
+    import datasets
+
+    if os.path.isdir(name) and (Path(name) / "dataset_info.json").is_file():
+        return datasets.load_from_disk(name)
+    return datasets.load_dataset(name, script_args.dataset_config, split=script_args.dataset_split)
+
+
+__all__ = [
+    "build_from_components",
+    "build_stage_model",
+    "load_training_data",
+    "lora_config",
+    "processor_from_parts",
+    "stage1_config",
+    "tokenizer_with_image_tokens",
+]
