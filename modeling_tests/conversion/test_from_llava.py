@@ -237,6 +237,8 @@ def test_7b_recipes_chain_from_llava_to_stage_2():
     assert warm.train_projector is False and warm.train_level_table and not warm.train_vision_tower
     assert warm_script.model_name_or_path == "checkpoints/aligngpt-7b-from-llava" and warm.max_steps > 0
     assert script.model_name_or_path == warm.output_dir and args.learning_rate == 2e-5
+    chain = [warm_script.model_name_or_path, warm.output_dir, args.output_dir]  # no stage writes over its input
+    assert len(set(chain)) == 3, chain
     assert parse_recipe("pretrain", "pretrain_from_llava_tiny")[1].train_projector is False
 
 
