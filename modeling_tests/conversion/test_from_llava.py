@@ -216,7 +216,7 @@ def test_warm_up_trains_only_the_level_table_then_stage_2_runs(converted, tmp_pa
     common = ["--disable_tqdm", "true", "--max_steps", "2"]
     with pytest.raises(ValueError, match="never trained by stage 1"):  # the fresh level table needs the warm-up
         main(["instruct", "instruct_from_llava_tiny", "--model_name_or_path", str(converted),
-              "--output_dir", str(instruct), *common])
+              "--output_dir", str(instruct), *common, "--debug"])
     assert main(["pretrain", "pretrain_from_llava_tiny", "--model_name_or_path", str(converted),
                  "--output_dir", str(warm), *common]) == 0
     start, after = (AlignGPTForConditionalGeneration.from_pretrained(f).state_dict() for f in (converted, warm))
@@ -263,7 +263,8 @@ def test_sources_that_are_not_transformers_llava_are_named(capsys, tmp_path, con
     llava_model, _ = build_llava()
     llava_model.model.language_model.save_pretrained(tmp_path / "llama")  # a bare language model
     assert "holds a 'llama' model" in cli_error(capsys, tmp_path / "llama", tmp_path / "c")
-    assert "neither an existing folder nor a Hub repo id" in cli_error(capsys, tmp_path / "missing", tmp_path / "d")
+    assert f"the LLaVA checkpoint folder {tmp_path / 'missing'} does not exist" in cli_error(
+        capsys, tmp_path / "missing", tmp_path / "d")
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 

@@ -19,8 +19,9 @@ ADDED_ROWS_7B = 2 * 64 * 4096  # `<image>`, `<align>` + padding to 32,064 rows, 
 
 
 def dry_run(tmp_path, stage: str, recipe: str, *overrides: str) -> dict:
+    """The plan written by the CLI; `--debug` lets a refusal raise its exception for `pytest.raises` to read."""
     out = tmp_path / recipe
-    assert main([stage, recipe, "--dry-run", "--output_dir", str(out), *overrides]) == 0
+    assert main([stage, recipe, "--dry-run", "--output_dir", str(out), *overrides, "--debug"]) == 0
     return json.loads((out / "dry_run.json").read_text())
 
 
