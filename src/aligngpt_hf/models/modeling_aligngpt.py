@@ -1,11 +1,9 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
 """AlignGPT: transformers' LLaVA plus one alignment token whose vector comes from a learned table of alignment levels.
 
-Remote-code file: it imports only torch/transformers (LLaVA's modules included) and its neighbours in this folder.
-The classes subclass LLaVA's and override what AlignGPT changes: the `<align>` vector and its merge (`alignment_levels`
-in, `alignment_weights` out), the linear/abstractor projector options, packed rows. All alignment logic lives in
-`AlignGPTModel.forward`, because TRL's SFTTrainer trains through the base model (`model.model(...)`) with its own
-fused LM head and never calls the top-level forward.
+Remote-code file: imports only torch/transformers (LLaVA's modules included) and its neighbours in this folder. The
+classes subclass LLaVA's and override what AlignGPT changes: the `<align>` merge, the projector kinds, packed rows. The
+alignment logic lives in `AlignGPTModel.forward`, because TRL's SFTTrainer trains through the base model.
 """
 
 import math
@@ -18,6 +16,7 @@ from transformers import AutoModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import (
     LlavaForConditionalGeneration,
     LlavaModel,
@@ -32,7 +31,7 @@ from .abstractor_aligngpt import AlignGPTVisualAbstractor
 from .alignment_aligngpt import AlignGPTAlignment, gate_text_mask, image_text_dots
 from .configuration_aligngpt import AlignGPTConfig
 from .outputs_aligngpt import AlignGPTCausalLMOutputWithPast, AlignGPTModelOutputWithPast
-from .packing_aligngpt import packed_call, packed_image_text_dots, placeholder_counts
+from .packing_aligngpt import packed_call, packed_image_text_dots, placeholder_counts, positions_from_mask
 from .placeholders_aligngpt import (
     check_input_shapes,
     check_labels,
@@ -42,8 +41,7 @@ from .placeholders_aligngpt import (
     safe_token_ids,
 )
 
-# Auto classes written into `auto_map` on save, so every loader finds its entry with trust_remote_code.
-REMOTE_AUTO_MAP = {
+REMOTE_AUTO_MAP = {  # written into `auto_map` on save, so every loader finds its entry with trust_remote_code
     "AutoConfig": "configuration_aligngpt.AlignGPTConfig",
     "AutoModel": "modeling_aligngpt.AlignGPTForConditionalGeneration",  # see docs/native.md, "Auto classes"
     "AutoModelForImageTextToText": "modeling_aligngpt.AlignGPTForConditionalGeneration",
@@ -57,7 +55,7 @@ class AlignGPTMultiModalProjector(LlavaMultiModalProjector):
 
     def __init__(self, config: AlignGPTConfig):
         super().__init__(config)
-        if config.projector_type == "linear":
+        if config.projector_type == "linear":  # keys: multi_modal_projector.linear_1.* only
             del self.act, self.linear_2
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -83,10 +81,17 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
                 bound = 1 / math.sqrt(module.in_features)
                 init.uniform_(module.bias, -bound, bound)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: `_init_weights` uses `transformers.initialization`, which leaves loaded tensors alone by itself, so
+        transformers' guard for remote code that writes weights in place is not needed; that guard also skips modules
+        owning no parameter (CLIP's attention/MLP blocks), leaving the tower at std 0.02 after `from_pretrained`."""
+        return False
+
     def _linears_with_torch_init(self) -> set[int]:
         base = getattr(self, self.base_model_prefix, self)
-        owners = [base.multi_modal_projector, getattr(base, "alignment", None)]
-        return {id(m) for owner in owners if owner is not None for m in owner.modules() if isinstance(m, nn.Linear)}
+        owners = [base.multi_modal_projector, *([base.alignment] if hasattr(base, "alignment") else [])]
+        return {id(m) for owner in owners for m in owner.modules() if isinstance(m, nn.Linear)}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also write the full `auto_map` and the processor's remote-code file next to the weights."""
@@ -97,12 +102,6 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
         if processing_file.is_file():
             for path in [str(processing_file), *get_relative_import_files(str(processing_file))]:
                 copyfile(path, Path(save_directory) / Path(path).name)
-
-
-def positions_from_mask(attention_mask: torch.Tensor, sequence_length: int) -> torch.LongTensor:
-    """Position ids that count only attended tokens, so left and right padding give identical positions."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)[:, -sequence_length:]
 
 
 class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
@@ -165,8 +164,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
         gate_text_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             Restricts the text tokens the gate averages (1 = may count). Trainers pass `labels == -100` so the
             gate sees the prompt only; BOS, `<align>`, `<image>` and padding never count.
-        mm_encoder_outputs (`dict`, *optional*): `{"image": get_image_features(...)}` computed beforehand, as
-            `generate` does once per image (beams and assistant models reuse it); exclusive with `pixel_values`.
+        mm_encoder_outputs (`dict`, *optional*): `{"image": get_image_features(...)}`, as `generate` pre-encodes.
         pixels_withheld (`bool`, defaults to `False`): set by `generate` on the steps where transformers withholds
             the images (decoding steps, and every pass of an assistant/draft model): placeholder ids are then
             embedded as plain tokens, as LLaVA does, instead of being refused.
@@ -190,24 +188,21 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
                                                     return_dict=True, **vision_kwargs)
         image_features = None if image_outputs is None else torch.stack(list(image_outputs.pooler_output))
         if input_ids is None and image_features is not None:  # inputs_embeds with pixels: placeholders found by value
-            input_ids, word_embeds = self._placeholder_ids(inputs_embeds), inputs_embeds
+            placeholders = (self.config.image_token_id, self.config.alignment_token_id)
+            input_ids = placeholder_ids_from_embeddings(inputs_embeds, self.get_input_embeddings().weight, placeholders)
+            word_embeds = inputs_embeds
         alignment_weights = None
-        if input_ids is not None and not (pixels_withheld and image_features is None):
-            inputs_embeds, alignment_weights = self._merge_multimodal(
-                input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_text_mask, segments
-            )
-        elif input_ids is not None:
+        if input_ids is not None and pixels_withheld and image_features is None:
             inputs_embeds = word_embeds
+        elif input_ids is not None:
+            inputs_embeds, alignment_weights = self._merge_multimodal(
+                input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_text_mask, segments)
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
         outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                       position_ids=position_ids, use_cache=use_cache, **kwargs)
         return AlignGPTModelOutputWithPast(**outputs, image_outputs=image_outputs, image_hidden_states=image_features,
                                            alignment_weights=alignment_weights)
-
-    def _placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
-        placeholders = (self.config.image_token_id, self.config.alignment_token_id)
-        return placeholder_ids_from_embeddings(inputs_embeds, self.get_input_embeddings().weight, placeholders)
 
     def _merge_multimodal(self, input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_mask,
                           segments=None):
@@ -305,37 +300,33 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids to predict (-100 = ignored). With `gate_text_scope="prompt"` the gate averages only positions
             whose label is -100, so training sees the same text as inference.
-        See [`AlignGPTModel.forward`] for `alignment_levels`, `gate_text_mask` and `mm_encoder_outputs`. Loss keyword
-        arguments (`num_items_in_batch`, `shift_labels`, ...) reach `self.loss_function` as in LLaVA, so gradient
-        accumulation in `transformers.Trainer` normalises by the tokens of the whole accumulated batch.
+        See [`AlignGPTModel.forward`] for the other inputs. Loss keyword arguments (`num_items_in_batch`, ...) reach
+        `self.loss_function` as in LLaVA (gradient accumulation normalises by the whole accumulated batch).
         """
         if labels is not None:
             check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape[:2],
                          all_ignored_ok=kwargs.get("num_items_in_batch") is not None)
-        if labels is not None and gate_text_mask is None and self.config.gate_text_scope == "prompt":
-            gate_text_mask = labels == -100
+            if gate_text_mask is None and self.config.gate_text_scope == "prompt":
+                gate_text_mask = labels == -100
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                              position_ids=position_ids, inputs_embeds=inputs_embeds, alignment_levels=alignment_levels,
                              gate_text_mask=gate_text_mask, mm_encoder_outputs=mm_encoder_outputs, return_dict=True,
                              **kwargs)
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       **kwargs)
-        return AlignGPTCausalLMOutputWithPast(
-            loss=loss, logits=logits, **{key: value for key, value in outputs.items() if key != "last_hidden_state"}
-        )
+        others = {key: value for key, value in outputs.items() if key != "last_hidden_state"}  # cache: its own name
+        return AlignGPTCausalLMOutputWithPast(loss=loss, logits=logits, **others)
 
     def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, attention_mask=None,
                                       is_first_iteration=False, **kwargs):
         """transformers' inputs, plus: `pixels_withheld` where it withholds the images (decoding steps, assistant
         drafts), and the gate's text mask from the 2-D padding mask before a static cache turns that mask 4-D."""
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, *args, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            is_first_iteration=is_first_iteration, **kwargs
-        )
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds,
+                                                             attention_mask=attention_mask,
+                                                             is_first_iteration=is_first_iteration, **kwargs)
         if model_inputs.get("pixel_values") is None and not model_inputs.get("mm_encoder_outputs"):
             model_inputs.pop("gate_text_mask", None)  # no gate runs; a growing mask would retrace a compiled step
             if not is_first_iteration:
@@ -348,8 +339,7 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
     def _validate_model_kwargs(self, model_kwargs: dict):
         """generate's check of keyword names against the signatures, minus the KV cache: the forward passes the cache
         on to the language model in `**kwargs`, under whichever name the installed transformers gives it."""
-        super()._validate_model_kwargs({key: value for key, value in model_kwargs.items()
-                                        if not isinstance(value, Cache)})
+        super()._validate_model_kwargs({key: val for key, val in model_kwargs.items() if not isinstance(val, Cache)})
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Freeze the gate's text to the prompt, so decoding without a cache reproduces the cached ALIGN vector."""
