@@ -83,9 +83,8 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
 
     @classmethod
     def is_custom_code(cls) -> bool:
-        """False: `_init_weights` uses `transformers.initialization`, which leaves loaded tensors alone by itself, so
-        transformers' guard for remote code that writes weights in place is not needed; that guard also skips modules
-        owning no parameter (CLIP's attention/MLP blocks), leaving the tower at std 0.02 after `from_pretrained`."""
+        """False: `_init_weights` uses `transformers.initialization` (loaded tensors stay), and transformers' guard for
+        other remote code skips modules owning no parameter (CLIP's attention/MLP): std 0.02 after `from_pretrained`."""
         return False
 
     def _linears_with_torch_init(self) -> set[int]:
@@ -165,9 +164,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
             Restricts the text tokens the gate averages (1 = may count). Trainers pass `labels == -100` so the
             gate sees the prompt only; BOS, `<align>`, `<image>` and padding never count.
         mm_encoder_outputs (`dict`, *optional*): `{"image": get_image_features(...)}`, as `generate` pre-encodes.
-        pixels_withheld (`bool`, defaults to `False`): set by `generate` on the steps where transformers withholds
-            the images (decoding steps, and every pass of an assistant/draft model): placeholder ids are then
-            embedded as plain tokens, as LLaVA does, instead of being refused.
+        pixels_withheld (`bool`, defaults to `False`): set by `generate` where it withholds the images (decoding steps,
+            assistant/draft passes): placeholder ids are then embedded as plain tokens, as LLaVA does.
 
         `inputs_embeds` may come with `pixel_values`: the `<image>`/`<align>` slots are found by comparing each vector
         with the embedded placeholder ids (as LLaVA does), so prompt-tuning adapters can prepend their own vectors.
@@ -206,9 +204,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
 
     def _merge_multimodal(self, input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_mask,
                           segments=None):
-        """Scatter image features into `<image>` slots (as LLaVA) and alignment vectors into `<align>` slots.
-
-        All placeholder checks share one device-to-host copy (LLaVA makes one too), so a GPU step waits once.
+        """Scatter image features into `<image>` slots (as LLaVA) and alignment vectors into `<align>` slots. All
+        placeholder checks share one device-to-host copy (LLaVA makes one too), so a GPU step waits once.
         `segments` (packed rows, see packing_aligngpt.py): counts, levels and the gate run per sample, not per row.
         """
         image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
@@ -315,8 +312,7 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                      **kwargs)
+            loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
         others = {key: value for key, value in outputs.items() if key != "last_hidden_state"}  # cache: its own name
         return AlignGPTCausalLMOutputWithPast(loss=loss, logits=logits, **others)
 
@@ -337,20 +333,17 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         return model_inputs
 
     def _validate_model_kwargs(self, model_kwargs: dict):
-        """generate's check of keyword names against the signatures, minus the KV cache: the forward passes the cache
-        on to the language model in `**kwargs`, under whichever name the installed transformers gives it."""
+        """generate's keyword check, minus the KV cache, which `**kwargs` carries under the installed version's name."""
         super()._validate_model_kwargs({key: val for key, val in model_kwargs.items() if not isinstance(val, Cache)})
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Freeze the gate's text to the prompt, so decoding without a cache reproduces the cached ALIGN vector."""
         num_new_tokens = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
-        gate_mask = model_kwargs.get("gate_text_mask")
-        if gate_mask is None and model_kwargs.get("attention_mask") is not None:
-            gate_mask = model_kwargs["attention_mask"]
+        masks = (model_kwargs.get("gate_text_mask"), model_kwargs.get("attention_mask"))
+        gate_mask = masks[0] if masks[0] is not None else masks[1]
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         if gate_mask is not None:
-            padding = gate_mask.new_zeros(gate_mask.shape[0], num_new_tokens)
-            model_kwargs["gate_text_mask"] = torch.cat([gate_mask, padding], dim=-1)
+            model_kwargs["gate_text_mask"] = torch.cat([gate_mask, gate_mask.new_zeros(len(gate_mask), num_new_tokens)], -1)
         return model_kwargs
 
 
