@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from aligngpt_hf.models.image_processing_utils_aligngpt import load_image, resolve_image_path, to_rgb
-from aligngpt_hf.tiny import build_config
+from aligngpt_hf.tiny import build_config, build_processor
 from conftest import user_message
 
 
@@ -240,21 +240,6 @@ def test_all_ignored_micro_batch_under_gradient_accumulation_is_a_zero_loss(make
     assert loss.item() == 0.0
 
 
-def test_zero3_partitioned_frozen_vision_tower_runs_on_image_free_batches(make_model, processor):
-    """ZeRO-3 gathers the tower's shards on every rank that runs it: a text-only rank must run it too, or it hangs."""
-    model = make_model().train()
-    model.model.vision_tower.requires_grad_(False)
-    calls = []
-    model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
-    text_only = processor.tokenizer(["USER: hi ASSISTANT: hello"], return_tensors="pt")
-    model(**text_only)
-    assert calls == []  # frozen and not partitioned: no blank-image pass
-    for parameter in model.model.vision_tower.parameters():
-        parameter.ds_id = 0  # what DeepSpeed ZeRO-3 puts on the parameters it partitions
-    model(**text_only)
-    assert calls == [1]
-
-
 def test_saved_folder_carries_the_image_loader(make_model, processor, tmp_path):
     make_model().save_pretrained(tmp_path)
     assert (tmp_path / "image_processing_utils_aligngpt.py").is_file()
@@ -293,3 +278,41 @@ def test_model_labels_shaped_unlike_the_input(make_model, processor, images):
     with pytest.raises(ValueError, match=r"^`labels` has shape \(2, 3\) but the input has \(2, \d+\) \(batch, "
                                          r"sequence\); give one label per input token"):
         make_model()(**batch, labels=torch.zeros(2, 3, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------------ mode and pixels
+
+
+def test_alignment_levels_refused_by_mode_none(make_model, tokenizer, images):
+    """`alignment_mode='none'` has no level table: levels given to it were silently ignored."""
+    processor = build_processor(tokenizer, add_alignment_token=False)
+    batch = batch_for(processor, images)
+    model = make_model(alignment_mode="none")
+    with pytest.raises(ValueError, match=r"^`alignment_levels` was given, but this model has `alignment_mode='none'`: "
+                                         r"it has no level table and no `<align>` token, so levels cannot be applied\. "
+                                         r"Drop `alignment_levels`"):
+        model(**batch, alignment_levels=torch.tensor([1, 2]))
+    model(**batch)  # without levels it runs
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_pixels_name_the_image_at_inference(make_model, processor, images, bad):
+    batch = batch_for(processor, images)
+    batch["pixel_values"][1, 0, 3, 4] = bad
+    model = make_model()
+    message = (r"^Image\(s\) \[1\] of the batch \(index among its images, in order\) give NaN or inf features: their "
+               r"`pixel_values` hold NaN or inf values \(build them with the model's processor")
+    with pytest.raises(ValueError, match=message):
+        model(**batch)
+    with pytest.raises(ValueError, match=message):
+        model.generate(**batch, max_new_tokens=2)
+
+
+def test_non_finite_pixels_stop_a_training_batch_before_the_loss(make_model, processor, images):
+    batch = batch_for(processor, images, count=2)
+    batch["pixel_values"][0] = float("nan")
+    model = make_model().train()
+    with pytest.raises(ValueError, match=r"^Image\(s\) \[0\] of the batch"):
+        model(**batch, labels=batch["input_ids"])
+    with pytest.raises(ValueError, match=r"^Image\(s\) \[0\] of the batch"):
+        model.model(**batch)  # TRL's fused head trains through the base model

@@ -1,4 +1,4 @@
-"""Which parameters learn in each stage, static graphs for image-free batches, and generation."""
+"""Which parameters learn in each stage, and generation (image-free static graphs: training/test_static_graph.py)."""
 
 from __future__ import annotations
 
@@ -63,55 +63,6 @@ def test_stage2_leaves_table_and_vision_untouched(make_model, processor, images)
     assert not changed & frozen
     assert {"model.alignment.fc1.weight", "model.alignment.fc2.weight", "model.multi_modal_projector.linear_1.weight",
             "model.language_model.layers.0.self_attn.q_proj.weight", "lm_head.weight"} <= changed
-
-
-def test_text_only_training_batch_keeps_graph_static(make_model, processor):
-    model = make_model().train()
-    freeze_for_stage(model, 2)
-    batch = processor(text=["<s>just text", "<s>more text here"], padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    with torch.no_grad():
-        eval_loss = model.eval()(**batch, labels=labels).loss
-    model.train()
-    loss = model(**batch, labels=labels).loss
-    loss.backward()
-    torch.testing.assert_close(loss.detach(), eval_loss)  # zero contribution
-    for module in (model.model.multi_modal_projector, model.model.alignment.fc1, model.model.alignment.fc2):
-        for param in module.parameters():
-            assert param.grad is not None and param.grad.abs().sum() == 0
-    assert all(p.grad is None for p in model.model.vision_tower.parameters())  # frozen: not run at all
-
-
-def module_order(model, batch) -> tuple[list[str], list[str]]:
-    """Names of the watched modules in the order one training step's forward and backward reach them."""
-    inner = model.model
-    watched = {"tower": inner.vision_tower, "projector": inner.multi_modal_projector,
-               "embeddings": inner.language_model.embed_tokens, "gate": inner.alignment.fc1,
-               "llm": inner.language_model.layers[0]}
-    forward, backward = [], []
-    handles = [module.register_forward_pre_hook(lambda *args, name=name: forward.append(name))
-               for name, module in watched.items()]
-    handles += [module.register_full_backward_pre_hook(lambda *args, name=name: backward.append(name))
-                for name, module in watched.items() if any(p.requires_grad for p in module.parameters())]
-    model(**batch, labels=batch["input_ids"]).loss.backward()
-    for handle in handles:
-        handle.remove()
-    return forward, backward
-
-
-def test_zero3_text_only_rank_walks_the_modules_in_the_image_rank_order(make_model, processor, images):
-    """ZeRO-3 gathers each module's shards collectively: ranks must reach the modules in one order, forward and
-    backward, or the text-only rank and an image rank wait on different collectives (the run hangs)."""
-    model = make_model().train()
-    freeze_for_stage(model, 2)
-    for parameter in model.model.vision_tower.parameters():
-        parameter.ds_id = 0  # what DeepSpeed ZeRO-3 puts on the parameters it partitions
-    image_batch = processor(text=[processor.apply_chat_template(user_message("Hi?"), add_generation_prompt=True)],
-                            images=[[images[0]]], return_tensors="pt")
-    text_only = processor.tokenizer(["USER: hi ASSISTANT: hello"], return_tensors="pt")
-    image_order, text_order = module_order(model, image_batch), module_order(model, dict(text_only))
-    assert image_order[0] == ["tower", "projector", "embeddings", "gate", "llm"]
-    assert text_order == image_order
 
 
 def generation_prompts(processor, images):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from aligngpt_hf import AlignGPTForConditionalGeneration
 from conftest import user_message
 
 
@@ -337,3 +338,15 @@ def test_sdpa_is_default_and_eager_agrees(make_model, tokenizer, processor, imag
     batch = mixed_batch(processor, images)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, eager(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_loading_without_weights_initialises_the_vision_tower_as_clip_does(make_model):
+    """`from_pretrained(..., state_dict={})` (every weight missing) must give CLIP's own init, not the generic std 0.02
+    transformers' custom-code guard used to leave on the tower's attention and MLP layers."""
+    config = make_model().config
+    loaded = AlignGPTForConditionalGeneration.from_pretrained(None, config=config, state_dict={})
+    attention = loaded.model.vision_tower.encoder.layers[0].self_attn
+    vision = config.vision_config
+    expected = vision.hidden_size**-0.5 * (2 * vision.num_hidden_layers) ** -0.5 * vision.initializer_factor
+    assert attention.q_proj.weight.std().item() == pytest.approx(expected, rel=0.25)
+    assert abs(attention.q_proj.weight.std().item() - 0.02) > 0.01

@@ -163,6 +163,60 @@ def test_assisted_and_prompt_lookup_decoding_equal_greedy(make_model, batch):
     assert torch.equal(assisted, greedy) and torch.equal(lookup, greedy)
 
 
+def test_assisted_decoding_with_a_text_only_draft_equals_greedy(make_model, batch):
+    """A draft of the same tokenizer that takes no images (the language model alone): transformers pre-encodes the
+    images (`mm_encoder_outputs`), so no `pixel_values` reach the draft."""
+    model = make_model(seed=0)
+    draft = AutoModelForCausalLM.from_config(model.config.text_config)
+    one = {key: value[1:] for key, value in batch.items()}
+    greedy = model.generate(**one, max_new_tokens=8, do_sample=False)
+    assisted = model.generate(**one, max_new_tokens=8, do_sample=False, assistant_model=draft)
+    assert torch.equal(assisted, greedy)
+
+
+def test_beam_search_runs_the_vision_tower_once_per_image(make_model, batch):
+    """`generate` encodes the images once (`get_image_features`) and expands the features over the beams."""
+    model = make_model(seed=2)
+    images_seen = []
+    model.model.vision_tower.register_forward_pre_hook(lambda module, args: images_seen.append(args[0].shape[0]))
+    beams = model.generate(**batch, max_new_tokens=5, num_beams=3, do_sample=False)
+    assert images_seen == [2]  # one pass, over the batch's two images, not one per beam or per step
+    features = model.get_image_features(batch["pixel_values"])
+    images_seen.clear()
+    text = {key: value for key, value in batch.items() if key != "pixel_values"}
+    again = model.generate(**text, mm_encoder_outputs={"image": features}, max_new_tokens=5, num_beams=3,
+                           do_sample=False)
+    assert images_seen == [] and torch.equal(again, beams)
+
+
+def test_mm_encoder_outputs_equal_pixel_values(make_model, batch):
+    model = make_model()
+    with torch.no_grad():
+        from_pixels = model(**batch)
+        features = model.get_image_features(batch["pixel_values"])
+        pre_encoded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            mm_encoder_outputs={"image": features})
+    torch.testing.assert_close(pre_encoded.logits, from_pixels.logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"^Pass `pixel_values` or `mm_encoder_outputs`, not both"):
+        model(**batch, mm_encoder_outputs={"image": features})
+
+
+def test_processor_reports_image_tokens_as_llava_does(processor):
+    """`_get_num_multimodal_tokens` is what serving engines ask a LLaVA processor for."""
+    data = processor._get_num_multimodal_tokens(image_sizes=[(48, 64), (300, 20)])
+    assert data.num_image_tokens == [16, 16] and data.num_image_patches == [1, 1]
+    from transformers import LlavaProcessor
+
+    assert isinstance(processor, LlavaProcessor)
+
+
+def test_classes_are_llava_subclasses(make_model):
+    from transformers import LlavaForConditionalGeneration, LlavaModel
+
+    model = make_model()
+    assert isinstance(model, LlavaForConditionalGeneration) and isinstance(model.model, LlavaModel)
+
+
 def test_placeholders_without_pixels_still_refused_outside_generation(make_model, batch):
     with pytest.raises(ValueError, match=r"contain `<image>` tokens but no `pixel_values` were given"):
         make_model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -233,7 +287,8 @@ def test_get_image_features_returns_llava_style_output(make_model, batch):
     assert len(features.pooler_output) == 2 and features.pooler_output[0].shape == (16, config.text_config.hidden_size)
     torch.testing.assert_close(torch.stack(features.pooler_output), forward.image_hidden_states)
     assert features.last_hidden_state.shape == (2, 17, config.vision_config.hidden_size)
-    assert features.hidden_states is None and len(with_hidden.hidden_states) == config.vision_config.num_hidden_layers + 1
+    assert len(with_hidden.hidden_states) == config.vision_config.num_hidden_layers + 1
+    assert all(state is not None for state in with_hidden.hidden_states)
     assert isinstance(forward.image_outputs, BaseModelOutputWithPooling)
     full = model.get_image_features(batch["pixel_values"], vision_feature_select_strategy="full")
     assert full.pooler_output[0].shape[0] == 17

@@ -48,6 +48,7 @@ SCRIPT = textwrap.dedent(
     from torch.distributed.fsdp import FSDPModule
     from aligngpt_hf.tiny import build_model, build_processor, build_tokenizer
     from aligngpt_hf.training.data import AlignGPTDataCollator, synthetic_dataset
+    from aligngpt_hf.training.static_graph import attach_static_graph
     from aligngpt_hf.training.trainers import freeze_for_instruct
 
     out, plan = sys.argv[1], json.loads(sys.argv[2])
@@ -58,6 +59,7 @@ SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     model = build_model(tokenizer)
     freeze_for_instruct(model)
+    attach_static_graph(model)  # what AlignGPT's trainers do: a text-only rank runs the projector and gate too
     plugin = FullyShardedDataParallelPlugin()  # from the variables `accelerate launch` exported from fsdp.yaml
     # accelerate's own FSDP2 preparation, given what it reads off an Accelerator (none can exist on CPU, see above)
     accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",

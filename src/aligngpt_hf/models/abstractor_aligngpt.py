@@ -72,6 +72,7 @@ class AlignGPTVisualAbstractor(nn.Module):
         self.end_of_image = nn.Parameter(torch.empty(config.text_config.hidden_size))
 
     def forward(self, visual: torch.Tensor) -> torch.Tensor:
+        visual = visual.to(self.query_tokens.dtype)
         queries = self.query_tokens.to(visual.dtype).expand(visual.shape[0], -1, -1)
         for layer in self.layers:
             queries = layer(queries, visual)

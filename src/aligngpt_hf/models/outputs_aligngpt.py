@@ -1,23 +1,25 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
-"""AlignGPT's output classes: transformers' own, plus the image features and the gate weights.
+"""AlignGPT's output classes: the installed transformers' LLaVA outputs, plus the image features and the gate weights.
 
-Remote-code file (imports only torch and transformers), copied next to the weights with modeling_aligngpt.py.
+Remote-code file (imports only torch and transformers), copied next to the weights with modeling_aligngpt.py. The
+KV-cache field is inherited from LLaVA's class, so it carries the installed transformers' name.
 """
 
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
 
 
 @dataclass
-class AlignGPTModelOutputWithPast(BaseModelOutputWithPast):
+class AlignGPTModelOutputWithPast(LlavaModelOutputWithPast):
     r"""
     image_outputs (`BaseModelOutputWithPooling`, *optional*):
         The vision tower's output as [`AlignGPTModel.get_image_features`] returns it (`pooler_output`: one
-        `(image_seq_length, hidden_size)` tensor per image), as transformers' LLaVA returns it from 5.24.
+        `(image_seq_length, hidden_size)` tensor per image).
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
-        Projected image features spliced into the sequence.
+        Projected image features spliced into the sequence, as one tensor.
     alignment_weights (`torch.FloatTensor` of shape `(batch_size, num_alignment_levels - 1)`, *optional*):
         Gate weights over the local alignment levels (NaN rows for samples without an image). `None` when no gate
         ran: decoding steps, level mode (`alignment_levels` given) and the `global`/`mean`/`none` modes.
@@ -29,14 +31,11 @@ class AlignGPTModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class AlignGPTCausalLMOutputWithPast(CausalLMOutputWithPast):
+class AlignGPTCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token cross-entropy over labels != -100.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
     image_outputs, image_hidden_states, alignment_weights: see [`AlignGPTModelOutputWithPast`].
-
-    The KV cache field is inherited, so it carries the installed transformers' name (`past_key_values` up to 5.23,
-    `cache` from 5.24).
     """
 
     image_outputs: BaseModelOutputWithPooling | None = None
@@ -44,9 +43,4 @@ class AlignGPTCausalLMOutputWithPast(CausalLMOutputWithPast):
     alignment_weights: torch.FloatTensor | None = None
 
 
-# The installed transformers' name of the KV-cache output field, read once at import: a plain constant keeps the
-# forward traceable by torch.compile(fullgraph=True) (dataclasses.fields is not).
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-__all__ = ["CACHE_FIELD", "AlignGPTCausalLMOutputWithPast", "AlignGPTModelOutputWithPast"]
+__all__ = ["AlignGPTCausalLMOutputWithPast", "AlignGPTModelOutputWithPast"]

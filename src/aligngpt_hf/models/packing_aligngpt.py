@@ -58,6 +58,12 @@ def packed_call(text_config, attention_mask, position_ids, use_cache, kwargs: di
     return segments, check_packed_call(text_config, use_cache, kwargs)
 
 
+def positions_from_mask(attention_mask: torch.Tensor, sequence_length: int) -> torch.LongTensor:
+    """Position ids that count only attended tokens, so left and right padding give identical positions."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)[:, -sequence_length:]
+
+
 def placeholder_counts(image_mask, align_mask, segments):
     """`<image>` and `<align>` tokens per row, or per sample of packed rows."""
     if segments is None:
@@ -117,5 +123,6 @@ __all__ = [
     "packed_image_text_dots",
     "packed_segments",
     "placeholder_counts",
+    "positions_from_mask",
     "segment_sum",
 ]

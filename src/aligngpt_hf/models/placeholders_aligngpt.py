@@ -25,25 +25,27 @@ def check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor, in
         )
 
 
-def check_placeholders(image_tokens_per_row, align_per_row, feature_shape, expects_align, levels, num_levels,
+def check_placeholders(image_tokens_per_row, align_per_row, image_features, expects_align, levels, num_levels,
                        input_ids=None, vocab_size=None) -> None:
-    """Check `<image>`/`<align>` counts per sample (and levels, and token ids) against the features, loudly and
-    naming samples.
+    """Check `<image>`/`<align>` counts per sample (and levels, token ids and finite image features) against the
+    features, loudly and naming samples.
 
     One device-to-host copy of the per-sample counts (the forward's only one); the messages are built from it.
     """
-    num_images, tokens_per_image = feature_shape[:2]
+    num_images, tokens_per_image = image_features.shape[:2]
     batch_size = image_tokens_per_row.shape[0]
     if levels is not None and levels.numel() != batch_size:
         raise ValueError(f"`alignment_levels` has {levels.numel()} entries for a batch of {batch_size} samples.")
-    bad_per_row = None  # the total, broadcast: packed rows count per sample, the failure message recounts per row
-    if input_ids is not None:
-        bad_per_row = out_of_vocabulary(input_ids, vocab_size).sum().expand_as(image_tokens_per_row)
+    # Totals, broadcast to a row: packed rows count per sample, and a failure message recounts what it names.
+    nonfinite = ~torch.isfinite(image_features).flatten(1).all(-1)
+    totals = [nonfinite.sum()] + ([out_of_vocabulary(input_ids, vocab_size).sum()] if input_ids is not None else [])
     rows = [image_tokens_per_row, align_per_row] + ([levels] if levels is not None else [])
-    rows += [bad_per_row.to(image_tokens_per_row.dtype)] if bad_per_row is not None else []
+    rows += [total.to(image_tokens_per_row.dtype).expand_as(image_tokens_per_row) for total in totals]
     tokens_per_row, align_per_row, *level_list = torch.stack(rows).tolist()
-    if bad_per_row is not None and any(level_list.pop()):
+    if input_ids is not None and any(level_list.pop()):
         raise_out_of_vocabulary(input_ids, vocab_size)
+    if any(level_list.pop()):
+        raise_nonfinite_images(nonfinite)
     _check_image_tokens(tokens_per_row, num_images, tokens_per_image)
     if not expects_align and any(align_per_row):
         raise ValueError(
@@ -88,9 +90,9 @@ def _check_alignment_tokens(align_per_row: list, rows_with_image: list) -> None:
         raise ValueError(f"Sample {index} {reason}.")
 
 
-def check_model_inputs(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels,
-                       vision_config=None) -> None:
-    """Shapes and dtypes, without a host sync (the token-id range rides on the placeholder check's one copy)."""
+def check_input_shapes(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels, config) -> None:
+    """Shapes, dtypes and arguments the alignment mode cannot use, without a host sync (the token-id range rides on
+    the placeholder check's one copy)."""
     tokens = input_ids if input_ids is not None else inputs_embeds
     if input_ids is not None and (input_ids.is_floating_point() or input_ids.dtype == torch.bool):
         raise TypeError(f"`input_ids` must hold integer token ids, got {input_ids.dtype}; tokenize with the processor.")
@@ -103,6 +105,23 @@ def check_model_inputs(input_ids, inputs_embeds, attention_mask, pixel_values, a
                 f"{tuple(tokens.shape[:2])} (batch, sequence): the batch sizes must match and the mask must cover "
                 "every token (plus the cached ones). Build both with the same processor call."
             )
+    _check_pixel_shape(pixel_values, config.vision_config)
+    if alignment_levels is not None and not config.uses_alignment_token:
+        raise ValueError(
+            "`alignment_levels` was given, but this model has `alignment_mode='none'`: it has no level table and no "
+            "`<align>` token, so levels cannot be applied. Drop `alignment_levels` (for stage 1, a data collator "
+            "without `level_column`), or use a model with an alignment mode."
+        )
+    if alignment_levels is not None:
+        levels = torch.as_tensor(alignment_levels)
+        if levels.is_floating_point() or levels.dtype == torch.bool:
+            raise TypeError(
+                f"`alignment_levels` must be integers (level 0..N-1), got {levels.dtype} values "
+                f"{levels.flatten()[:8].tolist()}; levels are never rounded or truncated."
+            )
+
+
+def _check_pixel_shape(pixel_values, vision_config) -> None:
     if pixel_values is not None and pixel_values.dim() < 4:
         raise ValueError(
             f"`pixel_values` has shape {tuple(pixel_values.shape)}; expected (num_images, channels, height, width). "
@@ -115,13 +134,26 @@ def check_model_inputs(input_ids, inputs_embeds, attention_mask, pixel_values, a
                 f"`pixel_values` has shape {tuple(pixel_values.shape)}; the vision tower takes {channels} channels at "
                 f"{size}x{size} pixels. Build inputs with the model's own processor (its image processor resizes)."
             )
-    if alignment_levels is not None:
-        levels = torch.as_tensor(alignment_levels)
-        if levels.is_floating_point() or levels.dtype == torch.bool:
-            raise TypeError(
-                f"`alignment_levels` must be integers (level 0..N-1), got {levels.dtype} values "
-                f"{levels.flatten()[:8].tolist()}; levels are never rounded or truncated."
-            )
+
+
+def raise_nonfinite_images(nonfinite: torch.Tensor) -> None:
+    """NaN/inf features would give NaN logits and loss with no error: name the images instead."""
+    raise ValueError(
+        f"Image(s) {nonfinite.nonzero().flatten().tolist()} of the batch (index among its images, in order) give "
+        "NaN or inf features: their `pixel_values` hold NaN or inf values (build them with the model's processor "
+        "from valid image files, and check any normalisation applied to them), or the vision tower overflows in "
+        "this dtype (run it in float32 or bfloat16 rather than float16)."
+    )
+
+
+def placeholder_ids_from_embeddings(inputs_embeds: torch.Tensor, table: torch.Tensor, placeholders) -> torch.Tensor:
+    """Ids for `inputs_embeds`: the placeholder id where a vector equals its embedding row, a plain token elsewhere."""
+    plain = min({0, 1, 2} - set(placeholders))
+    ids = torch.full(inputs_embeds.shape[:2], plain, dtype=torch.long, device=inputs_embeds.device)
+    for token_id in placeholders:
+        vector = table[token_id].to(inputs_embeds.device, inputs_embeds.dtype)
+        ids = ids.masked_fill((inputs_embeds == vector).all(-1), token_id)
+    return ids
 
 
 def out_of_vocabulary(input_ids, vocab_size) -> torch.Tensor:

@@ -10,8 +10,9 @@ would shift every assistant span by the length of `<align>`).
 import bisect
 
 import torch
-from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
+from transformers.models.llava.processing_llava import LlavaProcessor
+from transformers.processing_utils import MultiModalData
 
 from .image_processing_utils_aligngpt import call_with_truncation_check, check_conversation, check_text, load_images
 
@@ -45,9 +46,11 @@ VICUNA_V1_CHAT_TEMPLATE = (
 )
 
 
-class AlignGPTProcessor(ProcessorMixin):
+class AlignGPTProcessor(LlavaProcessor):
     r"""
     Builds AlignGPT inputs: pixel values, `<image>` expanded to `image_seq_length` tokens, `<align>` after BOS.
+    transformers' `LlavaProcessor` with a fixed token count per image (it does not depend on the vision patch size
+    alone: the abstractor projector gives `num_queries + 1`) and the `<align>` insertion.
 
     Args:
         image_processor: a stock image processor. For AlignGPT's `pad` mode use `LlavaImageProcessorPil(do_pad=True)`
@@ -91,7 +94,7 @@ class AlignGPTProcessor(ProcessorMixin):
         self.alignment_token_id = _special_token_id(tokenizer, alignment_token)
         if chat_template is None:
             chat_template = VICUNA_V1_CHAT_TEMPLATE
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, image_token=image_token)
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Tokenize `text` (str or list) with its `images`: one image, a flat list, or one list per sample, each an
@@ -143,6 +146,14 @@ class AlignGPTProcessor(ProcessorMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per image, as serving engines ask for them: `image_seq_length` at any input size (the
+        image processor resizes every image to the vision tower's size; `<align>` is one text token per sample)."""
+        if image_sizes is None:
+            return MultiModalData()
+        count = len(image_sizes)
+        return MultiModalData(num_image_tokens=[self.image_seq_length] * count, num_image_patches=[1] * count)
 
     def get_text_with_replacements(self, text, images_replacements=(), videos_replacements=(), audio_replacements=()):
         """Expand `<image>`, then insert `<align>` after a leading BOS of each sample with an image.

@@ -34,6 +34,7 @@ from aligngpt_hf.training.sampler import (
     modality_lengths,
 )
 from aligngpt_hf.training.stage_handoff import STAGE_ATTRIBUTE, check_alignment_trained, load_for_instruct, merge_lora
+from aligngpt_hf.training.static_graph import attach_static_graph
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class _AlignGPTTrainer(SFTTrainer):
         if peft_config is not None:
             _check_peft_model(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        attach_static_graph(base)  # image-free batches reach every trainable module too (DDP, ZeRO-3, FSDP)
         self.add_callback(_StageMarkerCallback(base.config, self._stage))
 
     @staticmethod
@@ -360,7 +362,8 @@ class AlignGPTPretrainTrainer(_AlignGPTTrainer):
     def _collator(self, model, processor, args) -> AlignGPTDataCollator:
         return AlignGPTDataCollator(processor=processor, max_length=args.max_length,
                                     pad_to_multiple_of=args.pad_to_multiple_of, assistant_only_loss=True,
-                                    chat_template=PLAIN_CHAT_TEMPLATE, level_column=args.level_column,
+                                    chat_template=PLAIN_CHAT_TEMPLATE,
+                                    level_column=args.level_column if model.config.uses_alignment_token else None,
                                     num_alignment_levels=model.config.num_alignment_levels)
 
 
