@@ -131,13 +131,7 @@ def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenize
     if is_family_config(orig):  # AlignGPT_family: other LLM classes, n_indicators, SigLIP towers
         return convert_family(source_dir, output, orig, source, vision_tower, tokenizer, kind=kind, dtype=dtype,
                               max_shard_size=max_shard_size, progress=progress)
-    files = WeightFiles(weight_files_in(source_dir))
-    shapes = files.shapes()
-    detected = detect_kind(shapes)
-    if kind not in (None, "auto", detected):
-        raise ConversionError(f"Expected a {kind!r} checkpoint, but {source} holds a {detected!r} one (from its keys).")
-    embedded_vision = any(k.startswith("vision_tower.vision_tower.vision_model.") for k in shapes)
-    need_vision_weights = detected == "full" and (vision_tower is not None or not embedded_vision)
+    files, shapes, detected, need_vision_weights = read_weights(source_dir, source, kind, vision_tower)
     vision_config, vision_dir, processor_settings = resolve_vision(orig, source_dir, vision_tower, need_vision_weights)
     tok = load_tokenizer(tokenizer, source_dir) if detected == "full" else None
     config = build_config(orig, vision_config, shapes, tok, _target_dtype(dtype, shapes), detected)
@@ -155,6 +149,19 @@ def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenize
             f"`<image>` must be id {config.image_token_id} and `<align>` id {config.alignment_token_id}."
         )
     return result
+
+
+def read_weights(source_dir: Path, source, kind: str | None, vision_tower):
+    """(weight files, their shapes, detected kind, whether the tower's weights must be found): the kind is read off
+    the keys and must match `kind` when one is asked for; a full checkpoint without an embedded tower (or with
+    `--vision-tower` given) takes the tower's weights from elsewhere."""
+    files = WeightFiles(weight_files_in(source_dir))
+    shapes = files.shapes()
+    detected = detect_kind(shapes)
+    if kind not in (None, "auto", detected):
+        raise ConversionError(f"Expected a {kind!r} checkpoint, but {source} holds a {detected!r} one (from its keys).")
+    embedded_vision = any(k.startswith("vision_tower.vision_tower.vision_model.") for k in shapes)
+    return files, shapes, detected, detected == "full" and (vision_tower is not None or not embedded_vision)
 
 
 def _convert_full(files, shapes, config, expected, vision_dir, output, max_shard_size, progress) -> ConversionResult:

@@ -34,7 +34,6 @@ from aligngpt_hf.conversion.mapping import (
     Rule,
     WeightFiles,
     check_filled,
-    detect_kind,
     map_keys,
     plan_and_write,
     projector_rules,
@@ -180,13 +179,7 @@ def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_to
             "phi, qwen, mistral) are not in AlignGPTProcessor yet, so no processor can be written. Convert without "
             "`--tokenizer`; weights, config and image settings are converted."
         )
-    files = WeightFiles(weight_files_in(source_dir))
-    shapes = files.shapes()
-    detected = detect_kind(shapes)
-    if kind not in (None, "auto", detected):
-        raise ConversionError(f"Expected a {kind!r} checkpoint, but {source} holds a {detected!r} one (from its keys).")
-    embedded = any(k.startswith("vision_tower.vision_tower.vision_model.") for k in shapes)
-    need_vision_weights = detected == "full" and (vision_tower is not None or not embedded)
+    files, shapes, detected, need_vision_weights = base.read_weights(source_dir, source, kind, vision_tower)
     vision_config, vision_dir, settings = resolve_family_vision(orig, source_dir, vision_tower, need_vision_weights)
     check_tower_width(orig, vision_config, source_dir / "config.json")
     config = build_family_config(orig, vision_config, shapes, base._target_dtype(dtype, shapes), detected)
