@@ -57,6 +57,28 @@ def make_model(tokenizer):
 
 
 @pytest.fixture
+def stage1_artefact(make_model, tmp_path):
+    """A converted stage-1 artefact as `aligngpt-hf convert` writes it (config, projector + level table, stage
+    marker naming a saved CLIP tower), from a seeded tiny model; returns (that model, the artefact folder, its tensors)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel
+
+    source = make_model(seed=5)
+    artefact = tmp_path / "artefact"
+    source.config.save_pretrained(artefact)
+    tensors = {k: v.contiguous() for k, v in source.state_dict().items()
+               if k.startswith("model.multi_modal_projector.") or k == "model.alignment.level_embeddings"}
+    save_file(tensors, artefact / "stage1.safetensors")
+    CLIPVisionModel(source.config.vision_config).save_pretrained(tmp_path / "clip")
+    (artefact / "aligngpt_stage.json").write_text(json.dumps(
+        {"stage": "pretrain", "format_version": 1, "weights": "stage1.safetensors", "tensors": sorted(tensors),
+         "vision_tower": str(tmp_path / "clip")}))
+    return source, artefact, tensors
+
+
+@pytest.fixture
 def images():
     """Three small images of different sizes and colours (non-square, to exercise pad-to-square)."""
     return [

@@ -182,17 +182,8 @@ def test_data_path_is_checked_on_its_first_records(tmp_path):
         dry_run(tmp_path, "pretrain", "pretrain_7b", *common)
 
 
-def test_instruct_from_a_converted_stage1_artefact_needs_the_base_llm_and_plans_its_config(make_model, tmp_path):
-    from safetensors.torch import save_file
-
-    source = make_model(seed=5)
-    artefact = tmp_path / "artefact"
-    source.config.save_pretrained(artefact)
-    tensors = {k: v.contiguous() for k, v in source.state_dict().items()
-               if k.startswith("model.multi_modal_projector.") or k == "model.alignment.level_embeddings"}
-    save_file(tensors, artefact / "stage1.safetensors")
-    (artefact / "aligngpt_stage.json").write_text(json.dumps(
-        {"stage": "pretrain", "weights": "stage1.safetensors", "tensors": sorted(tensors)}))
+def test_instruct_from_a_converted_stage1_artefact_needs_the_base_llm_and_plans_its_config(stage1_artefact, tmp_path):
+    source, artefact, _ = stage1_artefact
     with pytest.raises(ValueError, match=r"is a converted stage-1 artefact \(projector \+ level table only\): pass "
                                          r"`language_model`"):
         dry_run(tmp_path, "instruct", "instruct_tiny", "--model_name_or_path", str(artefact))

@@ -303,20 +303,10 @@ def test_image_token_mismatch_is_not_blamed_on_max_length(make_model, processor,
         trainer.train()
 
 
-def test_load_for_instruct_from_a_converted_stage1_artefact(make_model, tokenizer, tmp_path):
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionModel, LlamaForCausalLM
+def test_load_for_instruct_from_a_converted_stage1_artefact(stage1_artefact, tokenizer, tmp_path):
+    from transformers import LlamaForCausalLM
 
-    source = make_model(seed=5)
-    artefact = tmp_path / "artefact"
-    source.config.save_pretrained(artefact)
-    tensors = {k: v.contiguous() for k, v in source.state_dict().items()
-               if k.startswith("model.multi_modal_projector.") or k == "model.alignment.level_embeddings"}
-    save_file(tensors, artefact / "stage1.safetensors")
-    CLIPVisionModel(source.config.vision_config).save_pretrained(tmp_path / "clip")
-    (artefact / "aligngpt_stage.json").write_text(json.dumps(
-        {"stage": "pretrain", "format_version": 1, "weights": "stage1.safetensors", "tensors": sorted(tensors),
-         "vision_tower": str(tmp_path / "clip")}))
+    source, artefact, tensors = stage1_artefact
     with pytest.raises(ValueError, match=r"is a converted stage-1 artefact \(projector \+ level table only\): pass "
                                          r"`base_language_model`"):
         load_for_instruct(str(artefact))

@@ -126,23 +126,11 @@ def test_build_from_components_copies_pretrained_weights(tokenizer, tmp_path):
     assert processor.image_processor.do_pad is True
 
 
-def test_instruct_cli_starts_from_a_converted_stage1_artefact(make_model, tokenizer, tmp_path):
-    import json
+def test_instruct_cli_starts_from_a_converted_stage1_artefact(stage1_artefact, tokenizer, tmp_path):
+    from transformers import CLIPImageProcessorPil, LlamaForCausalLM
 
-    from safetensors.torch import save_file
-    from transformers import CLIPImageProcessorPil, CLIPVisionModel, LlamaForCausalLM
-
-    source = make_model(seed=5)
-    artefact = tmp_path / "artefact"
-    source.config.save_pretrained(artefact)
-    tensors = {k: v.contiguous() for k, v in source.state_dict().items()
-               if k.startswith("model.multi_modal_projector.") or k == "model.alignment.level_embeddings"}
-    save_file(tensors, artefact / "stage1.safetensors")
+    source, artefact, tensors = stage1_artefact
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(artefact)
-    CLIPVisionModel(source.config.vision_config).save_pretrained(tmp_path / "clip")
-    (artefact / "aligngpt_stage.json").write_text(json.dumps(
-        {"stage": "pretrain", "weights": "stage1.safetensors", "tensors": sorted(tensors),
-         "vision_tower": str(tmp_path / "clip")}))
     LlamaForCausalLM(source.config.text_config).save_pretrained(tmp_path / "llm")
     tokenizer.save_pretrained(tmp_path / "llm")
     out = tmp_path / "stage2"
