@@ -75,15 +75,17 @@ def saving_to(path: str | os.PathLike, action: str = "save to"):
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, directory: bool = False):
+def atomic_path(target: str | os.PathLike, directory: bool = False, *, sweep: bool = True):
     """Yield a temporary path next to `target`; on success it replaces `target` in one rename, on error it is removed.
 
     `directory=True` yields an empty folder (a whole output folder is built there, then renamed). Disk-full and
-    permission errors are re-raised naming `target`.
+    permission errors are re-raised naming `target`. `sweep=False` skips removing a killed run's leftovers (a scan of
+    the whole folder): for many small files in a folder that is itself rebuilt from scratch by every run.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(target)
+    if sweep:
+        remove_leftovers(target)
     if directory:
         temp = Path(tempfile.mkdtemp(prefix=temp_name(target), dir=target.parent))
     else:

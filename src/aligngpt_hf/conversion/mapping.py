@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from aligngpt_hf.paths import atomic_write_text
+
 # Rows of the LLM vocabulary tables may grow (new `<image>`/`<align>` rows, padding); the original rows are kept.
 VOCAB_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 
@@ -407,7 +409,7 @@ def plan_and_write(sources, expected, config, output: Path, max_shard_size, prog
     bar.close()
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        atomic_write_text(output / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         names.append("model.safetensors.index.json")
     return names
 

@@ -41,6 +41,7 @@ from aligngpt_hf.demo.stages import (
     train_clip,
 )
 from aligngpt_hf.demo.task import QUESTION_KINDS
+from aligngpt_hf.paths import atomic_path, atomic_write_text
 
 MODES = {"aligngpt": "adaptive", "llava": "none", "shuffled": "adaptive"}
 
@@ -144,7 +145,8 @@ def write_plot(run: Path, table: dict, chance: dict) -> list[str]:
              title="mean over seeds (whiskers: min..max; dotted: chance)")
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
-    figure.savefig(run / "compare.png", dpi=100)
+    with atomic_path(run / "compare.png") as temp:
+        figure.savefig(temp, dpi=100, format="png")
     plt.close(figure)
     return ["compare.png"]
 
@@ -171,9 +173,9 @@ def run_compare(out: str | Path = "runs/demo-compare", quick: bool = False, seed
                "settings": asdict(settings), "threads": threads,
                "seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu_start,
                "loadavg_at_start": load, "loadavg_at_end": loadavg(), "plots": write_plot(run, table, chance)}
-    (run / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(run / "results.json", json.dumps(results, indent=2))
     markdown = compare_table(table, chance, seeds) + "\n" + gap_lines(gap)
-    (run / "compare.md").write_text(markdown)
+    atomic_write_text(run / "compare.md", markdown)
     say("comparison (held-out exact match):")
     print(markdown, end="", flush=True)
     say(f"{results['seconds']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU; results in {run / 'results.json'}")

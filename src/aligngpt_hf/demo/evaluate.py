@@ -1,6 +1,6 @@
 """Held-out answering for the demo: greedy batched generation plus the gate weights of each question.
 
-Only torch, PIL and transformers are imported, so `python evaluate.py MODEL QUESTIONS ANSWERS` run as a file (not as
+Only torch, PIL, transformers and the standard library are imported, so `python evaluate.py MODEL QUESTIONS ANSWERS` run as a file (not as
 part of the package) proves a saved folder works through remote code alone; `--compare` calls `answer_questions`
 in-process on models it has just trained.
 """
@@ -8,7 +8,9 @@ in-process on models it has just trained.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 
 
 def answer_questions(model, processor, questions: list[dict], batch_size: int = 64) -> list[dict]:
@@ -43,8 +45,21 @@ def main(model_dir: str, questions_file: str, answers_file: str) -> None:
     with open(questions_file) as handle:
         questions = json.load(handle)
     answers = answer_questions(model, processor, questions)
-    with open(answers_file, "w") as handle:
-        json.dump({"answers": answers, "model_class": type(model).__module__}, handle, indent=1)
+    write_json(answers_file, {"answers": answers, "model_class": type(model).__module__})
+
+
+def write_json(path: str, data: dict) -> None:
+    """Whole or not at all: a temp file in the same folder, then one rename. The package's `atomic_write_text` does
+    the same, but this file must run without the package (its temp names carry the same marker)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, temp = tempfile.mkstemp(prefix=f".{name}.aligngpt-tmp-", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(data, file, indent=1)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
 
 
 if __name__ == "__main__":

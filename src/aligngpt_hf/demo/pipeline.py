@@ -48,6 +48,7 @@ from aligngpt_hf.demo.stages import (
     train_clip,
 )
 from aligngpt_hf.demo.task import QUESTION_KINDS
+from aligngpt_hf.paths import atomic_path, atomic_write_text
 
 
 def evaluate_saved(run: Path, questions: Path, threads: int) -> dict:
@@ -77,8 +78,10 @@ def write_plots(run: Path, logs: dict, summary: dict) -> list[str]:
         axis.plot(*zip(*points), marker="o", markersize=3)
         axis.set(title=f"{stage} training loss", xlabel="step", ylabel="loss")
     figure.tight_layout()
-    figure.savefig(run / "loss_curves.png", dpi=100)
-    gate_figure(plt, summary).savefig(run / "gate_weights.png", dpi=100)
+    with atomic_path(run / "loss_curves.png") as temp:
+        figure.savefig(temp, dpi=100, format="png")
+    with atomic_path(run / "gate_weights.png") as temp:
+        gate_figure(plt, summary).savefig(temp, dpi=100, format="png")
     plt.close("all")
     return ["loss_curves.png", "gate_weights.png"]
 
@@ -142,10 +145,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
                "cpu_seconds": cpu_seconds() - cpu_start, "loadavg_at_start": load, "loadavg_at_end": loadavg(),
                "threads": threads, "settings": asdict(settings), "seed": seed,
                "reloaded_from": answers["model_class"], "files": {**relative_to(run, level_files), "plots": plots}}
-    (run / "results.json").write_text(json.dumps(results, indent=2))
-    (run / "accuracy.md").write_text(f"Held-out exact-match accuracy of `aligngpt-hf demo{' --quick' if quick else ''} "
-                                     f"--seed {seed}`; Spearman(CLIP score, caption correctness) = {correlation:.3f}."
-                                     f"\n\n{accuracy_table(summary)}")
+    atomic_write_text(run / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(run / "accuracy.md", f"Held-out exact-match accuracy of `aligngpt-hf demo{' --quick' if quick else ''} "
+                      f"--seed {seed}`; Spearman(CLIP score, caption correctness) = {correlation:.3f}."
+                      f"\n\n{accuracy_table(summary)}")
     print_summary(results, run)
     return results
 

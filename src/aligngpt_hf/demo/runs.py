@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aligngpt_hf.demo.stages import FULL, QUICK, DemoSettings, choose_threads, say
 from aligngpt_hf.demo.task import QUESTION_KINDS, best_constant_accuracy, draw, heldout_rows, verdict
+from aligngpt_hf.paths import atomic_path, atomic_write_text
 from aligngpt_hf_cli.options import demo_folder_problem
 
 MARKER = ".aligngpt-demo"  # written into every run folder, so --overwrite only ever deletes a demo's own output
@@ -27,20 +28,21 @@ def prepare_folder(run: Path, overwrite: bool) -> None:
         say(f"--overwrite: removing the earlier run in {run}")
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
-    (run / MARKER).write_text("made by `aligngpt-hf demo`; --overwrite may delete this folder\n")
+    atomic_write_text(run / MARKER, "made by `aligngpt-hf demo`; --overwrite may delete this folder\n")
 
 
 def write_heldout(run: Path, settings: DemoSettings, rng: random.Random) -> Path:
-    """Balanced held-out questions on unseen images (`data/heldout/questions.json`)."""
+    """Balanced held-out questions on unseen images (`data/heldout/questions.json`); the folder is built aside and
+    renamed into place whole."""
     folder = run / "data" / "heldout"
-    folder.mkdir(parents=True, exist_ok=True)
     questions = []
-    for index, row in enumerate(heldout_rows(settings.heldout_per_kind, rng)):
-        path = folder / f"heldout-{index:04d}.png"
-        draw(row["scene"]).save(path)
-        questions.append({"kind": row["kind"], "question": row["question"], "answer": row["answer"],
-                          "image": str(path)})
-    (folder / "questions.json").write_text(json.dumps(questions, indent=1))
+    with atomic_path(folder, directory=True) as staging:
+        for index, row in enumerate(heldout_rows(settings.heldout_per_kind, rng)):
+            name = f"heldout-{index:04d}.png"
+            draw(row["scene"]).save(staging / name)
+            questions.append({"kind": row["kind"], "question": row["question"], "answer": row["answer"],
+                              "image": str(folder / name)})
+        (staging / "questions.json").write_text(json.dumps(questions, indent=1))
     return folder / "questions.json"
 
 

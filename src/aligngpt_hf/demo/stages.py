@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aligngpt_hf.demo.task import IMAGE_SIZE, PATCH_SIZE, caption_pairs, corpus, draw, question_rows, text_only_chats
+from aligngpt_hf.paths import atomic_path, atomic_write_text
 
 ARMS = ("aligngpt", "llava", "shuffled")  # (a) levels + gate, (b) alignment_mode="none", (c) levels shuffled
 ARM_TITLES = {"aligngpt": "AlignGPT", "llava": "plain LLaVA", "shuffled": "AlignGPT, shuffled levels"}
@@ -119,16 +120,18 @@ def _suffixes(arms: int) -> list[str]:
 
 
 def write_llava_json(rows: list[dict], folder: Path, name: str, to_record) -> Path:
-    """Draw each row's scene to `folder/images/` and write LLaVA-format records built by `to_record`."""
+    """Draw each row's scene to `folder/images/` and write LLaVA-format records built by `to_record`. Every file is
+    written whole (temp file, then rename); the images skip the leftover scan, since each run starts from an empty
+    run folder."""
     images = folder / "images"
-    images.mkdir(parents=True, exist_ok=True)
     records = []
     for index, row in enumerate(rows):
         file = f"{name}-{index:05d}.png"
-        draw(row["scene"]).save(images / file)
+        with atomic_path(images / file, sweep=False) as temp:
+            draw(row["scene"]).save(temp, format="PNG")
         records.append({"id": f"{name}-{index}", "image": file, **to_record(row)})
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(records, indent=1))
+    atomic_write_text(path, json.dumps(records, indent=1))
     return path
 
 
@@ -202,7 +205,7 @@ def shuffled_levels(levels_json: Path, seed: int) -> Path:
     for record, level in zip(records, levels):
         record.update(similarity=level, alignment_level=level)
     path = levels_json.with_name(levels_json.stem + ".shuffled.json")
-    path.write_text(json.dumps(records))
+    atomic_write_text(path, json.dumps(records))
     return path
 
 
@@ -308,8 +311,9 @@ def run_stages(run: Path, model, processor, levels_json: Path, instruct, setting
         args=training_args(AlignGPTPretrainConfig, run, f"stage1{name}", settings, settings.stage1_steps, 2e-3, seed,
                            train_level_table=has_table))
     quiet(stage1, f"stage 1{suffix}", settings.stage1_steps, progress).train()
-    stage1.save_model(str(stage1_dir))
-    processor.save_pretrained(stage1_dir)
+    with atomic_path(stage1_dir, directory=True) as staging:  # the folder stage 2 and the report read: whole or none
+        stage1.save_model(str(staging))
+        processor.save_pretrained(staging)
     progress.stage(f"stage 2{suffix}", f"{settings.stage2_steps} steps (LLM + projector{' + gate' * has_table}), "
                    f"{len(instruct)} rows")
     stage2 = AlignGPTInstructTrainer(
@@ -317,6 +321,7 @@ def run_stages(run: Path, model, processor, levels_json: Path, instruct, setting
         args=training_args(AlignGPTInstructConfig, run, f"stage2{name}", settings, settings.stage2_steps,
                            settings.stage2_lr, seed))
     quiet(stage2, f"stage 2{suffix}", settings.stage2_steps, progress).train()
-    stage2.save_model(str(out))
-    processor.save_pretrained(out)
+    with atomic_path(out, directory=True) as staging:
+        stage2.save_model(str(staging))
+        processor.save_pretrained(staging)
     return stage2.model, {"stage1": stage1.state.log_history, "stage2": stage2.state.log_history}

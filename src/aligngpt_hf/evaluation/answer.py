@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,14 +30,18 @@ ANSWER_ID_NAMESPACE = uuid.UUID("6f7a2b1e-4c1d-5e0a-9b2f-a11c9e7d0001")
 
 @dataclass
 class AnswerReport:
-    """What a run did: answered, skipped because already in the answers file (resume), skipped for a bad image."""
+    """What a run did: answered, skipped because already in the answers file (resume), skipped for a bad image, and
+    torn last lines of an interrupted earlier run removed on resume (their questions are answered again)."""
 
     answered: int = 0
     resumed: int = 0
     missing_images: list = field(default_factory=list)
+    torn_lines: int = 0
 
     def summary(self) -> str:
         parts = [f"answered {self.answered}", f"already answered (resume) {self.resumed}"]
+        if self.torn_lines:
+            parts.append(f"torn last lines removed (resume) {self.torn_lines}")
         if self.missing_images:
             parts.append(f"skipped for missing images {len(self.missing_images)}")
         return ", ".join(parts)
@@ -163,23 +168,31 @@ def generate_answers(model, processor, prompts: list[str], images: list, alignme
 
 
 def answered_ids(path: str | Path) -> set[str]:
-    """question_ids already in an answers file (JSON-encoded, so 5 and "5" stay distinct).
+    """question_ids already in an answers file (JSON-encoded, so 5 and "5" stay distinct); see `read_answered`."""
+    return read_answered(path)[0]
 
-    A last line cut short (a run killed while writing it) is removed with a warning and its question answered
-    again; a bad line elsewhere is an error naming the file and line, since answers before it may be wrong too.
+
+def read_answered(path: str | Path) -> tuple[set[str], int]:
+    """(question_ids already in an answers file, number of torn last lines removed: 0 or 1).
+
+    A last line cut short (no newline and not an answer record: a run killed while writing it) is cut off with a
+    warning naming the file and line, and its question is answered again; a bad line elsewhere is an error naming the
+    file and line, since answers before it may be wrong too.
     """
-    done = set()
+    done, torn = set(), 0
     if not Path(path).is_file():
-        return done
+        return done, torn
     lines = _lines(path)
+    ends_with_newline = Path(path).read_bytes().endswith(b"\n")
     for line_number, line in lines:
         if not line.strip():
             continue
         try:
             done.add(json.dumps(json.loads(line)["question_id"]))
         except (json.JSONDecodeError, KeyError, TypeError):
-            if line_number == len(lines) and not Path(path).read_bytes().endswith(b"\n"):
-                _drop_last_line(path, line)
+            if line_number == len(lines) and not ends_with_newline:
+                _drop_last_line(path, line_number, line)
+                torn += 1
                 continue
             raise ValueError(
                 f"{path}:{line_number}: not an answer record ({line[:60]!r}); --resume cannot trust this file. "
@@ -189,16 +202,17 @@ def answered_ids(path: str | Path) -> set[str]:
     if data and not data.endswith(b"\n"):  # a complete last record without its newline: the next one goes below
         with open(path, "ab") as handle:
             handle.write(b"\n")
-    return done
+    return done, torn
 
 
-def _drop_last_line(path: str | Path, line: str) -> None:
+def _drop_last_line(path: str | Path, line_number: int, line: str) -> None:
     data = Path(path).read_bytes()
     cut = data.rstrip(b"\n").rfind(b"\n") + 1
     with open(path, "r+b") as handle:
         handle.truncate(cut)
-    warnings.warn(f"{path}: removed its last line, cut short by an interrupted run ({line[:40]!r}...); that question "
-                  "is answered again.", stacklevel=3)
+        os.fsync(handle.fileno())
+    warnings.warn(f"{path}:{line_number}: removed this torn last line, cut short by an interrupted run "
+                  f"({line[:40]!r}...); its question is answered again.", stacklevel=3)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -228,11 +242,17 @@ def answer_questions(
     progress: bool = True,
     **gen_kwargs,
 ) -> AnswerReport:
-    """Answer `questions` into `answers_file` (one JSON line each, flushed as written, so a crash can `resume`)."""
+    """Answer `questions` into `answers_file` (one JSON line each, on disk as soon as written, so a crash can
+    `resume`).
+
+    Unlike the package's other outputs this file is appended to, not written aside and renamed: the answers of a
+    run killed after hours must survive for `--resume`. Each line is flushed and fsynced as it is written, so a crash
+    can only tear the last line, which `--resume` cuts off, counts and names (`read_answered`).
+    """
     from tqdm.auto import tqdm
 
     report = AnswerReport()
-    done = answered_ids(answers_file) if resume else set()
+    done, report.torn_lines = read_answered(answers_file) if resume else (set(), 0)
     todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
     report.resumed = len(questions) - len(todo)
     check_writable(Path(answers_file).parent, "answers folder")
@@ -258,7 +278,8 @@ def answer_questions(
                 )
                 for (question, _), text in zip(loaded, texts):
                     out.write(json.dumps(_answer_record(question, text, model_id)) + "\n")
-                out.flush()
+                    out.flush()
+                    os.fsync(out.fileno())
                 report.answered += len(loaded)
             bar.update(len(batch))
     return report

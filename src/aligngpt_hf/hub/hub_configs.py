@@ -23,6 +23,7 @@ from transformers import CLIPVisionConfig, GemmaConfig, LlamaConfig, MistralConf
 
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP
+from aligngpt_hf.paths import atomic_write_text
 
 CLIP_L_336 = dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
@@ -144,12 +145,12 @@ def config_json(config: AlignGPTConfig) -> str:
 
 
 def write_hub_configs(directory: str | Path) -> list[Path]:
-    """Write `<directory>/<variant>/config.json` for every variant; returns the written paths."""
+    """Write `<directory>/<variant>/config.json` for every variant (each one whole or not at all, so a failed run
+    leaves the previous file); returns the written paths."""
     written = []
     for name, config in hub_config_variants().items():
         path = Path(directory) / name / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(config_json(config))
+        atomic_write_text(path, config_json(config))
         written.append(path)
     return written
 

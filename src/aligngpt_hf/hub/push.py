@@ -24,7 +24,7 @@ from aligngpt_hf.hub.model_card import (
     base_models_from_config,
     render_model_card,
 )
-from aligngpt_hf.paths import TEMP_MARKER, atomic_path, check_writable
+from aligngpt_hf.paths import TEMP_MARKER, atomic_path, atomic_write_text, check_writable
 
 GENERATION_CLASS = "modeling_aligngpt.AlignGPTForConditionalGeneration"
 TOKENIZER_SHIM_FILE = "tokenization_aligngpt.py"
@@ -198,7 +198,7 @@ def ensure_generation_config(model, tokenizer) -> None:
 def _update_json(path: Path, update) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     update(data)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def complete_auto_maps(folder: Path, auto_model: str = "generation") -> None:
@@ -220,7 +220,7 @@ def complete_auto_maps(folder: Path, auto_model: str = "generation") -> None:
 
     _update_json(folder / "config.json", config_map)
     _update_json(folder / "tokenizer_config.json", tokenizer_map)
-    (folder / TOKENIZER_SHIM_FILE).write_text(TOKENIZER_SHIM, encoding="utf-8")
+    atomic_write_text(folder / TOKENIZER_SHIM_FILE, TOKENIZER_SHIM)
 
 
 def check_publish_folder(folder: str | Path) -> list[str]:

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import resource
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import yaml
 
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
+from aligngpt_hf.paths import atomic_write_text
 from aligngpt_hf.training.configs import AlignGPTScriptArguments
 from aligngpt_hf.training.memory import STRATEGIES, TrainingShape, estimate_memory
 from aligngpt_hf.training.model_setup import (
@@ -362,13 +362,8 @@ def summary(report: dict) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomic write: a temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(data, file, indent=2)
-        file.write("\n")
-    os.replace(temp, path)
+    """Atomic write (a marked temp file in the same folder, removed on failure, then one rename)."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def dry_run(stage: str, script_args: AlignGPTScriptArguments, training_args, precision: dict | None = None) -> dict:

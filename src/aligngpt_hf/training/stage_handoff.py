@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from aligngpt_hf.conversion.convert import load_stage1_artefact
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
+from aligngpt_hf.paths import atomic_path
 
 STAGE_ATTRIBUTE = "aligngpt_stage"  # written into the model config: "pretrain" after stage-1 steps, then "instruct"
 
@@ -35,13 +36,15 @@ def check_alignment_trained(config, allow_untrained: bool = False) -> None:
 
 def merge_lora(model, output_dir=None, processor=None):
     """Fold a stage-2 LoRA adapter (and its saved projector/gate copies) into a plain AlignGPT model; optionally save
-    it (with the processor) as a normal checkpoint that loads through the Auto classes."""
+    it (with the processor) as a normal checkpoint that loads through the Auto classes. `output_dir` is built in a
+    temporary folder and renamed into place, so a failed save leaves the earlier folder (or none), never half of one."""
     merged = model.merge_and_unload()
     merged.__dict__.pop("forward", None)  # drop TRL's fused-head patch from the instance
     if output_dir is not None:
-        merged.save_pretrained(output_dir)
-        if processor is not None:
-            processor.save_pretrained(output_dir)
+        with atomic_path(output_dir, directory=True) as staging:
+            merged.save_pretrained(staging)
+            if processor is not None:
+                processor.save_pretrained(staging)
     return merged
 
 
