@@ -93,3 +93,40 @@ def test_files_and_functions_stay_small():
                 too_long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}(): "
                                 f"{node.end_lineno - node.lineno + 1} lines")
     assert not too_long, too_long
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the modules of the package it imports (nested imports included; `from package import module`
+    counts as importing that module)."""
+    modules = {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {target for target in targets if target in modules and target != name
+                       and not target.endswith("__init__")}
+    return graph
+
+
+def test_no_import_circles_between_modules():
+    """A module imports only modules that do not import it back (not even lazily inside a function): shared steps
+    live in a module both sides import."""
+    graph, circles = _module_graph(), []
+
+    def visit(name, trail):
+        for target in sorted(graph[name]):
+            if target in trail:
+                circles.append(" -> ".join([*trail[trail.index(target):], target]))
+            elif target not in done:
+                visit(target, [*trail, target])
+        done.add(name)
+
+    done = set()
+    for name in sorted(graph):
+        if name not in done:
+            visit(name, [name])
+    assert not circles, f"import circles: {sorted(set(circles))}"

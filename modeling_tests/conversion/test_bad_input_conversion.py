@@ -91,7 +91,7 @@ def test_interrupted_conversion_leaves_no_half_output_and_the_rerun_needs_no_ove
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, "_write_side_files", killed)  # weights written, config not yet
+    monkeypatch.setattr(convert, "write_side_files", killed)  # weights written, config not yet
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(source, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

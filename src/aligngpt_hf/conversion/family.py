@@ -24,20 +24,26 @@ from pathlib import Path
 import torch
 from transformers import CONFIG_MAPPING, SiglipVisionConfig
 
-from aligngpt_hf.conversion import convert as base
 from aligngpt_hf.conversion.mapping import (
     ALIGN_RULES,
     EMBEDDED_VISION_DROPPED,
     EMBEDDED_VISION_RULES,
-    VISION_FOLDER_RULES,
     ConversionError,
     Rule,
-    WeightFiles,
     check_filled,
     map_keys,
     plan_and_write,
     projector_rules,
-    weight_files_in,
+)
+from aligngpt_hf.conversion.steps import (
+    VOCAB_MULTIPLE,
+    ConversionResult,
+    convert_pretrain,
+    expected_shapes,
+    read_weights,
+    resolve_vision,
+    vision_folder_source,
+    write_side_files,
 )
 from aligngpt_hf.models.configuration_aligngpt import VISION_PREFIX_TOKENS, AlignGPTConfig
 
@@ -121,7 +127,7 @@ def check_tower_width(orig: dict, vision_config, path: Path) -> None:
 def build_family_config(orig: dict, vision_config, shapes, dtype, kind: str) -> AlignGPTConfig:
     """AlignGPTConfig of a family checkpoint: its LLM class, N from the table, `<image>` = V and `<align>` = V + 1."""
     vocab = int(orig["vocab_size"])
-    padded = -(-(vocab + 2) // base.VOCAB_MULTIPLE) * base.VOCAB_MULTIPLE
+    padded = -(-(vocab + 2) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     levels = shapes["align_indicators.indicator_embs"][0]
     if orig.get("n_indicators") is not None and int(orig["n_indicators"]) != levels:
         raise ConversionError(
@@ -160,7 +166,7 @@ def resolve_family_vision(orig: dict, source_dir: Path, override, need_weights: 
         vision_config, folder = SiglipVisionConfig(**known), None
         settings = {}
     else:
-        vision_config, folder, settings = base.resolve_vision(orig, source_dir, override, need_weights)
+        vision_config, folder, settings = resolve_vision(orig, source_dir, override, need_weights)
     if VISION_PREFIX_TOKENS.get(vision_config.model_type) == 0:
         size = {"height": vision_config.image_size, "width": vision_config.image_size}
         settings = {"size": size, "crop_size": dict(size), "resample": 3, "image_mean": [0.5] * 3,
@@ -171,7 +177,8 @@ def resolve_family_vision(orig: dict, source_dir: Path, override, need_weights: 
 def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_tower=None, tokenizer=None, *,
                    kind=None, dtype=None, max_shard_size="5GB", progress=True):
     """`convert_checkpoint` for a family checkpoint (called by it once config.json says so), into the staging
-    folder `output`; pushing happens in `convert_checkpoint`."""
+    folder `output`; `dtype` is the torch dtype to cast to (None keeps the checkpoint's). Pushing happens in
+    `convert_checkpoint`."""
     refuse_s2(orig, source_dir / "config.json")
     if tokenizer is not None:
         raise ConversionError(
@@ -179,16 +186,16 @@ def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_to
             "phi, qwen, mistral) are not in AlignGPTProcessor yet, so no processor can be written. Convert without "
             "`--tokenizer`; weights, config and image settings are converted."
         )
-    files, shapes, detected, need_vision_weights = base.read_weights(source_dir, source, kind, vision_tower)
+    files, shapes, detected, need_vision_weights = read_weights(source_dir, source, kind, vision_tower)
     vision_config, vision_dir, settings = resolve_family_vision(orig, source_dir, vision_tower, need_vision_weights)
     check_tower_width(orig, vision_config, source_dir / "config.json")
-    config = build_family_config(orig, vision_config, shapes, base._target_dtype(dtype, shapes), detected)
-    expected = base._expected_shapes(config)
+    config = build_family_config(orig, vision_config, shapes, dtype, detected)
+    expected = expected_shapes(config)
     if detected == "pretrain":
-        result = base._convert_pretrain(files, shapes, config, expected, output, orig, vision_tower, source)
+        result = convert_pretrain(files, shapes, config, expected, output, orig, vision_tower, source)
     else:
         result = _convert_full(files, shapes, config, expected, vision_dir, output, max_shard_size, progress)
-    result.files += base._write_side_files(output, config, orig, source_dir, None, settings, detected)
+    result.files += write_side_files(output, config, orig, source_dir, None, settings, detected)
     result.notes.append(
         f"AlignGPT_family checkpoint ({orig['model_type']}): OUTPUT has no processor, because the family's chat "
         "formats are not in AlignGPTProcessor yet. Build one with the language model's tokenizer, `<image>` = id "
@@ -212,17 +219,14 @@ def _convert_full(files, shapes, config, expected, vision_dir, output, max_shard
         )
     sources = [(files, mapping)]
     if vision_dir is not None:
-        vision_files = WeightFiles(weight_files_in(vision_dir))
-        vision_expected = {k: v for k, v in expected.items() if k.startswith("model.vision_tower.")}
-        vision_mapping, vision_dropped = map_keys(vision_files.shapes(), VISION_FOLDER_RULES, vision_expected,
-                                                  f"vision tower {vision_dir}")
-        sources.append((vision_files, vision_mapping))
-        dropped.update({f"{vision_dir.name}:{k}": v for k, v in vision_dropped.items()})
+        vision_source, vision_dropped = vision_folder_source(vision_dir, expected)
+        sources.append(vision_source)
+        dropped.update(vision_dropped)
     check_filled({target for _, m in sources for target in m}, expected,
                  "Was the checkpoint saved completely (all shards in the index)? For the vision tower pass "
                  "`--vision-tower` with the tower it was trained with (its folder or Hub id).")
     written = plan_and_write(sources, expected, config, output, max_shard_size, progress)
-    return base.ConversionResult(output=output, kind="full", files=written, dropped=dropped)
+    return ConversionResult(output=output, kind="full", files=written, dropped=dropped)
 
 
 __all__ = ["FAMILY_MODEL_TYPES", "build_family_config", "convert_family", "family_rules", "is_family_config"]
