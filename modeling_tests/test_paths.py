@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
+import io
+import json
 import os
+import random
 import re
 import stat
+import types
+from dataclasses import replace
 
 import pytest
 
@@ -71,3 +77,125 @@ def test_missing_folder_under_an_existing_local_folder_is_local(tmp_path, monkey
     (tmp_path / "runs").mkdir()
     with pytest.raises(FileNotFoundError, match="the model folder runs/stage2 does not exist"):
         check_local_or_hub("runs/stage2")
+
+
+# ------------------------------------------------------------------------- the package's writers, disk full mid-write
+
+
+class _DiskFullFile:
+    """A file opened for writing whose first write stores half of its data, then fails as a full disk does."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def write(self, data):
+        self._handle.write(data[: len(data) // 2])
+        self._handle.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._handle.close()
+
+
+@pytest.fixture
+def disk_fills_up(monkeypatch):
+    """Call it to make every file opened for writing from then on (`open`, `Path.write_text`, `os.fdopen`, PIL's and
+    transformers' savers) take half of its first write and fail: what a full disk or a killed run leaves behind."""
+    real_open = io.open
+
+    def torn_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return _DiskFullFile(handle) if any(flag in mode for flag in "wax+") else handle
+
+    def start():
+        monkeypatch.setattr(io, "open", torn_open)
+        monkeypatch.setattr(builtins, "open", torn_open)
+
+    return start
+
+
+def _snapshot(folder):
+    """Every file and folder under `folder` (hidden temporary ones included) with its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
+            for path in sorted(folder.rglob("*"))}
+
+
+def test_hub_configs_keep_the_old_files_when_a_rewrite_fails(tmp_path, disk_fills_up):
+    from aligngpt_hf.hub.hub_configs import write_hub_configs
+
+    first = write_hub_configs(tmp_path)[0]
+    before = _snapshot(tmp_path)
+    disk_fills_up()
+    with pytest.raises(OSError, match=rf"^cannot write {re.escape(str(first))}: No space left on device; free space"):
+        write_hub_configs(tmp_path)
+    assert _snapshot(tmp_path) == before  # every config.json as it was, no temporary file left
+
+
+def test_publish_configs_keep_the_old_files_when_a_rewrite_fails(tmp_path, disk_fills_up):
+    from aligngpt_hf.hub.push import complete_auto_maps
+
+    (tmp_path / "config.json").write_text('{"model_type": "aligngpt"}\n')
+    (tmp_path / "tokenizer_config.json").write_text("{}\n")
+    before = _snapshot(tmp_path)
+    disk_fills_up()
+    with pytest.raises(OSError, match=rf"^cannot write {re.escape(str(tmp_path / 'config.json'))}: No space left"):
+        complete_auto_maps(tmp_path)
+    assert _snapshot(tmp_path) == before
+
+
+def test_merged_stage_two_folder_is_kept_whole_when_saving_fails(tmp_path, make_model, processor, disk_fills_up):
+    from aligngpt_hf.training.stage_handoff import merge_lora
+
+    out = tmp_path / "merged"
+    merge_lora(types.SimpleNamespace(merge_and_unload=lambda: make_model(seed=0)), out, processor)
+    before = _snapshot(tmp_path)
+    newer = make_model(seed=1)
+    disk_fills_up()
+    with pytest.raises(OSError, match=rf"^cannot write {re.escape(str(out))}: No space left on device"):
+        merge_lora(types.SimpleNamespace(merge_and_unload=lambda: newer), out, processor)
+    assert _snapshot(tmp_path) == before  # the earlier merged model, config and processor; no staging folder
+
+
+def test_dry_run_report_keeps_the_old_file_when_a_rewrite_fails(tmp_path, disk_fills_up):
+    from aligngpt_hf.training.dry_run import write_json
+
+    write_json(tmp_path / "dry_run.json", {"old": 1})
+    disk_fills_up()
+    with pytest.raises(OSError, match="No space left on device"):
+        write_json(tmp_path / "dry_run.json", {"new": 2})
+    assert _snapshot(tmp_path) == {"dry_run.json": b'{\n  "old": 1\n}\n'}
+
+
+def test_demo_results_keep_the_old_files_when_a_rewrite_fails(tmp_path, disk_fills_up):
+    from aligngpt_hf.demo.runs import write_results
+
+    write_results(tmp_path, {"accuracy": {"colour": 1.0}}, "accuracy.md", "old table\n")
+    disk_fills_up()
+    with pytest.raises(OSError, match=rf"^cannot write {re.escape(str(tmp_path / 'results.json'))}: No space left"):
+        write_results(tmp_path, {"accuracy": {"colour": 0.5}}, "accuracy.md", "new table\n")
+    assert _snapshot(tmp_path) == {"accuracy.md": b"old table\n",
+                                   "results.json": b'{\n  "accuracy": {\n    "colour": 1.0\n  }\n}'}
+
+
+def test_demo_data_keeps_the_old_files_when_a_rewrite_fails(tmp_path, disk_fills_up):
+    from aligngpt_hf.demo.runs import write_heldout
+    from aligngpt_hf.demo.stages import QUICK, shuffled_levels
+
+    levels = tmp_path / "levels.json"
+    levels.write_text(json.dumps([{"id": i, "similarity": i, "alignment_level": i} for i in range(6)]))
+    shuffled_levels(levels, seed=0)
+    write_heldout(tmp_path, replace(QUICK, heldout_per_kind=1), random.Random(0))
+    before = _snapshot(tmp_path)
+    assert "levels.shuffled.json" in before and "data/heldout/questions.json" in before
+    disk_fills_up()
+    with pytest.raises(OSError, match="No space left on device"):
+        shuffled_levels(levels, seed=1)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_heldout(tmp_path, replace(QUICK, heldout_per_kind=1), random.Random(1))
+    assert _snapshot(tmp_path) == before  # the old shuffle and held-out folder, images included; nothing half-written

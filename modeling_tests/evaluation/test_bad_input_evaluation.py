@@ -6,6 +6,8 @@ Each test is named after the case and asserts the exception type and the key wor
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -88,11 +90,27 @@ def test_resume_with_a_half_written_last_answer(tiny, processor, tmp_path):
     answer_questions(tiny, processor, questions[:2], tmp_path, out, progress=False, max_new_tokens=2)
     complete = out.read_bytes()
     out.write_bytes(complete[: len(complete) - 15])  # killed while writing the second answer
-    with pytest.warns(UserWarning, match=r"answers\.jsonl: removed its last line, cut short by an interrupted run"):
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(out))}:2: removed this torn last line, cut short by an "
+                                         r"interrupted run \('\{\"question_id\": 1, .*'\.\.\.\); its question is "
+                                         r"answered again\.$"):
         report = answer_questions(tiny, processor, questions, tmp_path, out, resume=True, progress=False,
                                   max_new_tokens=2)
-    assert (report.resumed, report.answered) == (1, 2)
+    assert (report.resumed, report.answered, report.torn_lines) == (1, 2, 1)
+    assert report.summary() == "answered 2, already answered (resume) 1, torn last lines removed (resume) 1"
     assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_answers_reach_the_disk_line_by_line(tiny, processor, tmp_path, monkeypatch):
+    """Each answer is flushed and fsynced as it is written, so a crash can tear at most the last line."""
+    out, synced = tmp_path / "answers.jsonl", []
+
+    def fsync(fd):
+        synced.append(out.read_text().count("\n"))  # complete lines on disk at each sync
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    questions = [{"question_id": i, "text": f"Question {i}?"} for i in range(3)]
+    answer_questions(tiny, processor, questions, tmp_path, out, batch_size=3, progress=False, max_new_tokens=2)
+    assert synced == [1, 2, 3]
 
 
 def test_resume_with_a_corrupt_line_in_the_middle(tmp_path):

@@ -26,6 +26,7 @@ from aligngpt_hf.demo.runs import (
     setup,
     summarise,
     write_heldout,
+    write_results,
 )
 from aligngpt_hf.demo.stages import (
     ARM_TITLES,
@@ -41,7 +42,7 @@ from aligngpt_hf.demo.stages import (
     train_clip,
 )
 from aligngpt_hf.demo.task import QUESTION_KINDS
-from aligngpt_hf.paths import atomic_path, atomic_write_text
+from aligngpt_hf.paths import atomic_path
 
 MODES = {"aligngpt": "adaptive", "llava": "none", "shuffled": "adaptive"}
 
@@ -173,9 +174,8 @@ def run_compare(out: str | Path = "runs/demo-compare", quick: bool = False, seed
                "settings": asdict(settings), "threads": threads,
                "seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu_start,
                "loadavg_at_start": load, "loadavg_at_end": loadavg(), "plots": write_plot(run, table, chance)}
-    atomic_write_text(run / "results.json", json.dumps(results, indent=2))
     markdown = compare_table(table, chance, seeds) + "\n" + gap_lines(gap)
-    atomic_write_text(run / "compare.md", markdown)
+    write_results(run, results, "compare.md", markdown)
     say("comparison (held-out exact match):")
     print(markdown, end="", flush=True)
     say(f"{results['seconds']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU; results in {run / 'results.json'}")

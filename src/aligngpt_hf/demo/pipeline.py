@@ -35,6 +35,7 @@ from aligngpt_hf.demo.runs import (
     setup,
     summarise,
     write_heldout,
+    write_results,
 )
 from aligngpt_hf.demo.stages import (
     DemoSettings,
@@ -48,7 +49,7 @@ from aligngpt_hf.demo.stages import (
     train_clip,
 )
 from aligngpt_hf.demo.task import QUESTION_KINDS
-from aligngpt_hf.paths import atomic_path, atomic_write_text
+from aligngpt_hf.paths import atomic_path
 
 
 def evaluate_saved(run: Path, questions: Path, threads: int) -> dict:
@@ -145,10 +146,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
                "cpu_seconds": cpu_seconds() - cpu_start, "loadavg_at_start": load, "loadavg_at_end": loadavg(),
                "threads": threads, "settings": asdict(settings), "seed": seed,
                "reloaded_from": answers["model_class"], "files": {**relative_to(run, level_files), "plots": plots}}
-    atomic_write_text(run / "results.json", json.dumps(results, indent=2))
-    atomic_write_text(run / "accuracy.md", f"Held-out exact-match accuracy of `aligngpt-hf demo{' --quick' if quick else ''} "
-                      f"--seed {seed}`; Spearman(CLIP score, caption correctness) = {correlation:.3f}."
-                      f"\n\n{accuracy_table(summary)}")
+    write_results(run, results, "accuracy.md",
+                  f"Held-out exact-match accuracy of `aligngpt-hf demo{' --quick' if quick else ''} --seed {seed}`; "
+                  f"Spearman(CLIP score, caption correctness) = {correlation:.3f}.\n\n{accuracy_table(summary)}")
     print_summary(results, run)
     return results
 

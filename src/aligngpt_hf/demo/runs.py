@@ -46,6 +46,12 @@ def write_heldout(run: Path, settings: DemoSettings, rng: random.Random) -> Path
     return folder / "questions.json"
 
 
+def write_results(run: Path, results: dict, markdown_name: str, markdown: str) -> None:
+    """`results.json` and the markdown table beside it, each whole or not at all (a killed run keeps the old ones)."""
+    atomic_write_text(run / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(run / markdown_name, markdown)
+
+
 def summarise(answers: list[dict]) -> dict:
     """Per question kind: exact-match accuracy, chance (best constant answer), and the gate weights' mean and
     standard deviation over that kind's questions (None for a model without a gate)."""
