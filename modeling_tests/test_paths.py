@@ -199,3 +199,24 @@ def test_demo_data_keeps_the_old_files_when_a_rewrite_fails(tmp_path, disk_fills
     with pytest.raises(OSError, match="No space left on device"):
         write_heldout(tmp_path, replace(QUICK, heldout_per_kind=1), random.Random(1))
     assert _snapshot(tmp_path) == before  # the old shuffle and held-out folder, images included; nothing half-written
+
+
+def test_demo_answers_written_without_the_package_keep_the_old_file(tmp_path, disk_fills_up):
+    from aligngpt_hf.demo.evaluate import write_json
+
+    write_json(str(tmp_path / "answers.json"), {"answers": ["old"]})
+    disk_fills_up()
+    with pytest.raises(OSError, match="No space left on device"):
+        write_json(str(tmp_path / "answers.json"), {"answers": ["new"]})
+    assert _snapshot(tmp_path) == {"answers.json": b'{\n "answers": [\n  "old"\n ]\n}'}
+
+
+def test_sweep_false_leaves_other_leftovers_for_the_folders_own_cleanup(tmp_path):
+    leftover = tmp_path / ".a.png.aligngpt-tmp-k1ll3d"
+    leftover.write_bytes(b"half")
+    with atomic_path(tmp_path / "a.png", sweep=False) as temp:
+        temp.write_bytes(b"png")
+    assert leftover.exists() and (tmp_path / "a.png").read_bytes() == b"png"
+    with atomic_path(tmp_path / "a.png") as temp:
+        temp.write_bytes(b"png2")
+    assert sorted(os.listdir(tmp_path)) == ["a.png"]
