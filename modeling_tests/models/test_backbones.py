@@ -280,3 +280,21 @@ def test_vision_feature_select_strategy_per_tower():
     with pytest.raises(ValueError, match="'siglip_vision_model' has none; use `vision_feature_select_strategy='full'`"):
         AlignGPTConfig(vision_config=tiny_vision_config("siglip"), text_config=tiny_text_config("llama"),
                        image_token_id=298, alignment_token_id=299, vision_feature_select_strategy="default")
+
+
+def test_phi_head_bias_is_zero_from_a_llava_whose_head_has_none():
+    """transformers' LLaVA drops Phi's head bias; `from_llava` keeps LLaVA's logits with a zero bias."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = backbone_config("phi2+siglip")
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=config.vision_config, text_config=config.text_config, image_token_id=config.image_token_id,
+        vision_feature_select_strategy="full")).eval()
+    model = AlignGPTForConditionalGeneration.from_llava(llava, alignment_token_id=config.alignment_token_id,
+                                                        alignment_mode="none")
+    assert torch.equal(model.lm_head.bias, torch.zeros_like(model.lm_head.bias))
+    ids = torch.tensor([[BOS] + [config.image_token_id] * config.image_seq_length + [5, 6, 7]])
+    pixels = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits,
+                           llava(input_ids=ids, pixel_values=pixels).logits)

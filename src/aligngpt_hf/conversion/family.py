@@ -8,7 +8,8 @@ model's config plus the `mm_*` fields: `model_type` `aligngpt` (LLaMA, also LLaM
 `vision_tower.vision_tower.vision_model.*`) with these differences, all handled here:
 
 * `n_indicators` (4, 5, 6, 8, 10) sets the table rows and the gate outputs (n_indicators - 1);
-* Phi names its final norm `model.final_layernorm` (with a bias) and its LM head has no bias there;
+* Phi names its final norm `model.final_layernorm` (with a bias) and its LM head has no bias there (transformers'
+  Phi head has one: it is written as zeros, the same logits);
 * Gemma ties the LM head to the input embeddings: a saved `lm_head.weight` must equal them and is then dropped;
 * a SigLIP tower (so400m-patch14-384) gives all its 27 x 27 = 729 tokens (no CLS to drop; `mm_vision_select_feature`
   is not consulted), so the gate reads 729 dot products;
@@ -197,6 +198,22 @@ def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_to
     return result
 
 
+class ZeroTensors:
+    """Zeros under `WeightFiles`' interface: transformers' Phi head has a bias, the family's has none (a zero bias)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self._shapes = shapes
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._shapes
+
+    def get(self, key: str) -> torch.Tensor:
+        return torch.zeros(self._shapes[key])
+
+    def close(self) -> None:
+        pass
+
+
 def _convert_full(files, shapes, config, expected, vision_dir, output, max_shard_size, progress):
     """Map every key (LLM + projector + alignment from SOURCE; tower from SOURCE or `vision_dir`), then stream."""
     tied = bool(config.tie_word_embeddings)
@@ -218,6 +235,8 @@ def _convert_full(files, shapes, config, expected, vision_dir, output, max_shard
                                                   f"vision tower {vision_dir}")
         sources.append((vision_files, vision_mapping))
         dropped.update({f"{vision_dir.name}:{k}": v for k, v in vision_dropped.items()})
+    if "lm_head.bias" in expected and "lm_head.bias" not in shapes:  # the family's Phi head has no bias
+        sources.append((ZeroTensors({"lm_head.bias": expected["lm_head.bias"]}), {"lm_head.bias": "lm_head.bias"}))
     check_filled({target for _, m in sources for target in m}, expected,
                  "Was the checkpoint saved completely (all shards in the index)? For the vision tower pass "
                  "`--vision-tower` with the tower it was trained with (its folder or Hub id).")
