@@ -219,10 +219,9 @@ def test_packed_row_with_a_sliding_window_equals_each_sample_alone(models, name,
                        use_cache=False).logits[0]
         alone = [model(input_ids=sample[None], pixel_values=batch["pixel_values"][row:row + 1]).logits[0]
                  for row, sample in enumerate(samples)]
-        unwindowed = AlignGPTForConditionalGeneration._from_config(
-            backbone_config(name), attn_implementation=implementation).eval()
-        unwindowed.config.text_config.sliding_window = 4096
-        unwindowed.model.language_model.config.sliding_window = 4096
+        wide = backbone_config(name)
+        wide.text_config.sliding_window = 4096
+        unwindowed = AlignGPTForConditionalGeneration._from_config(wide, attn_implementation=implementation).eval()
         unwindowed.load_state_dict(model.state_dict())
         full = unwindowed(input_ids=samples[0][None], pixel_values=batch["pixel_values"][:1]).logits[0]
     assert (packed - torch.cat(alone)).abs().max() <= 1e-5
