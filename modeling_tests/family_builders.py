@@ -47,6 +47,37 @@ def tiny_vision_config(kind: str = "clip", image_size: int = 28, patch_size: int
                         num_attention_heads=2, image_size=image_size, patch_size=patch_size)
 
 
+# Vision geometries (image size, patch size): SigLIP-so400m-384/14's 27 x 27 grid scaled down to 3 x 3; a
+# fixed-resolution SigLIP2 (patch 16, model_type "siglip") at 32 px: 2 x 2.
+VISION_GEOMETRY = {"clip": ("clip", 28, 14), "siglip": ("siglip", 28, 14), "siglip-so400m": ("siglip", 42, 14),
+                   "siglip2": ("siglip", 32, 16)}
+# The backbone matrix: language model (family + what its released checkpoints set) and vision tower per cell.
+BACKBONES = {
+    "qwen2+siglip": ("qwen2", {}, "siglip"),
+    "qwen2.5+siglip": ("qwen2", {"tie_word_embeddings": True}, "siglip"),  # the small Qwen2.5 tie their head
+    "qwen3+siglip": ("qwen3", {}, "siglip"),
+    "llama3+siglip-so400m": ("llama", {"rope_theta": 5e5, "vocab_size": 520}, "siglip-so400m"),
+    "llama3+siglip2": ("llama", {"rope_theta": 5e5, "vocab_size": 520}, "siglip2"),
+    "mistral+clip": ("mistral", {"sliding_window": 3}, "clip"),
+    "gemma+siglip": ("gemma", {}, "siglip"),  # tied, scaled embeddings
+    "gemma2+siglip": ("gemma2", {"sliding_window": 3}, "siglip"),  # + attention and final-logit soft-capping
+    "gemma3+siglip": ("gemma3_text", {"sliding_window": 3}, "siglip"),
+    "phi2+siglip": ("phi", {}, "siglip"),  # partial rotary, LM head with a bias
+    "phi3+clip": ("phi3", {}, "clip"),
+}
+
+
+def backbone_config(name: str, **overrides) -> AlignGPTConfig:
+    """The tiny AlignGPT of one `BACKBONES` cell; `<image>`/`<align>` are the last two ids of the vocabulary."""
+    family, text_overrides, vision = BACKBONES[name]
+    kind, image_size, patch_size = VISION_GEOMETRY[vision]
+    text = tiny_text_config(family, **text_overrides)
+    overrides.setdefault("gate_hidden_size", 16)
+    overrides.setdefault("vision_feature_select_strategy", "default" if kind == "clip" else "full")
+    return AlignGPTConfig(vision_config=tiny_vision_config(kind, image_size, patch_size), text_config=text,
+                          image_token_id=text.vocab_size - 2, alignment_token_id=text.vocab_size - 1, **overrides)
+
+
 def tiny_family_config(family: str, vision: str = "clip", vocab_size: int = 300, **overrides) -> AlignGPTConfig:
     """A tiny AlignGPT on `family` + `vision`; `<image>`/`<align>` are the last two ids of the vocabulary."""
     overrides.setdefault("gate_hidden_size", 16)

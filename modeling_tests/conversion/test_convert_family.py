@@ -24,7 +24,7 @@ FAMILIES = {
     "aligngpt": ("llama", "siglip", 6),  # LLaMA-3 + SigLIP
     "aligngpt_mistral": ("mistral", "clip", 4),
     "aligngpt_phi": ("phi", "siglip", 5),
-    "aligngpt_gemma": ("gemma", "clip", 10),  # tied LM head, embeddings scaled by sqrt(H)
+    "aligngpt_gemma": ("gemma", "clip", 10),  # tied LM head, the whole input scaled by sqrt(H) (transformers 4.40)
     "aligngpt_qwen2": ("qwen2", "siglip", 8),
 }
 STAGE2_IDS = [1, 57, 88, 21, 9, -200, 13, 140, 77, 5]  # the family's batch: -200 marks the image
@@ -96,8 +96,8 @@ def family_reference(folder, model_type, ids, pixel_values, level=None):
         image = F.linear(F.gelu(F.linear(features, state["mm_projector.0.weight"], state["mm_projector.0.bias"])),
                          state["mm_projector.2.weight"], state["mm_projector.2.bias"])
         cut = ids.index(-200)
-        embed = decoder.get_input_embeddings()
-        before, after = embed(torch.tensor(ids[:cut])), embed(torch.tensor(ids[cut + 1:]))
+        rows = decoder.get_input_embeddings().weight  # transformers 4.40: unscaled rows, for Gemma too
+        before, after = rows[torch.tensor(ids[:cut])], rows[torch.tensor(ids[cut + 1:])]
         table, weights = state["align_indicators.indicator_embs"], None
         if level is None:
             text = torch.cat([before, after])[1:]
@@ -109,6 +109,8 @@ def family_reference(folder, model_type, ids, pixel_values, level=None):
         else:
             vector = table[level]
         sequence = torch.cat([before[:1], vector[None], before[1:], image, after])
+        if family == "gemma":  # transformers 4.40's GemmaModel scaled its whole input, not only the word rows
+            sequence = sequence * torch.tensor(decoder.config.hidden_size ** 0.5)
         hidden_states = decoder(inputs_embeds=sequence[None]).last_hidden_state[0]
         head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
         return F.linear(hidden_states, head), weights
@@ -156,8 +158,12 @@ def test_weights_are_bit_identical_and_the_tied_head_is_dropped(tmp_path):
     state = torch.load(source / "pytorch_model.bin", weights_only=True)
     assert "lm_head.weight" not in ours and result.dropped["lm_head.weight"].startswith("LM head tied")
     assert torch.equal(ours["model.language_model.embed_tokens.weight"][:VOCAB], state["model.embed_tokens.weight"])
-    assert torch.equal(ours["model.alignment.level_embeddings"], state["align_indicators.indicator_embs"])
     assert torch.equal(ours["model.alignment.fc2.weight"], state["gated_weight_layer.mlp.2.weight"])
+    assert torch.equal(ours["model.alignment.fc1.bias"], state["gated_weight_layer.mlp.0.bias"])
+    hidden = ours["model.alignment.level_embeddings"].shape[1]  # Gemma: rescaled for today's scaled embeddings
+    assert torch.equal(ours["model.alignment.level_embeddings"], state["align_indicators.indicator_embs"] * hidden ** 0.5)
+    assert torch.equal(ours["model.alignment.fc1.weight"], state["gated_weight_layer.mlp.0.weight"] / hidden)
+    assert torch.equal(ours["model.multi_modal_projector.linear_2.bias"], state["mm_projector.2.bias"] * hidden ** 0.5)
     assert torch.equal(ours["model.vision_tower.encoder.layers.0.mlp.fc1.weight"],
                        state[TOWER_PREFIX + "encoder.layers.0.mlp.fc1.weight"])
     model = AlignGPTForConditionalGeneration.from_pretrained(tmp_path / "out")

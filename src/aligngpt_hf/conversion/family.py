@@ -8,8 +8,10 @@ model's config plus the `mm_*` fields: `model_type` `aligngpt` (LLaMA, also LLaM
 `vision_tower.vision_tower.vision_model.*`) with these differences, all handled here:
 
 * `n_indicators` (4, 5, 6, 8, 10) sets the table rows and the gate outputs (n_indicators - 1);
-* Phi names its final norm `model.final_layernorm` (with a bias) and its LM head has no bias there;
+* Phi names its final norm `model.final_layernorm` (with a bias) and its LM head has no bias there (transformers'
+  Phi head has one: it is written as zeros, the same logits);
 * Gemma ties the LM head to the input embeddings: a saved `lm_head.weight` must equal them and is then dropped;
+  its projector output, level table and gate input are rescaled for today's Gemma embeddings (`GEMMA_RESCALE`);
 * a SigLIP tower (so400m-patch14-384) gives all its 27 x 27 = 729 tokens (no CLS to drop; `mm_vision_select_feature`
   is not consulted), so the gate reads 729 dot products;
 * S2 multi-scale towers (`use_s2`) concatenate the features of several scales: refused, this package has no S2 path.
@@ -19,6 +21,7 @@ No family weights are published; docs/conversion.md lists what was inferred from
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -60,6 +63,11 @@ SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_la
 # Towers the family's configs name by a path on the training machine; their configs, for embedded weights.
 KNOWN_FAMILY_TOWERS = {"siglip-so400m-patch14-384": SIGLIP_SO400M_384}
 TIED_REASON = "LM head tied to model.embed_tokens.weight (checked equal)"
+# transformers 4.40's GemmaModel multiplied its whole input (image features, `<align>` vector) by sqrt(hidden) and the
+# gate averaged unscaled word rows; today's Gemma scales only the word rows (its embedding module). These powers of the
+# hidden size keep the family's logits: projector output and table x sqrt(H), the gate's first layer / H.
+GEMMA_RESCALE = ((r"mm_projector\.(?:2\.)?(?:weight|bias)$", 0.5), (r"align_indicators\.indicator_embs$", 0.5),
+                 (r"gated_weight_layer\.mlp\.0\.weight$", -1.0))
 
 FAMILY_LLM_RULES = (
     Rule(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", None, "rotary buffer, recomputed from the config"),
@@ -190,6 +198,8 @@ def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_to
     vision_config, vision_dir, settings = resolve_family_vision(orig, source_dir, vision_tower, need_vision_weights)
     check_tower_width(orig, vision_config, source_dir / "config.json")
     config = build_family_config(orig, vision_config, shapes, dtype, detected)
+    if config.text_config.model_type == "gemma":
+        files = GemmaRescaled(files, config.text_config.hidden_size)
     expected = expected_shapes(config)
     if detected == "pretrain":
         result = convert_pretrain(files, shapes, config, expected, output, orig, vision_tower, source)
@@ -202,6 +212,37 @@ def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_to
         f"{config.image_token_id} and `<align>` = id {config.alignment_token_id}."
     )
     return result
+
+
+class GemmaRescaled:
+    """The source files, with the `GEMMA_RESCALE` tensors multiplied (in float32) as they are read."""
+
+    def __init__(self, files, hidden_size: int):
+        self._files, self._hidden_size = files, hidden_size
+
+    def __getattr__(self, name):
+        return getattr(self._files, name)
+
+    def get(self, key: str) -> torch.Tensor:
+        tensor = self._files.get(key)
+        power = next((power for pattern, power in GEMMA_RESCALE if re.search(pattern, key)), None)
+        return tensor if power is None else tensor.float() * float(self._hidden_size) ** power
+
+
+class ZeroTensors:
+    """Zeros under `WeightFiles`' interface: transformers' Phi head has a bias, the family's has none (a zero bias)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self._shapes = shapes
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._shapes
+
+    def get(self, key: str) -> torch.Tensor:
+        return torch.zeros(self._shapes[key])
+
+    def close(self) -> None:
+        pass
 
 
 def _convert_full(files, shapes, config, expected, vision_dir, output, max_shard_size, progress):
@@ -222,6 +263,8 @@ def _convert_full(files, shapes, config, expected, vision_dir, output, max_shard
         vision_source, vision_dropped = vision_folder_source(vision_dir, expected)
         sources.append(vision_source)
         dropped.update(vision_dropped)
+    if "lm_head.bias" in expected and "lm_head.bias" not in shapes:  # the family's Phi head has no bias
+        sources.append((ZeroTensors({"lm_head.bias": expected["lm_head.bias"]}), {"lm_head.bias": "lm_head.bias"}))
     check_filled({target for _, m in sources for target in m}, expected,
                  "Was the checkpoint saved completely (all shards in the index)? For the vision tower pass "
                  "`--vision-tower` with the tower it was trained with (its folder or Hub id).")

@@ -14,7 +14,7 @@ PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "abstractor")
 SELECT_STRATEGIES = ("default", "full")
 
 # Tokens a vision encoder puts in front of its patch tokens (CLIP: one CLS token; SigLIP: none).
-VISION_PREFIX_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0, "siglip2_vision_model": 0}
+VISION_PREFIX_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
 
 # Fields that only the original AlignGPT code writes; our layout never has them.
 ORIGINAL_FORMAT_FIELDS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size", "mm_vision_select_layer")
@@ -199,6 +199,13 @@ class AlignGPTConfig(PreTrainedConfig):
 
     def _resolve_image_seq_length(self, given: int | None) -> int:
         """Tokens per image in the LLM sequence: the gate's input width."""
+        if self.vision_config.model_type == "siglip2_vision_model":
+            raise ValueError(
+                "`vision_config` is a SigLIP2 NaFlex tower ('siglip2_vision_model'): it needs `pixel_attention_mask` "
+                "and `spatial_shapes` and gives each image its own number of patches, which a fixed `<image>` count "
+                "and gate width cannot take. Use a fixed-resolution SigLIP2 checkpoint instead (google/siglip2-*-"
+                "patch16-256/384/512 or -patch14-224/384, which load as 'siglip')."
+            )
         if self.projector_type == "abstractor":
             derived, reason = self.abstractor_num_queries + 1, f"{self.abstractor_num_queries} abstractor queries + 1"
         else:

@@ -97,7 +97,8 @@ def aligngpt_from_llava(model_class, model_or_path, alignment_token_id: int | No
                                                   output_loading_info=True)
     finally:
         logging.set_verbosity(verbosity)
-    fresh = [key for key in info["missing_keys"] if not key.startswith("model.alignment.")]
+    fresh = [key for key in info["missing_keys"]  # LLaVA's head has no bias: a Phi head's stays zero, the same logits
+             if not key.startswith("model.alignment.") and key != "lm_head.bias"]
     if fresh or info["unexpected_keys"] or info["mismatched_keys"]:
         raise ValueError(f"The LLaVA weights do not fit AlignGPT: missing {sorted(fresh)[:3]}, unexpected "
                          f"{sorted(info['unexpected_keys'])[:3]}, mismatched {sorted(info['mismatched_keys'])[:3]}.")

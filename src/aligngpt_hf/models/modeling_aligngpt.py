@@ -48,6 +48,7 @@ REMOTE_AUTO_MAP = {  # written into `auto_map` on save, so every loader finds it
     "AutoModelForCausalLM": "modeling_aligngpt.AlignGPTForConditionalGeneration",
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_aligngpt.AlignGPTProcessor"}
+LM_HEAD_BIAS = ("phi",)  # language models whose own ForCausalLM head has a bias (Phi-1/1.5/2)
 
 
 class AlignGPTMultiModalProjector(LlavaMultiModalProjector):
@@ -274,7 +275,8 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
     def __init__(self, config: AlignGPTConfig):
         LlavaPreTrainedModel.__init__(self, config)
         self.model = AlignGPTModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        head_bias = config.text_config.model_type in LM_HEAD_BIAS
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=head_bias)
         self.post_init()
         self.generation_config.suppress_tokens = sorted({config.image_token_id, config.alignment_token_id})
 
@@ -310,6 +312,9 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
                              gate_text_mask=gate_text_mask, mm_encoder_outputs=mm_encoder_outputs, return_dict=True,
                              **kwargs)
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        cap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma2/Gemma3: as the family's ForCausalLM does after its head (TRL's fused head too)
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)

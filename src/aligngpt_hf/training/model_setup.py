@@ -129,7 +129,7 @@ def build_from_components(language_model: str, vision_tower: str, num_alignment_
     model.model.vision_tower.load_state_dict(vision.state_dict())
     model.model.language_model.load_state_dict(llm.get_decoder().state_dict())
     with torch.no_grad():
-        model.lm_head.weight.copy_(llm.get_output_embeddings().weight)
+        model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())  # with Phi's head bias
     return model, processor_from_parts(tokenizer, vision_tower, config, image_aspect_ratio)
 
 
