@@ -66,8 +66,8 @@ def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training
         torch.manual_seed(training_args.seed)
         model = build_model(tokenizer, num_alignment_levels=script_args.num_alignment_levels,
                             **config_overrides(script_args, tiny=True))
-        return model, build_processor(tokenizer, image_seq_length=model.config.image_seq_length,
-                                      add_alignment_token=model.config.uses_alignment_token)
+        return with_stop_tokens(model, build_processor(tokenizer, image_seq_length=model.config.image_seq_length,
+                                                       add_alignment_token=model.config.uses_alignment_token))
     if name is not None:
         model = AlignGPTForConditionalGeneration.from_pretrained(name, dtype=torch.float32)
         return model, AutoProcessor.from_pretrained(name, trust_remote_code=training_args.trust_remote_code)
@@ -90,7 +90,7 @@ def _instruct_start(script_args: AlignGPTScriptArguments, training_args):
                               vision_tower=script_args.vision_tower)
     if is_stage1_artefact(name):
         # converted stage-1 artefact: tokenizer from the base LLM, image settings from the artefact
-        return model, processor_from_parts(script_args.language_model, name, model.config)
+        return with_stop_tokens(model, processor_from_parts(script_args.language_model, name, model.config))
     return model, AutoProcessor.from_pretrained(name, trust_remote_code=training_args.trust_remote_code)
 
 
@@ -130,7 +130,17 @@ def build_from_components(language_model: str, vision_tower: str, num_alignment_
     model.model.language_model.load_state_dict(llm.get_decoder().state_dict())
     with torch.no_grad():
         model.lm_head.weight.copy_(llm.get_output_embeddings().weight)
-    return model, processor_from_parts(tokenizer, vision_tower, config, image_aspect_ratio)
+    return with_stop_tokens(model, processor_from_parts(tokenizer, vision_tower, config, image_aspect_ratio))
+
+
+def with_stop_tokens(model, processor):
+    """(model, processor), generation stopping at the chat format's turn end (`<|eot_id|>`, `<|im_end|>`,
+    `<end_of_turn>`, `<|end|>`) as well as at EOS: an instruct model ends its answers with the turn end."""
+    from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
+
+    generation = model.generation_config
+    generation.eos_token_id = stop_token_ids(processor.tokenizer, processor.chat_template, generation.eos_token_id)
+    return model, processor
 
 
 def tokenizer_with_image_tokens(language_model, **hub_kwargs):
@@ -147,7 +157,8 @@ def tokenizer_with_image_tokens(language_model, **hub_kwargs):
 
 
 def processor_from_parts(tokenizer, image_processor_source: str, config, image_aspect_ratio: str | None = "pad"):
-    """AlignGPTProcessor from a tokenizer (or LLM id) and a CLIP-style image processor folder; ids must match."""
+    """AlignGPTProcessor from a tokenizer (or LLM id) and a CLIP-style image processor folder; ids must match. The
+    chat template follows the tokenizer's own format (Llama-3, ChatML, Gemma, Mistral, Phi-3; vicuna_v1 without one)."""
     from transformers import AutoImageProcessor, LlavaImageProcessorPil
 
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
@@ -211,5 +222,6 @@ __all__ = [
     "lora_config",
     "processor_from_parts",
     "stage1_config",
+    "with_stop_tokens",
     "tokenizer_with_image_tokens",
 ]
