@@ -159,3 +159,38 @@ def test_stop_tokens_are_eos_and_the_turn_end_and_generation_stops_on_the_turn_e
     model, _ = with_stop_tokens(model, processor)
     assert model.generation_config.eos_token_id == [processor.tokenizer.eos_token_id, im_end]
     assert model.generate(**prompt, **force_end)[0, prompt["input_ids"].shape[1]:].tolist() == [im_end]
+
+
+def test_stage1_from_parts_takes_the_family_format_or_the_recipes_and_stops_at_the_turn_end(tmp_path):
+    from transformers import AutoModelForCausalLM, SiglipImageProcessor, SiglipVisionModel
+
+    from aligngpt_hf.training.cli import parse_recipe
+    from aligngpt_hf.training.configs import AlignGPTScriptArguments
+    from aligngpt_hf.training.model_setup import build_from_components, build_stage_model
+
+    processor, config = tiny_family_parts("qwen2")
+    AutoModelForCausalLM.from_config(config.text_config).save_pretrained(tmp_path / "llm")
+    processor.tokenizer.save_pretrained(tmp_path / "llm")
+    SiglipVisionModel(config.vision_config).save_pretrained(tmp_path / "tower")
+    SiglipImageProcessor(size={"height": 28, "width": 28}).save_pretrained(tmp_path / "tower")
+    parts = dict(language_model=str(tmp_path / "llm"), vision_tower=str(tmp_path / "tower"),
+                 vision_feature_select_strategy="full", gate_hidden_size=16)
+    model, built = build_from_components(**parts)
+    assert built.chat_template == chat_template("chatml", "You are a helpful assistant.")
+    im_end = built.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id == [built.tokenizer.eos_token_id, im_end]
+    _, vicuna = build_from_components(**parts, chat_format="vicuna_v1")
+    assert vicuna.chat_template == VICUNA_V1_CHAT_TEMPLATE
+    script = AlignGPTScriptArguments(language_model=parts["language_model"], vision_tower=parts["vision_tower"],
+                                     vision_feature_select_strategy="full", chat_format="alpaca")
+    with pytest.raises(ValueError, match=r"^`chat_format` is 'alpaca'; use one of vicuna_v1, llama3, chatml, gemma, "
+                                         r"mistral, phi3, or leave it unset"):
+        build_stage_model("pretrain", script, SimpleNamespace(seed=0))
+    tiny = AlignGPTScriptArguments(model_name_or_path="tiny", chat_format="chatml")  # its processor would win
+    with pytest.raises(ValueError, match=r"^`chat_format` picks the format of a processor built from parts \(stage 1 "
+                                         r"from `language_model` \+ `vision_tower`, .*\); 'tiny' brings its own"):
+        build_stage_model("pretrain", tiny, SimpleNamespace(seed=0))
+    for recipe, expected in (("gemma_7b", "vicuna_v1"), ("mistral_7b", "vicuna_v1"), ("phi2", "vicuna_v1"),
+                             ("llama3_8b_siglip", None)):  # as AlignGPT's follow-up trained them
+        overrides = ["--bf16", "false", "--tf32", "false", "--use_cpu", "true"]
+        assert parse_recipe("pretrain", f"pretrain_{recipe}", overrides)[0].chat_format == expected

@@ -1,5 +1,5 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
-"""AlignGPT processor: image processor + tokenizer + the vicuna_v1 chat template.
+"""AlignGPT processor: image processor + tokenizer + the language model's chat format (chat_templates_aligngpt.py).
 
 Remote-code file: it imports only transformers. It expands each `<image>` into `image_seq_length` placeholder tokens
 and inserts one `<align>` right after BOS in every sample that has an image, recording that insertion as a text
@@ -30,7 +30,10 @@ class AlignGPTProcessor(LlavaProcessor):
         image_processor: a stock image processor. For AlignGPT's `pad` mode use `LlavaImageProcessorPil(do_pad=True)`
             (expand to a square of the mean colour, then resize); for `square` mode use `do_pad=False`.
         tokenizer: a tokenizer that knows `image_token` and `alignment_token` as special tokens.
-        chat_template (`str`, *optional*): defaults to vicuna_v1, the template of the released models.
+        chat_template (`str`, *optional*): by default the tokenizer's own format, written with `<image>` and
+            `{% generation %}` marks: Llama-3, ChatML (Qwen2/2.5/3), Gemma, Mistral-Instruct, Phi-3; a tokenizer
+            without a template gets vicuna_v1 (the released models' format); an unknown template is used as given only
+            when it has `{% generation %}` marks, else refused. `<align>` goes after a leading BOS, or first (Qwen).
         image_seq_length (`int`, defaults to 576): placeholder tokens per image (the model's `image_seq_length`).
         image_token (`str`, defaults to `"<image>"`), alignment_token (`str`, defaults to `"<align>"`).
         add_alignment_token (`bool`, defaults to `True`): `False` for `alignment_mode="none"` (plain LLaVA).
