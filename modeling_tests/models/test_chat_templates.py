@@ -58,6 +58,10 @@ def test_qwen_default_system_comes_from_the_tokenizers_template_and_system_folds
     assert qwen2 == chat_template("chatml", "You are a helpful assistant.")
     qwen3_like = "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content }}..."
     assert template_for_tokenizer(SimpleNamespace(chat_template=qwen3_like)) == chat_template("chatml")
+    qwen25 = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # its template, tools branch cut
+    qwen25_like = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+                   "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\n" + qwen25 + "<|im_end|>\\n' }}{%- endif %}")
+    assert template_for_tokenizer(SimpleNamespace(chat_template=qwen25_like)) == chat_template("chatml", qwen25)
     messages = CONVERSATIONS["system"][0][:2]
     assert render(chat_template("gemma"), messages, True, "<bos>", "<eos>")[0] == (
         "<bos><start_of_turn>user\nAnswer briefly.\n\nWhat colour is the shape?<end_of_turn>\n<start_of_turn>model\n")

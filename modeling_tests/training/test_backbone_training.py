@@ -18,6 +18,7 @@ from aligngpt_hf import (
 )
 from aligngpt_hf.models.chat_templates_aligngpt import FORMATS, template_family
 from aligngpt_hf.training.data import PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator
+from aligngpt_hf.training.lora_presets import LORA_TARGETS_BY_FAMILY
 from aligngpt_hf.training.packing import AlignGPTPackingCollator
 from aligngpt_hf.training.trainers import aligngpt_lora_config
 from family_builders import tiny_family_parts
@@ -117,6 +118,9 @@ def test_one_step_of_each_stage_packed_equals_padded_and_stage2_lora_reaches_onl
                                                 tmp_path / f"s2-{padding_free}", lora)
         wrapped = {name for name, module in trainer.model.named_modules() if isinstance(module, LoraLayer)}
         assert wrapped and all(".language_model.layers." in name for name in wrapped)
+        preset = set(LORA_TARGETS_BY_FAMILY[config.text_config.model_type])  # every projection of the family's preset
+        assert {name.rsplit(".", 1)[1] for name in wrapped} == preset
+        assert len(wrapped) == len(preset) * config.text_config.num_hidden_layers
         moved = {name for name in after if not torch.equal(after[name], before[name])}
         assert any("lora_B" in name for name in moved)
         assert all("lora_" in name or "modules_to_save" in name for name in moved)
