@@ -165,6 +165,24 @@ def test_stop_tokens_are_eos_and_the_turn_end_and_generation_stops_on_the_turn_e
     assert model.generate(**prompt, **force_end)[0, prompt["input_ids"].shape[1]:].tolist() == [im_end]
 
 
+
+def test_answers_end_at_the_turn_end_also_for_a_model_saved_with_eos_only():
+    from aligngpt_hf.evaluation.answer import generate_answers
+
+    processor, config = tiny_family_parts("qwen2")
+    tokenizer = processor.tokenizer
+    torch.manual_seed(0)
+    model = AlignGPTForConditionalGeneration(config).eval()
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id  # `<|endoftext|>` only
+    word = tokenizer(" red", add_special_tokens=False)["input_ids"][-1]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = processor.apply_chat_template([{"role": "user", "content": "Colour?"}], add_generation_prompt=True)
+    # a word, then the turn end right after it: without the turn end as a stop token the pair repeats
+    bias = dict(max_new_tokens=6, do_sample=False, sequence_bias={(word,): 100.0, (word, im_end): 200.0})
+    assert generate_answers(model, processor, [prompt], [None], **bias) == [tokenizer.decode([word]).strip()]
+    assert generate_answers(model, processor, [prompt], [None], eos_token_id=tokenizer.eos_token_id, **bias) == [
+        tokenizer.decode([word, im_end] * 3, skip_special_tokens=True).strip()]
+
 def test_stage1_from_parts_takes_the_family_format_or_the_recipes_and_stops_at_the_turn_end(tmp_path):
     from transformers import AutoModelForCausalLM, SiglipImageProcessor, SiglipVisionModel
 
