@@ -112,6 +112,8 @@ def test_construction_takes_the_tokenizers_format_and_refuses_an_unknown_one_wit
         marked = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
         tokenizer.chat_template = marked
         assert AlignGPTProcessor(image_processor, tokenizer).chat_template == marked
+        phi4_like = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] }}{% endfor %}"
+        assert template_family(phi4_like) is None  # ChatML's marker, another format
         tokenizer.chat_template = OFFICIAL_TEMPLATES["llama2"]["template"]
         with pytest.raises(ValueError, match=r"^The tokenizer's chat template is in no format AlignGPTProcessor knows "
                                              r"and has no `\{% generation %\}` block, .* Pass AlignGPTProcessor "

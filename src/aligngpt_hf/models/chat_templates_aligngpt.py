@@ -60,8 +60,8 @@ def chat_template(family: str, default_system: str | None = None) -> str:
 
 
 def template_family(template) -> str | None:
-    """The family whose markers `template` carries (Llama-2's `<<SYS>>` format is no Mistral one), or None."""
-    known = isinstance(template, str) and "<<SYS>>" not in template
+    """The family whose markers `template` carries, or None (look-alikes: Llama-2's `<<SYS>>`, Phi-4's `<|im_sep|>`)."""
+    known = isinstance(template, str) and not any(mark in template for mark in ("<<SYS>>", "<|im_sep|>"))
     return next((family for marker, family in MARKERS if marker in template), None) if known else None
 
 
