@@ -6,6 +6,10 @@ dim 8, random weights, no downloads.
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 from transformers import (
     CLIPVisionConfig,
     Gemma2Config,
@@ -84,3 +88,66 @@ def tiny_family_config(family: str, vision: str = "clip", vocab_size: int = 300,
     overrides.setdefault("vision_feature_select_strategy", "default" if vision == "clip" else "full")
     return AlignGPTConfig(vision_config=tiny_vision_config(vision), text_config=tiny_text_config(family, vocab_size),
                           image_token_id=vocab_size - 2, alignment_token_id=vocab_size - 1, **overrides)
+
+
+# Tokenizers and processors of each family: a byte-level BPE trained locally on text in the family's chat format,
+# with the family's special tokens and its published chat template (fixtures/official_chat_templates.json).
+OFFICIAL_TEMPLATES = json.loads((Path(__file__).parent / "fixtures" / "official_chat_templates.json").read_text())
+FAMILY_TOKENS = {  # family: (BOS, EOS, pad, unk, the format's special tokens, published template)
+    "llama": ("<|begin_of_text|>", "<|end_of_text|>", "<|end_of_text|>", None,
+              ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "llama3"),
+    "qwen2": (None, "<|endoftext|>", "<|endoftext|>", None, ["<|im_start|>", "<|im_end|>"], "qwen2"),
+    "mistral": ("<s>", "</s>", "<unk>", "<unk>", [], "mistral"),
+    **dict.fromkeys(("gemma", "gemma2", "gemma3_text"),
+                    ("<bos>", "<eos>", "<pad>", "<unk>", ["<start_of_turn>", "<end_of_turn>"], "gemma")),
+    "phi3": (None, "<|endoftext|>", "<|endoftext|>", "<unk>", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+             "phi3"),
+    "phi": ("<|endoftext|>", "<|endoftext|>", "<|endoftext|>", None, [], None),  # phi-1.5/phi-2: no chat template
+}
+FAMILY_VISION = {"llama": "siglip", "qwen2": "siglip", "gemma2": "siglip"}  # the others: CLIP
+CORPUS_TURNS = [("What colour is the shape?", "The shape is red."), ("How many?", "There are two circles."),
+                ("Render a clear and concise summary of the photo.", "A blue square."),
+                ("What shape is it?", "It is a green square. A yellow circle.")]
+
+
+def tiny_family_tokenizer(family: str):
+    """A tokenizer of `family` with `<image>`/`<align>` and the family's published chat template (none for phi)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from aligngpt_hf.models.chat_templates_aligngpt import chat_template
+    from aligngpt_hf.tiny import _train_bpe
+
+    bos, eos, pad, unk, specials, template = FAMILY_TOKENS[family]
+    tokens = list(dict.fromkeys(t for t in (pad, unk or "<unk>", bos, eos, *specials, "<image>", "<align>") if t))
+    ours = chat_template({"llama3": "llama3", "qwen2": "chatml"}.get(template, template or "vicuna_v1"))
+    corpus = [render_jinja_template(conversations=[[{"role": "user", "content": q}, {"role": "assistant", "content": a}]],
+                                    chat_template=ours, bos_token=bos or "", eos_token=eos)[0][0] for q, a in CORPUS_TURNS]
+    adds_bos = bos is not None and family != "phi"  # as the published tokenizers do
+    backend = _train_bpe(corpus * 4, 400, tokens, f"{bos} $A" if adds_bos else "$A")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
+                                   chat_template=OFFICIAL_TEMPLATES[template]["template"] if template else None,
+                                   extra_special_tokens={"image_token": "<image>"}, model_max_length=2048)
+
+
+@functools.cache
+def tiny_family_parts(family: str):
+    """(processor, config) of a tiny AlignGPT on `family`: its tokenizer's ids, 28 px images, 4 tokens per image.
+    Built once per family and shared: do not modify what it returns."""
+    from transformers import LlavaImageProcessorPil
+
+    from aligngpt_hf import AlignGPTProcessor
+
+    tokenizer = tiny_family_tokenizer(family)
+    vision = FAMILY_VISION.get(family, "clip")
+    text = tiny_text_config(family, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = AlignGPTConfig(vision_config=tiny_vision_config(vision), text_config=text, gate_hidden_size=16,
+                            vision_feature_select_strategy="default" if vision == "clip" else "full",
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            alignment_token_id=tokenizer.convert_tokens_to_ids("<align>"))
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                             do_pad=True)
+    processor = AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_length=config.image_seq_length)
+    return processor, config

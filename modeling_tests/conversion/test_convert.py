@@ -252,7 +252,7 @@ def test_pretrain_projector_converts_to_stage1_artefact(tmp_path, converted):
     assert not unexpected and not any(k.startswith(("model.multi_modal_projector", "model.alignment.level")) for k in missing)
 
 
-def tiny_original_tokenizer(folder):
+def tiny_original_tokenizer(folder, chat_template=None):
     """A 300-token BPE with <unk>=0, <s>=1, </s>=2 like the fixture's LLaMA ids, without <image>/<align>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -264,12 +264,16 @@ def tiny_original_tokenizer(folder):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([text.replace("<image>", "") for text in DEFAULT_CORPUS] * 4, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            chat_template=chat_template).save_pretrained(folder)
     return folder
 
 
 def test_tokenizer_and_processor_are_written(tmp_path, cases):
-    tok_dir = tiny_original_tokenizer(tmp_path / "tok")
+    from family_builders import OFFICIAL_TEMPLATES
+
+    # a LLaMA-2-chat tokenizer's own template does not change the vicuna_v1 format AlignGPT was trained in
+    tok_dir = tiny_original_tokenizer(tmp_path / "tok", OFFICIAL_TEMPLATES["llama2"]["template"])
     out = tmp_path / "with-processor"
     assert cli_main(["convert", str(ORIGINAL), str(out), "--tokenizer", str(tok_dir), "--no-progress"]) == 0
     processor = AutoProcessor.from_pretrained(out)

@@ -190,9 +190,10 @@ def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_to
     refuse_s2(orig, source_dir / "config.json")
     if tokenizer is not None:
         raise ConversionError(
-            f"{source_dir} is an AlignGPT_family checkpoint ({orig['model_type']}): its chat formats (llama_3, gemma, "
-            "phi, qwen, mistral) are not in AlignGPTProcessor yet, so no processor can be written. Convert without "
-            "`--tokenizer`; weights, config and image settings are converted."
+            f"{source_dir} is an AlignGPT_family checkpoint ({orig['model_type']}): it was trained in that code base's "
+            "own conversation formats (a LLaVA variant of LLaMA-3's headers; vicuna_v1 with a literal `</s>` for Gemma, "
+            "Mistral and Phi), which AlignGPTProcessor's chat formats do not reproduce, so no processor is written. "
+            "Convert without `--tokenizer`; weights, config and image settings are converted."
         )
     files, shapes, detected, need_vision_weights = read_weights(source_dir, source, kind, vision_tower)
     vision_config, vision_dir, settings = resolve_family_vision(orig, source_dir, vision_tower, need_vision_weights)
@@ -207,9 +208,9 @@ def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_to
         result = _convert_full(files, shapes, config, expected, vision_dir, output, max_shard_size, progress)
     result.files += write_side_files(output, config, orig, source_dir, None, settings, detected)
     result.notes.append(
-        f"AlignGPT_family checkpoint ({orig['model_type']}): OUTPUT has no processor, because the family's chat "
-        "formats are not in AlignGPTProcessor yet. Build one with the language model's tokenizer, `<image>` = id "
-        f"{config.image_token_id} and `<align>` = id {config.alignment_token_id}."
+        f"AlignGPT_family checkpoint ({orig['model_type']}): OUTPUT has no processor, because that code base's "
+        "conversation formats are not AlignGPTProcessor's. Build one with the language model's tokenizer, `<image>` = "
+        f"id {config.image_token_id}, `<align>` = id {config.alignment_token_id} and the chat format to prompt in."
     )
     return result
 

@@ -7,7 +7,8 @@ llava-1.5-7b/13b-hf, bakLlava, their fine-tunes). OUTPUT gets:
 * the model: LLaVA's vision tower, projector and language model bit for bit (with its feature layer, select strategy,
   `<image>` id, tying and pad id), a fresh level table and gate, and a vocabulary row for `<align>`
   (`AlignGPTForConditionalGeneration.from_llava`);
-* the processor: LLaVA's tokenizer plus `<align>`, AlignGPT's vicuna_v1 chat template, `image_seq_length`, and
+* the processor: LLaVA's tokenizer plus `<align>`, the AlignGPT chat template of the tokenizer's format (vicuna_v1 for
+  LLaVA-1.5; generation also stops at the format's turn end), `image_seq_length`, and
   LLaVA's image preprocessing as a `LlavaImageProcessorPil` (so `image_aspect_ratio` can switch it to `pad`);
 * the remote code and `auto_map`, so OUTPUT loads with transformers alone.
 
@@ -109,6 +110,7 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     """Write OUTPUT (an AlignGPT folder) from the LLaVA checkpoint SOURCE; see the module docstring."""
     from transformers import AutoConfig, LlavaProcessor
 
+    from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
     from aligngpt_hf.models.llava_aligngpt import config_from_llava
     from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
@@ -140,10 +142,15 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     if dtype not in (None, "auto"):
         model = model.to(DTYPES[dtype])
     image_processor = llava_image_processor(llava_processor.image_processor, image_aspect_ratio)
-    processor = AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_length=model.config.image_seq_length,
-                                  image_token=llava_processor.image_token, alignment_token=ALIGNMENT_TOKEN,
-                                  add_alignment_token=model.config.uses_alignment_token)
+    try:  # the chat template follows the tokenizer's format (LLaVA-1.5's is vicuna_v1), stopping at its turn end
+        processor = AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                      image_seq_length=model.config.image_seq_length,
+                                      image_token=llava_processor.image_token, alignment_token=ALIGNMENT_TOKEN,
+                                      add_alignment_token=model.config.uses_alignment_token)
+    except ValueError as error:
+        raise ConversionError(f"{source}: {error}") from None
+    generation = model.generation_config
+    generation.eos_token_id = stop_token_ids(tokenizer, processor.chat_template, generation.eos_token_id)
     _write_folder(output, model, processor, overwrite)
     if model.config.uses_alignment_token:
         notes.append("The level table and gate are untrained: run the alignment warm-up (`aligngpt-hf pretrain "

@@ -30,7 +30,7 @@ from aligngpt_hf.conversion.mapping import (
 )
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTForConditionalGeneration
-from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
+from aligngpt_hf.models.processing_aligngpt import VICUNA_V1_CHAT_TEMPLATE, AlignGPTProcessor
 from aligngpt_hf.paths import atomic_write_text, check_local_or_hub
 
 STAGE_FILE = "aligngpt_stage.json"
@@ -190,8 +190,9 @@ def write_side_files(output, config, orig, source_dir, tokenizer, settings, kind
         return written + ["preprocessor_config.json"]
     tokenizer.model_max_length = orig.get("tokenizer_model_max_length", tokenizer.model_max_length)
     tokenizer.padding_side = orig.get("tokenizer_padding_side", "right")
+    # AlignGPT was trained in vicuna_v1, whatever chat template the tokenizer carries
     processor = AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_length=config.image_seq_length)
+                                  image_seq_length=config.image_seq_length, chat_template=VICUNA_V1_CHAT_TEMPLATE)
     processor.save_pretrained(output)
     return written + sorted(p.name for p in output.iterdir() if p.name not in written and p.suffix != ".safetensors")
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
 from aligngpt_hf.models.image_processing_utils_aligngpt import load_image as open_rgb
 from aligngpt_hf.models.image_processing_utils_aligngpt import resolve_image_path
 from aligngpt_hf.paths import check_local_or_hub, check_writable
@@ -161,6 +162,10 @@ def generate_answers(model, processor, prompts: list[str], images: list, alignme
     if alignment_level is not None:
         inputs["alignment_levels"] = torch.full((len(prompts),), int(alignment_level), device=model.device)
     tokenizer = processor.tokenizer
+    # the chat format's turn end (`<|eot_id|>`, `<|im_end|>`, ...) ends an answer as EOS does, also for models saved
+    # with EOS only in their generation config
+    gen_kwargs.setdefault("eos_token_id", stop_token_ids(tokenizer, processor.chat_template,
+                                                         model.generation_config.eos_token_id))
     with torch.inference_mode():
         output = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]

@@ -1,5 +1,5 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
-"""AlignGPT processor: image processor + tokenizer + the vicuna_v1 chat template.
+"""AlignGPT processor: image processor + tokenizer + the language model's chat format (chat_templates_aligngpt.py).
 
 Remote-code file: it imports only transformers. It expands each `<image>` into `image_seq_length` placeholder tokens
 and inserts one `<align>` right after BOS in every sample that has an image, recording that insertion as a text
@@ -14,36 +14,10 @@ from transformers.image_utils import make_flat_list_of_images
 from transformers.models.llava.processing_llava import LlavaProcessor
 from transformers.processing_utils import MultiModalData
 
+from .chat_templates_aligngpt import VICUNA_V1_SYSTEM, chat_template, template_for_tokenizer
 from .image_processing_utils_aligngpt import call_with_truncation_check, check_conversation, check_text, load_images
 
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-
-# vicuna_v1 exactly as the original AlignGPT renders it ("SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: ..."), with
-# images moved to the front of their message and the answer + EOS inside {% generation %} for assistant-only loss.
-VICUNA_V1_CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- else -%}"
-    "{%- for part in content if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
-    "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-    "{{ bos_token }}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{ render(messages[0]['content']) }}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}" + VICUNA_V1_SYSTEM + "{%- set loop_messages = messages -%}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ ' ASSISTANT: ' }}{% generation %}{{ render(message['content']) }}{{ eos_token }}{% endgeneration %}"
-    "{%- else -%}"
-    "{%- if loop.first -%}{{ ' ' }}{%- endif -%}{{ 'USER: ' + render(message['content']) }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
-)
+VICUNA_V1_CHAT_TEMPLATE = chat_template("vicuna_v1")
 
 
 class AlignGPTProcessor(LlavaProcessor):
@@ -56,7 +30,10 @@ class AlignGPTProcessor(LlavaProcessor):
         image_processor: a stock image processor. For AlignGPT's `pad` mode use `LlavaImageProcessorPil(do_pad=True)`
             (expand to a square of the mean colour, then resize); for `square` mode use `do_pad=False`.
         tokenizer: a tokenizer that knows `image_token` and `alignment_token` as special tokens.
-        chat_template (`str`, *optional*): defaults to vicuna_v1, the template of the released models.
+        chat_template (`str`, *optional*): by default the tokenizer's own format, written with `<image>` and
+            `{% generation %}` marks: Llama-3, ChatML (Qwen2/2.5/3), Gemma, Mistral-Instruct, Phi-3; a tokenizer
+            without a template gets vicuna_v1 (the released models' format); an unknown template is used as given only
+            when it has `{% generation %}` marks, else refused. `<align>` goes after a leading BOS, or first (Qwen).
         image_seq_length (`int`, defaults to 576): placeholder tokens per image (the model's `image_seq_length`).
         image_token (`str`, defaults to `"<image>"`), alignment_token (`str`, defaults to `"<align>"`).
         add_alignment_token (`bool`, defaults to `True`): `False` for `alignment_mode="none"` (plain LLaVA).
@@ -92,8 +69,8 @@ class AlignGPTProcessor(LlavaProcessor):
         self.add_alignment_token = add_alignment_token
         self.image_token_id = _special_token_id(tokenizer, image_token)
         self.alignment_token_id = _special_token_id(tokenizer, alignment_token)
-        if chat_template is None:
-            chat_template = VICUNA_V1_CHAT_TEMPLATE
+        if chat_template is None:  # the tokenizer's own format with images and generation marks, else vicuna_v1
+            chat_template = template_for_tokenizer(tokenizer)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, image_token=image_token)
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):

@@ -65,6 +65,11 @@ class AlignGPTScriptArguments:
         metadata={"help": "`pad` (expand to a square of the mean colour; paper stage 2) or `square` (resize + crop; "
                   "paper stage 1); None keeps the processor's setting."},
     )
+    chat_format: str | None = field(
+        default=None,
+        metadata={"help": "Stage 1 from parts: the processor's chat format, one of vicuna_v1, llama3, chatml, gemma, "
+                  "mistral, phi3 (stage 2 keeps it). None: the language model tokenizer's own (vicuna_v1 without one)."},
+    )
     data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON/JSONL file."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the JSON's image paths are relative to."})
     allow_outside_image_folder: bool = field(

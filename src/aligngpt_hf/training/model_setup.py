@@ -45,6 +45,23 @@ def check_fresh_model_options(script_args: AlignGPTScriptArguments) -> None:
     if name is None and (script_args.language_model is None or script_args.vision_tower is None):
         raise ValueError("Stage 1 needs `model_name_or_path` (an AlignGPT folder, or `tiny`) or both "
                          "`language_model` and `vision_tower`.")
+    check_chat_format(script_args.chat_format, name)
+
+
+def check_chat_format(chat_format: str | None, saved: str | None = None) -> None:
+    """`chat_format` names a known format, and only where a processor is built from parts (`saved` is None): a saved
+    folder or the tiny model brings its own processor, whose format would silently win."""
+    from aligngpt_hf.models.chat_templates_aligngpt import FORMATS
+
+    if chat_format is None:
+        return
+    if chat_format not in FORMATS:
+        raise ValueError(f"`chat_format` is {chat_format!r}; use one of {', '.join(FORMATS)}, or leave it unset for "
+                         "the language model tokenizer's own format.")
+    if saved is not None:
+        raise ValueError(f"`chat_format` picks the format of a processor built from parts (stage 1 from "
+                         f"`language_model` + `vision_tower`, stage 2 from a converted stage-1 artefact); {saved!r} "
+                         "brings its own processor and format: leave `chat_format` unset.")
 
 
 def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training_args):
@@ -66,15 +83,15 @@ def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training
         torch.manual_seed(training_args.seed)
         model = build_model(tokenizer, num_alignment_levels=script_args.num_alignment_levels,
                             **config_overrides(script_args, tiny=True))
-        return model, build_processor(tokenizer, image_seq_length=model.config.image_seq_length,
-                                      add_alignment_token=model.config.uses_alignment_token)
+        return with_stop_tokens(model, build_processor(tokenizer, image_seq_length=model.config.image_seq_length,
+                                                       add_alignment_token=model.config.uses_alignment_token))
     if name is not None:
         model = AlignGPTForConditionalGeneration.from_pretrained(name, dtype=torch.float32)
         return model, AutoProcessor.from_pretrained(name, trust_remote_code=training_args.trust_remote_code)
     return build_from_components(script_args.language_model, script_args.vision_tower,
                                  num_alignment_levels=script_args.num_alignment_levels,
                                  image_aspect_ratio=script_args.image_aspect_ratio or "pad",
-                                 **config_overrides(script_args))
+                                 chat_format=script_args.chat_format, **config_overrides(script_args))
 
 
 def _instruct_start(script_args: AlignGPTScriptArguments, training_args):
@@ -85,12 +102,14 @@ def _instruct_start(script_args: AlignGPTScriptArguments, training_args):
     name = script_args.model_name_or_path
     if name is None:
         raise ValueError("Stage 2 starts from a stage-1 output folder: set `model_name_or_path`.")
+    check_chat_format(script_args.chat_format, None if is_stage1_artefact(name) else name)
     model = load_for_instruct(name, base_language_model=script_args.language_model,
                               allow_untrained_alignment=training_args.allow_untrained_alignment,
                               vision_tower=script_args.vision_tower)
     if is_stage1_artefact(name):
         # converted stage-1 artefact: tokenizer from the base LLM, image settings from the artefact
-        return model, processor_from_parts(script_args.language_model, name, model.config)
+        return with_stop_tokens(model, processor_from_parts(script_args.language_model, name, model.config,
+                                                            chat_format=script_args.chat_format))
     return model, AutoProcessor.from_pretrained(name, trust_remote_code=training_args.trust_remote_code)
 
 
@@ -113,7 +132,7 @@ def stage1_config(text_config, vision_config, tokenizer, num_alignment_levels: i
 
 
 def build_from_components(language_model: str, vision_tower: str, num_alignment_levels: int = 8,
-                          image_aspect_ratio: str = "pad", **config_overrides):
+                          image_aspect_ratio: str = "pad", chat_format: str | None = None, **config_overrides):
     """A fresh AlignGPT (model, processor) from a causal LM and a vision encoder, as the original stage 1 starts:
     `<image>`/`<align>` added to the tokenizer, embeddings resized to a multiple of 64, pretrained LLM and vision
     weights copied in, projector/level table/gate freshly initialised."""
@@ -130,7 +149,18 @@ def build_from_components(language_model: str, vision_tower: str, num_alignment_
     model.model.language_model.load_state_dict(llm.get_decoder().state_dict())
     with torch.no_grad():
         model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())  # with Phi's head bias
-    return model, processor_from_parts(tokenizer, vision_tower, config, image_aspect_ratio)
+    return with_stop_tokens(model, processor_from_parts(tokenizer, vision_tower, config, image_aspect_ratio,
+                                                        chat_format))
+
+
+def with_stop_tokens(model, processor):
+    """(model, processor), generation stopping at the chat format's turn end (`<|eot_id|>`, `<|im_end|>`,
+    `<end_of_turn>`, `<|end|>`) as well as at EOS: an instruct model ends its answers with the turn end."""
+    from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
+
+    generation = model.generation_config
+    generation.eos_token_id = stop_token_ids(processor.tokenizer, processor.chat_template, generation.eos_token_id)
+    return model, processor
 
 
 def tokenizer_with_image_tokens(language_model, **hub_kwargs):
@@ -146,12 +176,17 @@ def tokenizer_with_image_tokens(language_model, **hub_kwargs):
     return tokenizer
 
 
-def processor_from_parts(tokenizer, image_processor_source: str, config, image_aspect_ratio: str | None = "pad"):
-    """AlignGPTProcessor from a tokenizer (or LLM id) and a CLIP-style image processor folder; ids must match."""
+def processor_from_parts(tokenizer, image_processor_source: str, config, image_aspect_ratio: str | None = "pad",
+                         chat_format: str | None = None):
+    """AlignGPTProcessor from a tokenizer (or LLM id) and a CLIP-style image processor folder; ids must match. The
+    chat template is `chat_format`'s, else the tokenizer's own format (Llama-3, ChatML, Gemma, Mistral, Phi-3;
+    vicuna_v1 without one)."""
     from transformers import AutoImageProcessor, LlavaImageProcessorPil
 
+    from aligngpt_hf.models.chat_templates_aligngpt import chat_template
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
+    check_chat_format(chat_format)
     if isinstance(tokenizer, str):
         tokenizer = tokenizer_with_image_tokens(tokenizer)
     ids = (tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<align>"))
@@ -165,8 +200,8 @@ def processor_from_parts(tokenizer, image_processor_source: str, config, image_a
     pad = getattr(source, "do_pad", False) if image_aspect_ratio is None else image_aspect_ratio == "pad"
     image_processor = LlavaImageProcessorPil(**settings, do_pad=pad)
     return AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                             image_seq_length=config.image_seq_length,
-                             add_alignment_token=config.uses_alignment_token)
+                             image_seq_length=config.image_seq_length, add_alignment_token=config.uses_alignment_token,
+                             chat_template=chat_template(chat_format) if chat_format else None)
 
 
 def lora_config(stage: str, script_args: AlignGPTScriptArguments):
@@ -207,9 +242,11 @@ def load_training_data(stage: str, script_args: AlignGPTScriptArguments):
 __all__ = [
     "build_from_components",
     "build_stage_model",
+    "check_chat_format",
     "load_training_data",
     "lora_config",
     "processor_from_parts",
     "stage1_config",
+    "with_stop_tokens",
     "tokenizer_with_image_tokens",
 ]
