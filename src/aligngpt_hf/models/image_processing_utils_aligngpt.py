@@ -12,7 +12,6 @@ URLs are fetched by transformers' `load_image`.
 
 import io
 import os
-from pathlib import Path
 
 from transformers import image_utils
 from transformers.image_utils import PIL
@@ -22,30 +21,6 @@ CONTENT_TYPES = ("image", "text")
 _ARRAY_TYPES = ("ndarray", "Tensor")  # numpy / torch images pass through to the image processor unchanged
 URL_SCHEMES = ("http://", "https://")
 _ORIENTATION = 0x0112  # the EXIF tag that says how the camera was turned
-
-
-def resolve_image_path(value, image_folder=None, allow_outside: bool = False, where: str = "image") -> str:
-    """`value` joined to `image_folder`; a path that resolves outside the folder is refused unless `allow_outside`.
-
-    Why: LLaVA JSON files come from strangers; `../../etc/x`, `/home/me/private.png` or a symlink inside the folder
-    that points out of it must not be read silently. The check is on the real path (symlinks resolved, in the folder
-    as well), so link a data folder in from elsewhere with `allow_outside_image_folder=True`.
-    """
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise TypeError(f"{where}: expected an image path (string), got {type(value).__name__} {value!r}.")
-    if image_folder is None:
-        return str(value)
-    folder = Path(os.path.abspath(image_folder))
-    path = Path(os.path.normpath(folder / value))
-    real, real_folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
-    if not allow_outside and real != real_folder and real_folder not in real.parents:
-        via = "" if real == path else f" (through a symlink, to {real})"
-        raise ValueError(
-            f"{where}: image path {str(value)!r} resolves to {path}{via}, outside the image folder {folder}. Move the "
-            "file into the folder, or allow paths outside it explicitly with `allow_outside_image_folder=True` "
-            "(CLI: --allow-outside-image-folder)."
-        )
-    return str(path)
 
 
 def upright(image):
@@ -79,10 +54,11 @@ def to_rgb(image, where: str = "image"):
     return image.convert("RGB")
 
 
-def load_image(image, where: str = "image", image_folder=None, allow_outside: bool = False):
+def load_image(image, where: str = "image"):
     """A path, bytes, `{"path"|"bytes": ...}` (an undecoded `datasets.Image`) or PIL image -> RGB PIL image.
 
-    Errors name `where` (the record, sample or question) and say what to do.
+    Errors name `where` (the record, sample or question) and say what to do. A path from a data file is checked
+    against its image folder first (`aligngpt_hf.paths.resolve_image_path`).
     """
     if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
         image = image.get("bytes") or image.get("path")
@@ -92,10 +68,12 @@ def load_image(image, where: str = "image", image_folder=None, allow_outside: bo
         return to_rgb(upright(image), where)
     if isinstance(image, (bytes, bytearray)):
         source, name = io.BytesIO(image), "the given bytes"
-    elif isinstance(image, (str, os.PathLike)):
-        source = name = resolve_image_path(image, image_folder, allow_outside, where)
+    elif isinstance(image, (str, os.PathLike)) and str(image):
+        source = name = str(image)
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{where}: image file {name} not found. Check the path and the image folder.")
+    elif isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"{where}: expected an image path (string), got {type(image).__name__} {image!r}.")
     else:
         raise TypeError(
             f"{where} is a {type(image).__name__}, not an image: pass a PIL image, a path, bytes, or a numpy/torch "
@@ -286,6 +264,5 @@ __all__ = [
     "check_text",
     "load_image",
     "load_images",
-    "resolve_image_path",
     "to_rgb",
 ]
