@@ -124,8 +124,7 @@ class AlignGPTConfig(PreTrainedConfig):
             raise ValueError(
                 f"This is an original-format AlignGPT config (it has {', '.join(original_fields)}), which the "
                 "Hugging Face layout cannot load directly. Convert the checkpoint first: "
-                "`aligngpt-hf convert SOURCE OUTPUT` (see `aligngpt-hf convert --help`), then load OUTPUT."
-            )
+                "`aligngpt-hf convert SOURCE OUTPUT` (see `aligngpt-hf convert --help`), then load OUTPUT.")
         if isinstance(self.vision_config, PreTrainedConfig) and hasattr(self.vision_config, "vision_config"):
             self.vision_config = self.vision_config.vision_config  # CLIPConfig/SiglipConfig -> vision part
         elif isinstance(self.vision_config, dict) and isinstance(self.vision_config.get("vision_config"), dict):
@@ -150,12 +149,10 @@ class AlignGPTConfig(PreTrainedConfig):
         if not isinstance(self.num_alignment_levels, int) or self.num_alignment_levels < 2:
             raise ValueError(
                 f"`num_alignment_levels` must be an integer >= 2 (one global row plus at least one local row), "
-                f"got {self.num_alignment_levels!r}."
-            )
+                f"got {self.num_alignment_levels!r}.")
         if self.image_token_id == self.alignment_token_id:
             raise ValueError(
-                f"`image_token_id` and `alignment_token_id` must differ, both are {self.image_token_id}."
-            )
+                f"`image_token_id` and `alignment_token_id` must differ, both are {self.image_token_id}.")
         self._check_sizes()
 
     def _check_sizes(self):
@@ -173,8 +170,7 @@ class AlignGPTConfig(PreTrainedConfig):
         if layers is not None and not -(layers + 1) <= layer <= layers:
             raise ValueError(
                 f"`vision_feature_layer={layer}` is outside the vision tower's {layers + 1} hidden states "
-                f"(embeddings + {layers} layers): use a value in {-(layers + 1)}..{layers} (AlignGPT uses -2)."
-            )
+                f"(embeddings + {layers} layers): use a value in {-(layers + 1)}..{layers} (AlignGPT uses -2).")
 
     def check_token_ids(self, vocab_size: int | None = None):
         """Called when a model is built: `<image>`/`<align>` ids inside the vocabulary and distinct from BOS/EOS/PAD
@@ -187,15 +183,13 @@ class AlignGPTConfig(PreTrainedConfig):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
                 raise ValueError(
                     f"`{name}={value!r}` is outside the language model's vocabulary (0..{vocab_size - 1}). Add the "
-                    "token to the tokenizer, resize `text_config.vocab_size`, and set the id the tokenizer gives."
-                )
+                    "token to the tokenizer, resize `text_config.vocab_size`, and set the id the tokenizer gives.")
             for special, special_id in specials.items():
                 ids = special_id if isinstance(special_id, (list, tuple)) else [special_id]
                 if value in ids:
                     raise ValueError(
                         f"`{name}={value}` is also the text model's `{special}`; `<image>`/`<align>` need their own "
-                        "tokens (tokenizer.add_special_tokens) so they never collide with BOS/EOS/padding."
-                    )
+                        "tokens (tokenizer.add_special_tokens) so they never collide with BOS/EOS/padding.")
 
     def _resolve_image_seq_length(self, given: int | None) -> int:
         """Tokens per image in the LLM sequence: the gate's input width."""
@@ -207,8 +201,7 @@ class AlignGPTConfig(PreTrainedConfig):
                 if given is None:
                     raise ValueError(
                         f"Cannot derive `image_seq_length` for vision model type {self.vision_config.model_type!r}; "
-                        "pass `image_seq_length` (feature tokens per image after the select strategy)."
-                    )
+                        "pass `image_seq_length` (feature tokens per image after the select strategy).")
                 return given
             vision = self.vision_config
             reason = (f"{vision.model_type} at {vision.image_size}px with patch {vision.patch_size} and strategy "
@@ -216,8 +209,7 @@ class AlignGPTConfig(PreTrainedConfig):
         if given is not None and given != derived:
             raise ValueError(
                 f"`image_seq_length={given}` disagrees with the model: {reason} gives {derived} tokens per image "
-                "(the gate's input width)."
-            )
+                "(the gate's input width).")
         return derived
 
     @property
@@ -230,8 +222,7 @@ class AlignGPTConfig(PreTrainedConfig):
         if self.vision_feature_select_strategy == "default" and prefix == 0:
             raise ValueError(
                 f"`vision_feature_select_strategy='default'` drops a CLS token, but {vision.model_type!r} has none; "
-                "use `vision_feature_select_strategy='full'`."
-            )
+                "use `vision_feature_select_strategy='full'`.")
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches if self.vision_feature_select_strategy == "default" else patches + prefix
 

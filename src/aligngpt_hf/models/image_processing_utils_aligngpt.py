@@ -1,13 +1,11 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
 """The one image-loading path of AlignGPT (processor, training data, levels, answer) and the input-message checks.
 
-Remote-code file (copied next to the weights with `processing_aligngpt.py`): it imports only transformers and the
-standard library. Why one path: the same picture must become the same pixels in training, level scoring and
-evaluation. Every picture is turned upright by its EXIF orientation tag (as `datasets` and transformers'
-`load_image` do), and every mode becomes RGB the same way: transparency is composited on WHITE (as transformers'
-`convert_to_rgb` does), 16-bit and 32-bit integer greyscale is scaled to 8 bits (not clipped), float greyscale in
-0..1 is scaled by 255. Empty (0x0) images and objects that are not images are refused, naming the input. `http(s)://`
-URLs are fetched by transformers' `load_image`.
+Why one path: the same picture must become the same pixels in training, level scoring and evaluation. Every picture
+is turned upright by its EXIF orientation tag (as `datasets` and transformers' `load_image` do), and every mode becomes
+RGB the same way: transparency is composited on WHITE (as transformers' `convert_to_rgb` does), 16-bit and 32-bit
+integer greyscale is scaled to 8 bits (not clipped), float greyscale in 0..1 is scaled by 255. Empty (0x0) images and
+objects that are not images are refused, naming the input. `http(s)://` URLs are fetched by transformers' `load_image`.
 """
 
 import io
@@ -63,7 +61,12 @@ def load_image(image, where: str = "image"):
     if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, str) and image.startswith(URL_SCHEMES):
-        return to_rgb(load_url(image, where), where)
+        try:
+            image = image_utils.load_image(image)  # fetched and decoded by transformers (EXIF orientation applied)
+        except Exception as error:  # noqa: BLE001 (network, HTTP and decoding errors of any client library)
+            raise ValueError(f"{where}: could not load the image URL {image} ({type(error).__name__}: {error}).") \
+                from None
+        return to_rgb(image, where)
     if isinstance(image, PIL.Image.Image):
         return to_rgb(upright(image), where)
     if isinstance(image, (bytes, bytearray)):
@@ -77,32 +80,17 @@ def load_image(image, where: str = "image"):
     else:
         raise TypeError(
             f"{where} is a {type(image).__name__}, not an image: pass a PIL image, a path, bytes, or a numpy/torch "
-            "array (H, W, C or C, H, W)."
-        )
+            "array (H, W, C or C, H, W).")
     try:
         with PIL.Image.open(source) as opened:
             opened.load()
             return to_rgb(upright(opened), where)
     except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"{where}: {name} is not a readable image ({_why(error)}). Replace or re-download it.") \
-            from None
-
-
-def _why(error: Exception) -> str:
-    if isinstance(error, PIL.Image.DecompressionBombError):
-        return f"{type(error).__name__}: {error} It is larger than PIL's limit for untrusted files; shrink it, or raise " \
-               "`PIL.Image.MAX_IMAGE_PIXELS` if you trust it"
-    if "truncated" in str(error):
-        return f"{type(error).__name__}: {error}; the file is cut short"
-    return f"{type(error).__name__}: {error}"
-
-
-def load_url(url: str, where: str = "image"):
-    """An `http(s)://` image fetched and decoded by transformers' `load_image` (EXIF orientation applied)."""
-    try:
-        return image_utils.load_image(url)
-    except Exception as error:  # noqa: BLE001 (network, HTTP and decoding errors of any client library)
-        raise ValueError(f"{where}: could not load the image URL {url} ({type(error).__name__}: {error}).") from None
+        why = f"{type(error).__name__}: {error}" + (
+            " It is larger than PIL's limit for untrusted files; shrink it, or raise `PIL.Image.MAX_IMAGE_PIXELS` if "
+            "you trust it" if isinstance(error, PIL.Image.DecompressionBombError)
+            else "; the file is cut short" if "truncated" in str(error) else "")
+        raise ValueError(f"{where}: {name} is not a readable image ({why}). Replace or re-download it.") from None
 
 
 def check_text(text):
@@ -114,8 +102,7 @@ def check_text(text):
     bad = text if not isinstance(text, (list, tuple)) else next(s for s in text if not isinstance(s, str))
     raise TypeError(
         f"`text` must be a string or a list of strings, got {type(bad).__name__} {str(bad)[:40]!r}; render "
-        "conversations with `processor.apply_chat_template(..., tokenize=False)` first."
-    )
+        "conversations with `processor.apply_chat_template(..., tokenize=False)` first.")
 
 
 def load_images(images):
@@ -194,8 +181,7 @@ def _check_content(content, where: str):
     if not isinstance(content, (list, tuple)):
         raise TypeError(
             f"{where} has content of type {type(content).__name__}; give a string or a list of parts like "
-            "[{'type': 'image'}, {'type': 'text', 'text': ...}]."
-        )
+            "[{'type': 'image'}, {'type': 'text', 'text': ...}].")
     parts = []
     for part_index, part in enumerate(content):
         part = _as_dict(part)
@@ -208,8 +194,7 @@ def _check_content(content, where: str):
             raise ValueError(
                 f"{where}, content part {part_index} has type {kind!r}; accepted types: {list(CONTENT_TYPES)} and "
                 "'image_url' (an image part is {'type': 'image'} plus the image in `images`, or carries it under "
-                "'image', 'url' or 'path')."
-            )
+                "'image', 'url' or 'path').")
         if kind == "text" and not isinstance(part.get("text"), str):
             raise TypeError(f"{where}, content part {part_index} is a text part whose `text` is not a string.")
         parts.append(part)
@@ -242,8 +227,7 @@ def call_with_truncation_check(call, processor, images, text, kwargs: dict):
     raise ValueError(
         f"Sample {index} needs {lengths[index]} tokens (its image tokens and `<align>` included) but truncating it to "
         f"max_length={max_length} ({side} side) would cut its image placeholders or BOS/`<align>`. Raise "
-        "`max_length` or pass `truncation=False`: image and alignment tokens are never cut."
-    )
+        "`max_length` or pass `truncation=False`: image and alignment tokens are never cut.")
 
 
 def _cut_samples(input_ids, texts, processor) -> list:
@@ -258,11 +242,5 @@ def _cut_samples(input_ids, texts, processor) -> list:
     return cut
 
 
-__all__ = [
-    "call_with_truncation_check",
-    "check_conversation",
-    "check_text",
-    "load_image",
-    "load_images",
-    "to_rgb",
-]
+__all__ = ["call_with_truncation_check", "check_conversation", "check_text", "load_image", "load_images", "to_rgb",
+           "upright"]

@@ -128,15 +128,13 @@ class AlignGPTProcessor(LlavaProcessor):
                         raise ValueError(
                             f"Sample {index} has {placeholders} `{self.image_token}` placeholder(s) but {given} "
                             f"image(s). Put one `{self.image_token}` in the text per image (the chat template writes "
-                            "it for each {'type': 'image'} content part)."
-                        )
+                            "it for each {'type': 'image'} content part).")
             else:
                 total = len(make_flat_list_of_images(images))
                 if total != sum(counts):
                     raise ValueError(
                         f"Got {total} image(s) for {sum(counts)} `{self.image_token}` placeholder(s) "
-                        f"(per sample: {counts}). Put one `{self.image_token}` in the text per image."
-                    )
+                        f"(per sample: {counts}). Put one `{self.image_token}` in the text per image.")
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
@@ -186,8 +184,7 @@ def _special_token_id(tokenizer, token: str) -> int:
         raise ValueError(
             f"The tokenizer has no `{token}` token. Add it first: "
             f"`tokenizer.add_special_tokens({{'additional_special_tokens': ['<image>', '<align>']}})` and resize the "
-            "model's embeddings (`model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)`)."
-        )
+            "model's embeddings (`model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)`).")
     return token_id
 
 
