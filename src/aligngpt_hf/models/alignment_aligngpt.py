@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .configuration_aligngpt import AlignGPTConfig
+from .packing_aligngpt import packed_image_text_dots
 
 
 class AlignGPTAlignment(nn.Module):
@@ -26,8 +27,25 @@ class AlignGPTAlignment(nn.Module):
         dots = image_text_dots.to(self.fc1.weight.dtype)
         return torch.softmax(self.fc2(self.act(self.fc1(dots))), dim=-1)
 
-    def vectors_for_levels(self, levels: torch.LongTensor) -> torch.Tensor:
-        return self.level_embeddings[levels]
+    def forward(self, word_embeds, image_features, images_per_row, masks, levels=None, segments=None):
+        """(vectors, weights): one `<align>` vector per row, or per sample of packed rows (`segments`), image rows
+        first in batch order; the gate weights [B, N-1] (NaN rows without an image), None when no gate ran (level
+        mode, the gate-free modes). `masks`: (image, align, attention, gate) masks for `gate_text_mask`."""
+        rows_with_image, weights = images_per_row > 0, None
+        if levels is not None:
+            vectors = self.level_embeddings[levels.clamp(0, self.num_levels - 1)]
+        else:
+            if hasattr(self, "fc1"):
+                text_mask = gate_text_mask(*masks)
+                dots = (image_text_dots(word_embeds, text_mask, image_features, images_per_row) if segments is None
+                        else packed_image_text_dots(word_embeds, text_mask, image_features, images_per_row, *segments))
+                weights = self.gate(dots)
+            vectors = self.vectors_for_weights(weights, images_per_row.shape[0])
+            if weights is not None:
+                weights = weights.masked_fill(~rows_with_image.unsqueeze(-1), float("nan"))
+        # Image rows first, in batch order: masked_scatter fills the `<align>` slots from the front of its source,
+        # and the leftover text-only rows are never read. A stable sort needs no host sync (boolean indexing would).
+        return vectors[torch.argsort((~rows_with_image).to(torch.uint8), stable=True)], weights
 
     def vectors_for_weights(self, weights: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Combine the table rows for the configured mode; `weights` is None for the gate-free modes."""

@@ -1,9 +1,5 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
-"""AlignGPT configuration.
-
-Remote-code file: it imports only torch/transformers and its sibling files (`from .x import Y`), because
-`trust_remote_code` copies it next to the weights for users who have only transformers installed.
-"""
+"""AlignGPT configuration: LLaVA-1.5's fields plus the alignment ones, checked when the config is made."""
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -78,20 +74,10 @@ class AlignGPTConfig(PreTrainedConfig):
     model_type = "aligngpt"
     _auto_class = "AutoConfig"
     attribute_map = {"image_token_index": "image_token_id"}
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="clip_vision_model",
-            init_kwargs={
-                "hidden_size": 1024,
-                "intermediate_size": 4096,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 16,
-                "image_size": 336,
-                "patch_size": 14,
-                "projection_dim": 768,
-            },
-        ),
+    sub_configs_defaults = {  # CLIP ViT-L/14-336 and Llama, as LLaVA-1.5
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", init_kwargs={
+            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "image_size": 336, "patch_size": 14, "projection_dim": 768}),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }
 
@@ -136,35 +122,25 @@ class AlignGPTConfig(PreTrainedConfig):
         self.image_seq_length = self._resolve_image_seq_length(self.image_seq_length)
 
     def _check_choices(self):
-        choices = {
-            "alignment_mode": ALIGNMENT_MODES,
-            "gate_text_scope": GATE_TEXT_SCOPES,
-            "projector_type": PROJECTOR_TYPES,
-            "vision_feature_select_strategy": SELECT_STRATEGIES,
-        }
+        """Choices, sizes (positive integers) and a `vision_feature_layer` that indexes the tower's hidden states."""
+        choices = {"alignment_mode": ALIGNMENT_MODES, "gate_text_scope": GATE_TEXT_SCOPES,
+                   "projector_type": PROJECTOR_TYPES, "vision_feature_select_strategy": SELECT_STRATEGIES}
         for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}.")
         if not isinstance(self.num_alignment_levels, int) or self.num_alignment_levels < 2:
             raise ValueError(
                 f"`num_alignment_levels` must be an integer >= 2 (one global row plus at least one local row), "
                 f"got {self.num_alignment_levels!r}.")
         if self.image_token_id == self.alignment_token_id:
-            raise ValueError(
-                f"`image_token_id` and `alignment_token_id` must differ, both are {self.image_token_id}.")
-        self._check_sizes()
-
-    def _check_sizes(self):
-        """Sizes must be positive integers and `vision_feature_layer` must index the tower's hidden states."""
+            raise ValueError(f"`image_token_id` and `alignment_token_id` must differ, both are {self.image_token_id}.")
         sizes = ["gate_hidden_size", "abstractor_num_queries", "abstractor_num_layers", "abstractor_num_heads",
                  "abstractor_intermediate_size"] + (["image_seq_length"] if self.image_seq_length is not None else [])
         for name in sizes:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        layers = getattr(self.vision_config, "num_hidden_layers", None)
-        layer = self.vision_feature_layer
+        layers, layer = getattr(self.vision_config, "num_hidden_layers", None), self.vision_feature_layer
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(f"`vision_feature_layer` must be an integer (e.g. -2), got {layer!r}.")
         if layers is not None and not -(layers + 1) <= layer <= layers:
