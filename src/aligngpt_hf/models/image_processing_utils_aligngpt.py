@@ -110,17 +110,10 @@ def load_images(images):
 
     Arrays and tensors pass through unchanged (the image processor checks them); the nesting is kept.
     """
-    if images is None:
-        return None
-    if not isinstance(images, (list, tuple)):
-        return _load_one(images, "images")
-    loaded = []
-    for index, item in enumerate(images):
-        if isinstance(item, (list, tuple)):
-            loaded.append([_load_one(inner, f"images[{index}][{j}]") for j, inner in enumerate(item)])
-        else:
-            loaded.append(_load_one(item, f"images[{index}]"))
-    return loaded
+    if images is None or not isinstance(images, (list, tuple)):
+        return None if images is None else _load_one(images, "images")
+    return [[_load_one(inner, f"images[{i}][{j}]") for j, inner in enumerate(item)] if isinstance(item, (list, tuple))
+            else _load_one(item, f"images[{i}]") for i, item in enumerate(images)]
 
 
 def _load_one(image, where: str):
@@ -214,7 +207,12 @@ def call_with_truncation_check(call, processor, images, text, kwargs: dict):
         if "token count" not in str(error):  # transformers' own check of cut image tokens, without the sample
             raise
         outputs = None
-    cut = _cut_samples(outputs["input_ids"], texts, processor) if outputs is not None else None
+    rows = None if outputs is None else outputs["input_ids"]
+    rows = rows.tolist() if hasattr(rows, "tolist") else rows
+    cut = None if rows is None else [  # samples whose image tokens or `<align>` did not survive tokenization
+        index for index, (row, sample) in enumerate(zip(rows, texts))
+        if row.count(processor.image_token_id) != sample.count(processor.image_token) * processor.image_seq_length
+        or (processor.image_token in sample and processor.add_alignment_token and processor.alignment_token_id not in row)]
     if cut == []:
         return outputs
     untruncated = {key: value for key, value in kwargs.items() if key not in ("truncation", "max_length")}
@@ -228,18 +226,6 @@ def call_with_truncation_check(call, processor, images, text, kwargs: dict):
         f"Sample {index} needs {lengths[index]} tokens (its image tokens and `<align>` included) but truncating it to "
         f"max_length={max_length} ({side} side) would cut its image placeholders or BOS/`<align>`. Raise "
         "`max_length` or pass `truncation=False`: image and alignment tokens are never cut.")
-
-
-def _cut_samples(input_ids, texts, processor) -> list:
-    """Indices of samples whose image tokens or `<align>` did not survive tokenization."""
-    rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
-    cut = []
-    for index, (row, text) in enumerate(zip(rows, texts)):
-        wanted = text.count(processor.image_token) * processor.image_seq_length
-        got = sum(1 for token in row if token == processor.image_token_id)
-        if got != wanted or (wanted and processor.add_alignment_token and processor.alignment_token_id not in row):
-            cut.append(index)
-    return cut
 
 
 __all__ = ["call_with_truncation_check", "check_conversation", "check_text", "load_image", "load_images", "to_rgb",
