@@ -293,9 +293,8 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
                              gate_text_mask=gate_text_mask, mm_encoder_outputs=mm_encoder_outputs, return_dict=True,
                              **kwargs)
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.text_config.vocab_size,
+                                                              **kwargs)
         others = {key: value for key, value in outputs.items() if key != "last_hidden_state"}  # cache: its own name
         return AlignGPTCausalLMOutputWithPast(loss=loss, logits=logits, **others)
 
@@ -323,8 +322,8 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Freeze the gate's text to the prompt, so decoding without a cache reproduces the cached ALIGN vector."""
         num_new_tokens = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
-        masks = (model_kwargs.get("gate_text_mask"), model_kwargs.get("attention_mask"))
-        gate_mask = masks[0] if masks[0] is not None else masks[1]
+        gate_mask = model_kwargs.get("gate_text_mask")
+        gate_mask = model_kwargs.get("attention_mask") if gate_mask is None else gate_mask
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         if gate_mask is not None:
             model_kwargs["gate_text_mask"] = torch.cat([gate_mask, gate_mask.new_zeros(len(gate_mask), num_new_tokens)], -1)
