@@ -148,11 +148,10 @@ class AlignGPTConfig(PreTrainedConfig):
                 f"`vision_feature_layer={layer}` is outside the vision tower's {layers + 1} hidden states "
                 f"(embeddings + {layers} layers): use a value in {-(layers + 1)}..{layers} (AlignGPT uses -2).")
 
-    def check_token_ids(self, vocab_size: int | None = None):
+    def check_token_ids(self):
         """Called when a model is built: `<image>`/`<align>` ids inside the vocabulary and distinct from BOS/EOS/PAD
         (a config alone may precede the tokenizer resize, so this is not checked at config creation)."""
-        vocab_size = vocab_size or self.text_config.vocab_size
-        text = self.text_config
+        vocab_size, text = self.text_config.vocab_size, self.text_config
         specials = {name: getattr(text, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
         for name in ("image_token_id", "alignment_token_id"):
             value = getattr(self, name)
