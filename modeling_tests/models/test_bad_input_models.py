@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from aligngpt_hf.models.image_processing_utils_aligngpt import load_image, resolve_image_path, to_rgb
+from aligngpt_hf.models.image_processing_utils_aligngpt import load_image, to_rgb
+from aligngpt_hf.paths import resolve_image_path
 from aligngpt_hf.tiny import build_config, build_processor
 from conftest import user_message
 

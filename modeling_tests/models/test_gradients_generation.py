@@ -115,7 +115,7 @@ def test_alignment_computed_once_at_prefill(make_model, processor, images):
     prompts, image_lists = generation_prompts(processor, images)
     batch = processor(text=prompts[:1], images=image_lists[:1], return_tensors="pt")
     model.generate(**batch, max_new_tokens=4, do_sample=False)
-    assert calls == [torch.Size([1, 16])]
+    assert calls == ["alignment", torch.Size([1, 16])]  # the module runs once, at prefill; no decoding step calls it
 
 
 def test_gradient_checkpointing_matches_plain_backward(make_model, processor, images):

@@ -1,4 +1,5 @@
-"""Paths the package reads and writes: atomic writes, writability checks, and local folder versus Hub repo id.
+"""Paths the package reads and writes: atomic writes, writability checks, local folder versus Hub repo id, and image
+paths from data files (kept inside their image folder).
 
 Why one place: every output (levels JSON and report, answer JSONL, converted and publish folders) must be either the
 old file or the complete new one, never half of it, whatever kills the process; and a read-only or full disk must be
@@ -165,5 +166,29 @@ def check_local_or_hub(name: str | os.PathLike, what: str = "model") -> str:
     return text
 
 
+def resolve_image_path(value, image_folder=None, allow_outside: bool = False, where: str = "image") -> str:
+    """`value` joined to `image_folder`; a path that resolves outside the folder is refused unless `allow_outside`.
+
+    Why: LLaVA JSON files come from strangers; `../../etc/x`, `/home/me/private.png` or a symlink inside the folder
+    that points out of it must not be read silently. The check is on the real path (symlinks resolved, in the folder
+    as well), so link a data folder in from elsewhere with `allow_outside_image_folder=True`.
+    """
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise TypeError(f"{where}: expected an image path (string), got {type(value).__name__} {value!r}.")
+    if image_folder is None:
+        return str(value)
+    folder = Path(os.path.abspath(image_folder))
+    path = Path(os.path.normpath(folder / value))
+    real, real_folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if not allow_outside and real != real_folder and real_folder not in real.parents:
+        via = "" if real == path else f" (through a symlink, to {real})"
+        raise ValueError(
+            f"{where}: image path {str(value)!r} resolves to {path}{via}, outside the image folder {folder}. Move the "
+            "file into the folder, or allow paths outside it explicitly with `allow_outside_image_folder=True` "
+            "(CLI: --allow-outside-image-folder)."
+        )
+    return str(path)
+
+
 __all__ = ["TEMP_MARKER", "atomic_path", "atomic_write_text", "check_local_or_hub", "check_writable",
-           "disk_error", "remove_leftovers", "saving_to"]
+           "disk_error", "remove_leftovers", "resolve_image_path", "saving_to"]

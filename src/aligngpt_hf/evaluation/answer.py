@@ -23,8 +23,7 @@ from pathlib import Path
 
 from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
 from aligngpt_hf.models.image_processing_utils_aligngpt import load_image as open_rgb
-from aligngpt_hf.models.image_processing_utils_aligngpt import resolve_image_path
-from aligngpt_hf.paths import check_local_or_hub, check_writable
+from aligngpt_hf.paths import check_local_or_hub, check_writable, resolve_image_path
 
 ANSWER_ID_NAMESPACE = uuid.UUID("6f7a2b1e-4c1d-5e0a-9b2f-a11c9e7d0001")
 

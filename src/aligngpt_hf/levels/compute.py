@@ -42,8 +42,8 @@ import torch
 
 from aligngpt_hf.levels.binning import BINNINGS, DEFAULT_TIE_TOLERANCE, assign_levels  # noqa: F401 (public here)
 from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, load_scorer
-from aligngpt_hf.models.image_processing_utils_aligngpt import resolve_image_path, to_rgb, upright
-from aligngpt_hf.paths import atomic_path, atomic_write_text, check_writable
+from aligngpt_hf.models.image_processing_utils_aligngpt import to_rgb, upright
+from aligngpt_hf.paths import atomic_path, atomic_write_text, check_writable, resolve_image_path
 
 SKIP_HINT = "pass --skip-bad (skip_bad=True) to skip such records; they are counted and listed in the report"
 _CACHE_VERSION = "levels-v1"

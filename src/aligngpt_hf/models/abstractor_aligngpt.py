@@ -1,7 +1,6 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
 """mPLUG-Owl's visual abstractor as an AlignGPT projector (`projector_type="abstractor"`).
 
-Remote-code file (imported by modeling_aligngpt.py as `from .abstractor_aligngpt import ...`; torch only).
 Learned queries attend over [queries ; visual tokens] in L layers whose residual starts from the *normalised*
 queries, with a SwiGLU FFN that has a LayerNorm on its inner activation; a linear map to the LLM width and a learned
 end-of-image vector follow, so each image becomes `num_queries + 1` tokens (mPLUG-Owl v1, paper §3.1).
@@ -21,10 +20,7 @@ class AlignGPTAbstractorLayer(nn.Module):
         self.num_heads, self.dropout = num_heads, dropout
         self.norm_queries = nn.LayerNorm(width)
         self.norm_visual = nn.LayerNorm(width)
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.o_proj = nn.Linear(width, width)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(width, width) for _ in range(4))
         self.norm_ffn = nn.LayerNorm(width)
         self.gate_proj = nn.Linear(width, intermediate_size)
         self.up_proj = nn.Linear(width, intermediate_size)
@@ -39,11 +35,8 @@ class AlignGPTAbstractorLayer(nn.Module):
         normed = self.norm_queries(queries)
         keys_values = torch.cat([normed, self.norm_visual(visual)], dim=1)
         attended = nn.functional.scaled_dot_product_attention(
-            self._heads(self.q_proj(normed)),
-            self._heads(self.k_proj(keys_values)),
-            self._heads(self.v_proj(keys_values)),
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+            self._heads(self.q_proj(normed)), self._heads(self.k_proj(keys_values)),
+            self._heads(self.v_proj(keys_values)), dropout_p=self.dropout if self.training else 0.0)
         attended = attended.transpose(1, 2).reshape(queries.shape)
         hidden = normed + self.o_proj(attended)  # residual from the normalised queries, as mPLUG-Owl
         ffn_input = self.norm_ffn(hidden)
@@ -59,15 +52,9 @@ class AlignGPTVisualAbstractor(nn.Module):
         width = config.vision_config.hidden_size
         self.query_tokens = nn.Parameter(torch.empty(config.abstractor_num_queries, width))
         self.layers = nn.ModuleList(
-            AlignGPTAbstractorLayer(
-                width,
-                config.abstractor_num_heads,
-                config.abstractor_intermediate_size,
-                config.abstractor_layer_norm_eps,
-                config.abstractor_attention_dropout,
-            )
-            for _ in range(config.abstractor_num_layers)
-        )
+            AlignGPTAbstractorLayer(width, config.abstractor_num_heads, config.abstractor_intermediate_size,
+                                    config.abstractor_layer_norm_eps, config.abstractor_attention_dropout)
+            for _ in range(config.abstractor_num_layers))
         self.linear_out = nn.Linear(width, config.text_config.hidden_size)
         self.end_of_image = nn.Parameter(torch.empty(config.text_config.hidden_size))
 

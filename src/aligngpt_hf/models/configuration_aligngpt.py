@@ -1,9 +1,5 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
-"""AlignGPT configuration.
-
-Remote-code file: it imports only torch/transformers and its sibling files (`from .x import Y`), because
-`trust_remote_code` copies it next to the weights for users who have only transformers installed.
-"""
+"""AlignGPT configuration: LLaVA-1.5's fields plus the alignment ones, checked when the config is made."""
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -78,20 +74,10 @@ class AlignGPTConfig(PreTrainedConfig):
     model_type = "aligngpt"
     _auto_class = "AutoConfig"
     attribute_map = {"image_token_index": "image_token_id"}
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="clip_vision_model",
-            init_kwargs={
-                "hidden_size": 1024,
-                "intermediate_size": 4096,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 16,
-                "image_size": 336,
-                "patch_size": 14,
-                "projection_dim": 768,
-            },
-        ),
+    sub_configs_defaults = {  # CLIP ViT-L/14-336 and Llama, as LLaVA-1.5
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", init_kwargs={
+            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "image_size": 336, "patch_size": 14, "projection_dim": 768}),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }
 
@@ -124,8 +110,7 @@ class AlignGPTConfig(PreTrainedConfig):
             raise ValueError(
                 f"This is an original-format AlignGPT config (it has {', '.join(original_fields)}), which the "
                 "Hugging Face layout cannot load directly. Convert the checkpoint first: "
-                "`aligngpt-hf convert SOURCE OUTPUT` (see `aligngpt-hf convert --help`), then load OUTPUT."
-            )
+                "`aligngpt-hf convert SOURCE OUTPUT` (see `aligngpt-hf convert --help`), then load OUTPUT.")
         if isinstance(self.vision_config, PreTrainedConfig) and hasattr(self.vision_config, "vision_config"):
             self.vision_config = self.vision_config.vision_config  # CLIPConfig/SiglipConfig -> vision part
         elif isinstance(self.vision_config, dict) and isinstance(self.vision_config.get("vision_config"), dict):
@@ -137,65 +122,49 @@ class AlignGPTConfig(PreTrainedConfig):
         self.image_seq_length = self._resolve_image_seq_length(self.image_seq_length)
 
     def _check_choices(self):
-        choices = {
-            "alignment_mode": ALIGNMENT_MODES,
-            "gate_text_scope": GATE_TEXT_SCOPES,
-            "projector_type": PROJECTOR_TYPES,
-            "vision_feature_select_strategy": SELECT_STRATEGIES,
-        }
+        """Choices, sizes (positive integers) and a `vision_feature_layer` that indexes the tower's hidden states."""
+        choices = {"alignment_mode": ALIGNMENT_MODES, "gate_text_scope": GATE_TEXT_SCOPES,
+                   "projector_type": PROJECTOR_TYPES, "vision_feature_select_strategy": SELECT_STRATEGIES}
         for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}.")
         if not isinstance(self.num_alignment_levels, int) or self.num_alignment_levels < 2:
             raise ValueError(
                 f"`num_alignment_levels` must be an integer >= 2 (one global row plus at least one local row), "
-                f"got {self.num_alignment_levels!r}."
-            )
+                f"got {self.num_alignment_levels!r}.")
         if self.image_token_id == self.alignment_token_id:
-            raise ValueError(
-                f"`image_token_id` and `alignment_token_id` must differ, both are {self.image_token_id}."
-            )
-        self._check_sizes()
-
-    def _check_sizes(self):
-        """Sizes must be positive integers and `vision_feature_layer` must index the tower's hidden states."""
+            raise ValueError(f"`image_token_id` and `alignment_token_id` must differ, both are {self.image_token_id}.")
         sizes = ["gate_hidden_size", "abstractor_num_queries", "abstractor_num_layers", "abstractor_num_heads",
                  "abstractor_intermediate_size"] + (["image_seq_length"] if self.image_seq_length is not None else [])
         for name in sizes:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        layers = getattr(self.vision_config, "num_hidden_layers", None)
-        layer = self.vision_feature_layer
+        layers, layer = getattr(self.vision_config, "num_hidden_layers", None), self.vision_feature_layer
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(f"`vision_feature_layer` must be an integer (e.g. -2), got {layer!r}.")
         if layers is not None and not -(layers + 1) <= layer <= layers:
             raise ValueError(
                 f"`vision_feature_layer={layer}` is outside the vision tower's {layers + 1} hidden states "
-                f"(embeddings + {layers} layers): use a value in {-(layers + 1)}..{layers} (AlignGPT uses -2)."
-            )
+                f"(embeddings + {layers} layers): use a value in {-(layers + 1)}..{layers} (AlignGPT uses -2).")
 
-    def check_token_ids(self, vocab_size: int | None = None):
+    def check_token_ids(self):
         """Called when a model is built: `<image>`/`<align>` ids inside the vocabulary and distinct from BOS/EOS/PAD
         (a config alone may precede the tokenizer resize, so this is not checked at config creation)."""
-        vocab_size = vocab_size or self.text_config.vocab_size
-        text = self.text_config
+        vocab_size, text = self.text_config.vocab_size, self.text_config
         specials = {name: getattr(text, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
         for name in ("image_token_id", "alignment_token_id"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
                 raise ValueError(
                     f"`{name}={value!r}` is outside the language model's vocabulary (0..{vocab_size - 1}). Add the "
-                    "token to the tokenizer, resize `text_config.vocab_size`, and set the id the tokenizer gives."
-                )
+                    "token to the tokenizer, resize `text_config.vocab_size`, and set the id the tokenizer gives.")
             for special, special_id in specials.items():
                 ids = special_id if isinstance(special_id, (list, tuple)) else [special_id]
                 if value in ids:
                     raise ValueError(
                         f"`{name}={value}` is also the text model's `{special}`; `<image>`/`<align>` need their own "
-                        "tokens (tokenizer.add_special_tokens) so they never collide with BOS/EOS/padding."
-                    )
+                        "tokens (tokenizer.add_special_tokens) so they never collide with BOS/EOS/padding.")
 
     def _resolve_image_seq_length(self, given: int | None) -> int:
         """Tokens per image in the LLM sequence: the gate's input width."""
@@ -214,8 +183,7 @@ class AlignGPTConfig(PreTrainedConfig):
                 if given is None:
                     raise ValueError(
                         f"Cannot derive `image_seq_length` for vision model type {self.vision_config.model_type!r}; "
-                        "pass `image_seq_length` (feature tokens per image after the select strategy)."
-                    )
+                        "pass `image_seq_length` (feature tokens per image after the select strategy).")
                 return given
             vision = self.vision_config
             reason = (f"{vision.model_type} at {vision.image_size}px with patch {vision.patch_size} and strategy "
@@ -223,8 +191,7 @@ class AlignGPTConfig(PreTrainedConfig):
         if given is not None and given != derived:
             raise ValueError(
                 f"`image_seq_length={given}` disagrees with the model: {reason} gives {derived} tokens per image "
-                "(the gate's input width)."
-            )
+                "(the gate's input width).")
         return derived
 
     @property
@@ -237,8 +204,7 @@ class AlignGPTConfig(PreTrainedConfig):
         if self.vision_feature_select_strategy == "default" and prefix == 0:
             raise ValueError(
                 f"`vision_feature_select_strategy='default'` drops a CLS token, but {vision.model_type!r} has none; "
-                "use `vision_feature_select_strategy='full'`."
-            )
+                "use `vision_feature_select_strategy='full'`.")
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches if self.vision_feature_select_strategy == "default" else patches + prefix
 

@@ -1,18 +1,15 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
 """The one image-loading path of AlignGPT (processor, training data, levels, answer) and the input-message checks.
 
-Remote-code file (copied next to the weights with `processing_aligngpt.py`): it imports only transformers and the
-standard library. Why one path: the same picture must become the same pixels in training, level scoring and
-evaluation. Every picture is turned upright by its EXIF orientation tag (as `datasets` and transformers'
-`load_image` do), and every mode becomes RGB the same way: transparency is composited on WHITE (as transformers'
-`convert_to_rgb` does), 16-bit and 32-bit integer greyscale is scaled to 8 bits (not clipped), float greyscale in
-0..1 is scaled by 255. Empty (0x0) images and objects that are not images are refused, naming the input. `http(s)://`
-URLs are fetched by transformers' `load_image`.
+Why one path: the same picture must become the same pixels in training, level scoring and evaluation. Every picture
+is turned upright by its EXIF orientation tag (as `datasets` and transformers' `load_image` do), and every mode becomes
+RGB the same way: transparency is composited on WHITE (as transformers' `convert_to_rgb` does), 16-bit and 32-bit
+integer greyscale is scaled to 8 bits (not clipped), float greyscale in 0..1 is scaled by 255. Empty (0x0) images and
+objects that are not images are refused, naming the input. `http(s)://` URLs are fetched by transformers' `load_image`.
 """
 
 import io
 import os
-from pathlib import Path
 
 from transformers import image_utils
 from transformers.image_utils import PIL
@@ -22,30 +19,6 @@ CONTENT_TYPES = ("image", "text")
 _ARRAY_TYPES = ("ndarray", "Tensor")  # numpy / torch images pass through to the image processor unchanged
 URL_SCHEMES = ("http://", "https://")
 _ORIENTATION = 0x0112  # the EXIF tag that says how the camera was turned
-
-
-def resolve_image_path(value, image_folder=None, allow_outside: bool = False, where: str = "image") -> str:
-    """`value` joined to `image_folder`; a path that resolves outside the folder is refused unless `allow_outside`.
-
-    Why: LLaVA JSON files come from strangers; `../../etc/x`, `/home/me/private.png` or a symlink inside the folder
-    that points out of it must not be read silently. The check is on the real path (symlinks resolved, in the folder
-    as well), so link a data folder in from elsewhere with `allow_outside_image_folder=True`.
-    """
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise TypeError(f"{where}: expected an image path (string), got {type(value).__name__} {value!r}.")
-    if image_folder is None:
-        return str(value)
-    folder = Path(os.path.abspath(image_folder))
-    path = Path(os.path.normpath(folder / value))
-    real, real_folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
-    if not allow_outside and real != real_folder and real_folder not in real.parents:
-        via = "" if real == path else f" (through a symlink, to {real})"
-        raise ValueError(
-            f"{where}: image path {str(value)!r} resolves to {path}{via}, outside the image folder {folder}. Move the "
-            "file into the folder, or allow paths outside it explicitly with `allow_outside_image_folder=True` "
-            "(CLI: --allow-outside-image-folder)."
-        )
-    return str(path)
 
 
 def upright(image):
@@ -79,52 +52,45 @@ def to_rgb(image, where: str = "image"):
     return image.convert("RGB")
 
 
-def load_image(image, where: str = "image", image_folder=None, allow_outside: bool = False):
+def load_image(image, where: str = "image"):
     """A path, bytes, `{"path"|"bytes": ...}` (an undecoded `datasets.Image`) or PIL image -> RGB PIL image.
 
-    Errors name `where` (the record, sample or question) and say what to do.
+    Errors name `where` (the record, sample or question) and say what to do. A path from a data file is checked
+    against its image folder first (`aligngpt_hf.paths.resolve_image_path`).
     """
     if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, str) and image.startswith(URL_SCHEMES):
-        return to_rgb(load_url(image, where), where)
+        try:
+            image = image_utils.load_image(image)  # fetched and decoded by transformers (EXIF orientation applied)
+        except Exception as error:  # noqa: BLE001 (network, HTTP and decoding errors of any client library)
+            raise ValueError(f"{where}: could not load the image URL {image} ({type(error).__name__}: {error}).") \
+                from None
+        return to_rgb(image, where)
     if isinstance(image, PIL.Image.Image):
         return to_rgb(upright(image), where)
     if isinstance(image, (bytes, bytearray)):
         source, name = io.BytesIO(image), "the given bytes"
-    elif isinstance(image, (str, os.PathLike)):
-        source = name = resolve_image_path(image, image_folder, allow_outside, where)
+    elif isinstance(image, (str, os.PathLike)) and str(image):
+        source = name = str(image)
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{where}: image file {name} not found. Check the path and the image folder.")
+    elif isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"{where}: expected an image path (string), got {type(image).__name__} {image!r}.")
     else:
         raise TypeError(
             f"{where} is a {type(image).__name__}, not an image: pass a PIL image, a path, bytes, or a numpy/torch "
-            "array (H, W, C or C, H, W)."
-        )
+            "array (H, W, C or C, H, W).")
     try:
         with PIL.Image.open(source) as opened:
             opened.load()
             return to_rgb(upright(opened), where)
     except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"{where}: {name} is not a readable image ({_why(error)}). Replace or re-download it.") \
-            from None
-
-
-def _why(error: Exception) -> str:
-    if isinstance(error, PIL.Image.DecompressionBombError):
-        return f"{type(error).__name__}: {error} It is larger than PIL's limit for untrusted files; shrink it, or raise " \
-               "`PIL.Image.MAX_IMAGE_PIXELS` if you trust it"
-    if "truncated" in str(error):
-        return f"{type(error).__name__}: {error}; the file is cut short"
-    return f"{type(error).__name__}: {error}"
-
-
-def load_url(url: str, where: str = "image"):
-    """An `http(s)://` image fetched and decoded by transformers' `load_image` (EXIF orientation applied)."""
-    try:
-        return image_utils.load_image(url)
-    except Exception as error:  # noqa: BLE001 (network, HTTP and decoding errors of any client library)
-        raise ValueError(f"{where}: could not load the image URL {url} ({type(error).__name__}: {error}).") from None
+        why = f"{type(error).__name__}: {error}" + (
+            " It is larger than PIL's limit for untrusted files; shrink it, or raise `PIL.Image.MAX_IMAGE_PIXELS` if "
+            "you trust it" if isinstance(error, PIL.Image.DecompressionBombError)
+            else "; the file is cut short" if "truncated" in str(error) else "")
+        raise ValueError(f"{where}: {name} is not a readable image ({why}). Replace or re-download it.") from None
 
 
 def check_text(text):
@@ -136,8 +102,7 @@ def check_text(text):
     bad = text if not isinstance(text, (list, tuple)) else next(s for s in text if not isinstance(s, str))
     raise TypeError(
         f"`text` must be a string or a list of strings, got {type(bad).__name__} {str(bad)[:40]!r}; render "
-        "conversations with `processor.apply_chat_template(..., tokenize=False)` first."
-    )
+        "conversations with `processor.apply_chat_template(..., tokenize=False)` first.")
 
 
 def load_images(images):
@@ -145,17 +110,10 @@ def load_images(images):
 
     Arrays and tensors pass through unchanged (the image processor checks them); the nesting is kept.
     """
-    if images is None:
-        return None
-    if not isinstance(images, (list, tuple)):
-        return _load_one(images, "images")
-    loaded = []
-    for index, item in enumerate(images):
-        if isinstance(item, (list, tuple)):
-            loaded.append([_load_one(inner, f"images[{index}][{j}]") for j, inner in enumerate(item)])
-        else:
-            loaded.append(_load_one(item, f"images[{index}]"))
-    return loaded
+    if images is None or not isinstance(images, (list, tuple)):
+        return None if images is None else _load_one(images, "images")
+    return [[_load_one(inner, f"images[{i}][{j}]") for j, inner in enumerate(item)] if isinstance(item, (list, tuple))
+            else _load_one(item, f"images[{i}]") for i, item in enumerate(images)]
 
 
 def _load_one(image, where: str):
@@ -216,8 +174,7 @@ def _check_content(content, where: str):
     if not isinstance(content, (list, tuple)):
         raise TypeError(
             f"{where} has content of type {type(content).__name__}; give a string or a list of parts like "
-            "[{'type': 'image'}, {'type': 'text', 'text': ...}]."
-        )
+            "[{'type': 'image'}, {'type': 'text', 'text': ...}].")
     parts = []
     for part_index, part in enumerate(content):
         part = _as_dict(part)
@@ -230,8 +187,7 @@ def _check_content(content, where: str):
             raise ValueError(
                 f"{where}, content part {part_index} has type {kind!r}; accepted types: {list(CONTENT_TYPES)} and "
                 "'image_url' (an image part is {'type': 'image'} plus the image in `images`, or carries it under "
-                "'image', 'url' or 'path')."
-            )
+                "'image', 'url' or 'path').")
         if kind == "text" and not isinstance(part.get("text"), str):
             raise TypeError(f"{where}, content part {part_index} is a text part whose `text` is not a string.")
         parts.append(part)
@@ -251,7 +207,12 @@ def call_with_truncation_check(call, processor, images, text, kwargs: dict):
         if "token count" not in str(error):  # transformers' own check of cut image tokens, without the sample
             raise
         outputs = None
-    cut = _cut_samples(outputs["input_ids"], texts, processor) if outputs is not None else None
+    rows = None if outputs is None else outputs["input_ids"]
+    rows = rows.tolist() if hasattr(rows, "tolist") else rows
+    cut = None if rows is None else [  # samples whose image tokens or `<align>` did not survive tokenization
+        index for index, (row, sample) in enumerate(zip(rows, texts))
+        if row.count(processor.image_token_id) != sample.count(processor.image_token) * processor.image_seq_length
+        or (processor.image_token in sample and processor.add_alignment_token and processor.alignment_token_id not in row)]
     if cut == []:
         return outputs
     untruncated = {key: value for key, value in kwargs.items() if key not in ("truncation", "max_length")}
@@ -264,28 +225,8 @@ def call_with_truncation_check(call, processor, images, text, kwargs: dict):
     raise ValueError(
         f"Sample {index} needs {lengths[index]} tokens (its image tokens and `<align>` included) but truncating it to "
         f"max_length={max_length} ({side} side) would cut its image placeholders or BOS/`<align>`. Raise "
-        "`max_length` or pass `truncation=False`: image and alignment tokens are never cut."
-    )
+        "`max_length` or pass `truncation=False`: image and alignment tokens are never cut.")
 
 
-def _cut_samples(input_ids, texts, processor) -> list:
-    """Indices of samples whose image tokens or `<align>` did not survive tokenization."""
-    rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
-    cut = []
-    for index, (row, text) in enumerate(zip(rows, texts)):
-        wanted = text.count(processor.image_token) * processor.image_seq_length
-        got = sum(1 for token in row if token == processor.image_token_id)
-        if got != wanted or (wanted and processor.add_alignment_token and processor.alignment_token_id not in row):
-            cut.append(index)
-    return cut
-
-
-__all__ = [
-    "call_with_truncation_check",
-    "check_conversation",
-    "check_text",
-    "load_image",
-    "load_images",
-    "resolve_image_path",
-    "to_rgb",
-]
+__all__ = ["call_with_truncation_check", "check_conversation", "check_text", "load_image", "load_images", "to_rgb",
+           "upright"]

@@ -1,9 +1,8 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
 """AlignGPT: transformers' LLaVA plus one alignment token whose vector comes from a learned table of alignment levels.
 
-Remote-code file: imports only torch/transformers (LLaVA's modules included) and its neighbours in this folder. The
-classes subclass LLaVA's and override what AlignGPT changes: the `<align>` merge, the projector kinds, packed rows. The
-alignment logic lives in `AlignGPTModel.forward`, because TRL's SFTTrainer trains through the base model.
+The classes subclass LLaVA's and override what AlignGPT changes: the `<align>` merge, the projector kinds, packed rows.
+The alignment logic lives in `AlignGPTModel.forward`, because TRL's SFTTrainer trains through the base model.
 """
 
 import math
@@ -28,10 +27,10 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .abstractor_aligngpt import AlignGPTVisualAbstractor
-from .alignment_aligngpt import AlignGPTAlignment, gate_text_mask, image_text_dots
+from .alignment_aligngpt import AlignGPTAlignment
 from .configuration_aligngpt import AlignGPTConfig
 from .outputs_aligngpt import AlignGPTCausalLMOutputWithPast, AlignGPTModelOutputWithPast
-from .packing_aligngpt import packed_call, packed_image_text_dots, placeholder_counts, positions_from_mask
+from .packing_aligngpt import packed_call, placeholder_counts, positions_from_mask
 from .placeholders_aligngpt import (
     check_input_shapes,
     check_labels,
@@ -84,8 +83,9 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
 
     @classmethod
     def is_custom_code(cls) -> bool:
-        """False: `_init_weights` uses `transformers.initialization` (loaded tensors stay), and transformers' guard for
-        other remote code skips modules owning no parameter (CLIP's attention/MLP): std 0.02 after `from_pretrained`."""
+        """False, as for transformers' own models: `_init_weights` uses `transformers.initialization` (loaded tensors
+        stay). Needed: with True, transformers' guard for remote code skips modules that own no parameter (CLIP's
+        attention/MLP), so the tower's missing weights would get std 0.02 instead of CLIP's init."""
         return False
 
     def _linears_with_torch_init(self) -> set[int]:
@@ -113,10 +113,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
         LlavaPreTrainedModel.__init__(self, config)  # LLaVA's modules, built here in AlignGPT's order and kinds
         config.check_token_ids()
         self.vision_tower = AutoModel.from_config(config.vision_config)
-        if config.projector_type == "abstractor":
-            self.multi_modal_projector = AlignGPTVisualAbstractor(config)
-        else:
-            self.multi_modal_projector = AlignGPTMultiModalProjector(config)
+        projector = AlignGPTVisualAbstractor if config.projector_type == "abstractor" else AlignGPTMultiModalProjector
+        self.multi_modal_projector = projector(config)
         if config.uses_alignment_token:
             self.alignment = AlignGPTAlignment(config)
         self.language_model = AutoModel.from_config(config.text_config)
@@ -217,9 +215,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
             return word_embeds, None
         image_mask, align_mask = input_ids == image_id, input_ids == align_id
         image_features = image_features.to(word_embeds.device, word_embeds.dtype)
-        levels = None
-        if alignment_levels is not None:
-            levels = torch.as_tensor(alignment_levels, device=input_ids.device).long().reshape(-1)
+        levels = None if alignment_levels is None else torch.as_tensor(alignment_levels, device=input_ids.device)
+        levels = None if levels is None else levels.long().reshape(-1)
         image_tokens_per_row, align_per_row = placeholder_counts(image_mask, align_mask, segments)
         check_placeholders(image_tokens_per_row, align_per_row, image_features, self.config.uses_alignment_token,
                            levels, self.config.num_alignment_levels, input_ids, vocab_size)
@@ -227,22 +224,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
         inputs_embeds = word_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
         if not self.config.uses_alignment_token:
             return inputs_embeds, None
-        rows_with_image = images_per_row > 0
-        weights = None
-        if levels is not None:
-            vectors = self.alignment.vectors_for_levels(levels.clamp(0, self.config.num_alignment_levels - 1))
-        else:
-            if self.config.uses_gate:
-                text_mask = gate_text_mask(image_mask, align_mask, attention_mask, gate_mask)
-                dots = (image_text_dots(word_embeds, text_mask, image_features, images_per_row) if segments is None
-                        else packed_image_text_dots(word_embeds, text_mask, image_features, images_per_row, *segments))
-                weights = self.alignment.gate(dots)
-            vectors = self.alignment.vectors_for_weights(weights, images_per_row.shape[0])
-            if weights is not None:
-                weights = weights.masked_fill(~rows_with_image.unsqueeze(-1), float("nan"))
-        # Image rows first, in batch order: masked_scatter fills the `<align>` slots from the front of its source,
-        # and the leftover text-only rows are never read. A stable sort needs no host sync (boolean indexing would).
-        vectors = vectors[torch.argsort((~rows_with_image).to(torch.uint8), stable=True)]
+        vectors, weights = self.alignment(word_embeds, image_features, images_per_row,
+                                          (image_mask, align_mask, attention_mask, gate_mask), levels, segments)
         inputs_embeds = inputs_embeds.masked_scatter(align_mask.unsqueeze(-1), vectors.to(inputs_embeds.dtype))
         return inputs_embeds, weights
 
@@ -315,9 +298,8 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         cap = getattr(self.config.text_config, "final_logit_softcapping", None)
         if cap is not None:  # Gemma2/Gemma3: as the family's ForCausalLM does after its head (TRL's fused head too)
             logits = torch.tanh(logits / cap) * cap
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.text_config.vocab_size,
+                                                              **kwargs)
         others = {key: value for key, value in outputs.items() if key != "last_hidden_state"}  # cache: its own name
         return AlignGPTCausalLMOutputWithPast(loss=loss, logits=logits, **others)
 
@@ -338,14 +320,15 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         return model_inputs
 
     def _validate_model_kwargs(self, model_kwargs: dict):
-        """generate's keyword check, minus the KV cache, which `**kwargs` carries under the installed version's name."""
+        """generate's keyword check, minus the KV cache, which `**kwargs` carries under the installed version's name
+        (`past_key_values` in 5.23, `cache` from 5.24). Needed: assisted decoding passes the cache to generate."""
         super()._validate_model_kwargs({key: val for key, val in model_kwargs.items() if not isinstance(val, Cache)})
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Freeze the gate's text to the prompt, so decoding without a cache reproduces the cached ALIGN vector."""
         num_new_tokens = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
-        masks = (model_kwargs.get("gate_text_mask"), model_kwargs.get("attention_mask"))
-        gate_mask = masks[0] if masks[0] is not None else masks[1]
+        gate_mask = model_kwargs.get("gate_text_mask")
+        gate_mask = model_kwargs.get("attention_mask") if gate_mask is None else gate_mask
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         if gate_mask is not None:
             model_kwargs["gate_text_mask"] = torch.cat([gate_mask, gate_mask.new_zeros(len(gate_mask), num_new_tokens)], -1)
@@ -360,8 +343,11 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         `config_kwargs` set the alignment fields (`alignment_mode`, `num_alignment_levels`, ...); with
         `alignment_mode="none"` the model computes LLaVA's logits. For the processor too: `aligngpt-hf from-llava`.
         """
-        from .llava_aligngpt import aligngpt_from_llava
-
+        try:  # conversion, not model: it lives in the package (transformers skips imports inside `try`)
+            from aligngpt_hf.conversion.llava_weights import aligngpt_from_llava
+        except ImportError as error:
+            raise ImportError("from_llava needs the aligngpt-hf package (`pip install aligngpt-hf`); loading and "
+                              "running an AlignGPT checkpoint does not.") from error
         return aligngpt_from_llava(cls, model_or_path, alignment_token_id, **config_kwargs)
 
 

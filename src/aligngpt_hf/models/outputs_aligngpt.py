@@ -1,8 +1,6 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
-"""AlignGPT's output classes: the installed transformers' LLaVA outputs, plus the image features and the gate weights.
-
-Remote-code file (imports only torch and transformers), copied next to the weights with modeling_aligngpt.py. The
-KV-cache field is inherited from LLaVA's class, so it carries the installed transformers' name.
+"""AlignGPT's output classes: the installed transformers' LLaVA outputs (so the KV-cache field carries its name), plus
+the image features (a field: LLaVA's `image_hidden_states` is a deprecated property from 5.24) and the gate weights.
 """
 
 from dataclasses import dataclass

@@ -1,22 +1,16 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
 """Packed (padding-free) rows for the AlignGPT forward: several samples share one row, told apart by `position_ids`.
 
-Remote-code file (copied next to the weights with `modeling_aligngpt.py`). A packed call has no `attention_mask` and
-`position_ids` that restart at 0 where each sample starts, exactly as transformers' text padding-free path: the
-language model then keeps samples apart by itself (sdpa/eager/flex: the packed-sequence mask that `masking_utils`
-derives from `position_ids`; flash-attention: varlen kernels over `cu_seq_lens_*`). This file gives every sample
-its own `<align>` vector: per-sample placeholder counts, the gate over the sample's own text and images, its level.
+A packed call has no `attention_mask` and `position_ids` that restart at 0 where each sample starts, as transformers'
+text padding-free path: the language model keeps samples apart by itself (sdpa/eager/flex: the packed-sequence mask
+`masking_utils` derives from `position_ids`; flash-attention: varlen kernels over `cu_seq_lens_*`). This file gives
+every sample its own `<align>` vector: per-sample placeholder counts, the gate over its own text and images, its level.
 """
 
 import torch
 
 # Attention implementations that keep packed samples apart when `attention_mask` is None (transformers 5.x).
 PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
-
-
-def is_packed_call(attention_mask, position_ids, sequence_length: int) -> bool:
-    """A packed training/scoring call: explicit `position_ids`, no padding mask, more than one token (no decoding)."""
-    return attention_mask is None and position_ids is not None and sequence_length > 1
 
 
 def keeps_samples_apart(implementation: str | None) -> bool:
@@ -37,22 +31,21 @@ def check_packed_call(text_config, use_cache, kwargs: dict) -> bool:
         raise ValueError(
             f"Packed rows (no `attention_mask`, `position_ids` restarting at 0 per sample) need an attention "
             f"implementation that keeps samples apart; the language model uses {implementation!r}. Load it with "
-            f"`attn_implementation=` one of {PACKED_ATTENTION}, or train without `packing`/`padding_free`."
-        )
+            f"`attn_implementation=` one of {PACKED_ATTENTION}, or train without `packing`/`padding_free`.")
     if use_cache or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         raise ValueError(
             "Packed rows cannot use a KV cache: transformers separates packed samples only when there is none, so "
-            "samples would attend to each other. Pass `use_cache=False` (generation never packs)."
-        )
+            "samples would attend to each other. Pass `use_cache=False` (generation never packs).")
     return False
 
 
 def packed_call(text_config, attention_mask, position_ids, use_cache, kwargs: dict):
     """(segments, use_cache) for a forward: segments (see `packed_segments`) when several samples share a row (the
     call is then checked and runs without a cache), else (None, use_cache) and nothing is synchronised."""
-    if not is_packed_call(attention_mask, position_ids, position_ids.shape[-1] if position_ids is not None else 0):
+    # Packed: explicit `position_ids`, no padding mask, more than one token (never a decoding step).
+    if attention_mask is not None or position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
         return None, use_cache
-    segments = packed_segments(position_ids, kwargs.get("cu_seq_lens_q")) if position_ids.dim() == 2 else None
+    segments = packed_segments(position_ids, kwargs.get("cu_seq_lens_q"))
     if segments is None:
         return None, use_cache
     return segments, check_packed_call(text_config, use_cache, kwargs)
@@ -106,23 +99,12 @@ def packed_image_text_dots(word_embeds, text_mask, image_features, images_per_se
     weights = text_mask.unsqueeze(-1).to(word_embeds.dtype)
     summed_text = segment_sum(word_embeds * weights, ids, num_segments)
     mean_text = summed_text / (segment_sum(weights, ids, num_segments) + 1e-8)
-    image_segments = torch.repeat_interleave(  # output_size: no host sync
-        torch.arange(num_segments, device=word_embeds.device), images_per_segment, output_size=image_features.shape[0]
-    )
+    image_segments = torch.repeat_interleave(torch.arange(num_segments, device=word_embeds.device),
+                                             images_per_segment, output_size=image_features.shape[0])  # no host sync
     dots = torch.einsum("ikh,ih->ik", image_features, mean_text[image_segments])
     summed = dots.new_zeros(num_segments, dots.shape[1]).index_add_(0, image_segments, dots)
     return summed / images_per_segment.clamp(min=1).unsqueeze(-1).to(summed.dtype)
 
 
-__all__ = [
-    "PACKED_ATTENTION",
-    "check_packed_call",
-    "is_packed_call",
-    "keeps_samples_apart",
-    "packed_call",
-    "packed_image_text_dots",
-    "packed_segments",
-    "placeholder_counts",
-    "positions_from_mask",
-    "segment_sum",
-]
+__all__ = ["PACKED_ATTENTION", "check_packed_call", "keeps_samples_apart", "packed_call", "packed_image_text_dots",
+           "packed_segments", "placeholder_counts", "positions_from_mask", "segment_sum"]

@@ -1,8 +1,7 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
 """Loud placeholder checks for the AlignGPT forward: `<image>` tokens vs image features, one `<align>` per image sample.
 
-Remote-code file (copied next to the weights with `modeling_aligngpt.py`). The checks read the device once per
-forward, so a GPU step waits on the host no more often than transformers' LLaVA.
+They read the device once per forward, so a GPU step waits on the host no more often than transformers' LLaVA.
 """
 
 import torch
@@ -18,19 +17,15 @@ def check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor, in
     if image_mask.any():
         rows = image_mask.any(-1).nonzero().flatten().tolist()
         raise ValueError(f"Samples {rows} contain `<image>` tokens but no `pixel_values` were given.")
-    if align_mask.any():
-        rows = align_mask.any(-1).nonzero().flatten().tolist()
-        raise ValueError(
-            f"Samples {rows} contain an `<align>` token but no image; text-only samples take no alignment token."
-        )
+    rows = align_mask.any(-1).nonzero().flatten().tolist()
+    raise ValueError(f"Samples {rows} contain an `<align>` token but no image; text-only samples take no alignment "
+                     "token.")
 
 
 def check_placeholders(image_tokens_per_row, align_per_row, image_features, expects_align, levels, num_levels,
                        input_ids=None, vocab_size=None) -> None:
     """Check `<image>`/`<align>` counts per sample (and levels, token ids and finite image features) against the
-    features, loudly and naming samples.
-
-    One device-to-host copy of the per-sample counts (the forward's only one); the messages are built from it.
+    features, loudly and naming samples. One device-to-host copy of the per-sample counts (the forward's only one).
     """
     num_images, tokens_per_image = image_features.shape[:2]
     batch_size = image_tokens_per_row.shape[0]
@@ -45,26 +40,12 @@ def check_placeholders(image_tokens_per_row, align_per_row, image_features, expe
     if input_ids is not None and any(level_list.pop()):
         raise_out_of_vocabulary(input_ids, vocab_size)
     if any(level_list.pop()):
-        raise_nonfinite_images(nonfinite)
-    _check_image_tokens(tokens_per_row, num_images, tokens_per_image)
-    if not expects_align and any(align_per_row):
         raise ValueError(
-            "`alignment_mode='none'` takes no `<align>` token, but the input has one; build the processor "
-            "with `add_alignment_token=False`."
-        )
-    if expects_align:
-        _check_alignment_tokens(align_per_row, [count > 0 for count in tokens_per_row])
-    for index, level in enumerate(level_list[0] if level_list else []):
-        if tokens_per_row[index] and not 0 <= level < num_levels:
-            raise ValueError(
-                f"Sample {index} has alignment level {level}, outside 0..{num_levels - 1} "
-                f"(N-1 = strongest). Compute levels with `aligngpt-hf levels --num-levels {num_levels}`."
-            )
-
-
-def _check_image_tokens(tokens_per_row: list, num_images: int, tokens_per_image: int) -> None:
-    total = sum(tokens_per_row)
-    partial_rows = [index for index, count in enumerate(tokens_per_row) if count % tokens_per_image]
+            f"Image(s) {nonfinite.nonzero().flatten().tolist()} of the batch (index among its images, in order) give "
+            "NaN or inf features: their `pixel_values` hold NaN or inf values (build them with the model's processor "
+            "from valid image files, and check any normalisation applied to them), or the vision tower overflows in "
+            "this dtype (run it in float32 or bfloat16 rather than float16).")
+    total, partial_rows = sum(tokens_per_row), [i for i, count in enumerate(tokens_per_row) if count % tokens_per_image]
     if total != num_images * tokens_per_image or partial_rows:
         raise ValueError(
             f"Image features and image tokens do not match: the batch has {total} `<image>` tokens (per sample: "
@@ -72,22 +53,20 @@ def _check_image_tokens(tokens_per_row: list, num_images: int, tokens_per_image:
             f"{num_images * tokens_per_image} features."
             + (f" Samples {partial_rows} hold a partial image." if partial_rows else "")
             + f" Each image needs exactly {tokens_per_image} `<image>` tokens: build inputs with AlignGPTProcessor "
-            f"(image_seq_length={tokens_per_image}) and make `max_length` long enough not to cut them."
-        )
-
-
-def _check_alignment_tokens(align_per_row: list, rows_with_image: list) -> None:
-    """Exactly one `<align>` per sample with an image, none elsewhere."""
-    for index, (count, has_image) in enumerate(zip(align_per_row, rows_with_image)):
-        if count == int(has_image):
-            continue
-        if has_image and count == 0:
-            reason = "has an image but no `<align>` token; AlignGPTProcessor inserts it right after BOS"
-        elif not has_image:
-            reason = "has an `<align>` token but no image; text-only samples take no alignment token"
-        else:
-            reason = f"has {count} `<align>` tokens; exactly one is expected"
-        raise ValueError(f"Sample {index} {reason}.")
+            f"(image_seq_length={tokens_per_image}) and make `max_length` long enough not to cut them.")
+    if not expects_align and any(align_per_row):
+        raise ValueError("`alignment_mode='none'` takes no `<align>` token, but the input has one; build the processor "
+                         "with `add_alignment_token=False`.")
+    for index, (count, has_image) in enumerate(zip(align_per_row, tokens_per_row) if expects_align else ()):
+        if count != int(has_image > 0):  # exactly one `<align>` per sample with an image, none elsewhere
+            reason = ("has an image but no `<align>` token; AlignGPTProcessor inserts it right after BOS" if not count
+                      else "has an `<align>` token but no image; text-only samples take no alignment token"
+                      if not has_image else f"has {count} `<align>` tokens; exactly one is expected")
+            raise ValueError(f"Sample {index} {reason}.")
+    for index, level in enumerate(level_list[0] if level_list else []):
+        if tokens_per_row[index] and not 0 <= level < num_levels:
+            raise ValueError(f"Sample {index} has alignment level {level}, outside 0..{num_levels - 1} (N-1 = "
+                             f"strongest). Compute levels with `aligngpt-hf levels --num-levels {num_levels}`.")
 
 
 def check_input_shapes(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels, config) -> None:
@@ -98,52 +77,31 @@ def check_input_shapes(input_ids, inputs_embeds, attention_mask, pixel_values, a
         raise TypeError(f"`input_ids` must hold integer token ids, got {input_ids.dtype}; tokenize with the processor.")
     if tokens is not None and tokens.shape[0] == 0:
         raise ValueError(f"The input holds no samples (shape {tuple(tokens.shape)}); give at least one.")
-    if attention_mask is not None and tokens is not None and attention_mask.dim() == 2:
-        if attention_mask.shape[0] != tokens.shape[0] or attention_mask.shape[1] < tokens.shape[1]:
-            raise ValueError(
-                f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input ids have "
-                f"{tuple(tokens.shape[:2])} (batch, sequence): the batch sizes must match and the mask must cover "
-                "every token (plus the cached ones). Build both with the same processor call."
-            )
-    _check_pixel_shape(pixel_values, config.vision_config)
+    if attention_mask is not None and tokens is not None and attention_mask.dim() == 2 and (
+            attention_mask.shape[0] != tokens.shape[0] or attention_mask.shape[1] < tokens.shape[1]):
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input ids have "
+            f"{tuple(tokens.shape[:2])} (batch, sequence): the batch sizes must match and the mask must cover "
+            "every token (plus the cached ones). Build both with the same processor call.")
+    if pixel_values is not None and pixel_values.dim() < 4:
+        raise ValueError(
+            f"`pixel_values` has shape {tuple(pixel_values.shape)}; expected (num_images, channels, height, width). "
+            "Add the batch dimension (`pixel_values.unsqueeze(0)`) or build inputs with the processor.")
+    channels, size = (getattr(config.vision_config, name, None) for name in ("num_channels", "image_size"))
+    if pixel_values is not None and pixel_values.dim() == 4 and pixel_values.shape[0] and (
+            (channels and pixel_values.shape[1] != channels) or (size and pixel_values.shape[2:] != (size, size))):
+        raise ValueError(
+            f"`pixel_values` has shape {tuple(pixel_values.shape)}; the vision tower takes {channels} channels at "
+            f"{size}x{size} pixels. Build inputs with the model's own processor (its image processor resizes).")
     if alignment_levels is not None and not config.uses_alignment_token:
         raise ValueError(
             "`alignment_levels` was given, but this model has `alignment_mode='none'`: it has no level table and no "
             "`<align>` token, so levels cannot be applied. Drop `alignment_levels` (for stage 1, a data collator "
-            "without `level_column`), or use a model with an alignment mode."
-        )
-    if alignment_levels is not None:
-        levels = torch.as_tensor(alignment_levels)
-        if levels.is_floating_point() or levels.dtype == torch.bool:
-            raise TypeError(
-                f"`alignment_levels` must be integers (level 0..N-1), got {levels.dtype} values "
-                f"{levels.flatten()[:8].tolist()}; levels are never rounded or truncated."
-            )
-
-
-def _check_pixel_shape(pixel_values, vision_config) -> None:
-    if pixel_values is not None and pixel_values.dim() < 4:
-        raise ValueError(
-            f"`pixel_values` has shape {tuple(pixel_values.shape)}; expected (num_images, channels, height, width). "
-            "Add the batch dimension (`pixel_values.unsqueeze(0)`) or build inputs with the processor."
-        )
-    channels, size = getattr(vision_config, "num_channels", None), getattr(vision_config, "image_size", None)
-    if pixel_values is not None and pixel_values.dim() == 4 and pixel_values.shape[0]:
-        if (channels and pixel_values.shape[1] != channels) or (size and tuple(pixel_values.shape[2:]) != (size, size)):
-            raise ValueError(
-                f"`pixel_values` has shape {tuple(pixel_values.shape)}; the vision tower takes {channels} channels at "
-                f"{size}x{size} pixels. Build inputs with the model's own processor (its image processor resizes)."
-            )
-
-
-def raise_nonfinite_images(nonfinite: torch.Tensor) -> None:
-    """NaN/inf features would give NaN logits and loss with no error: name the images instead."""
-    raise ValueError(
-        f"Image(s) {nonfinite.nonzero().flatten().tolist()} of the batch (index among its images, in order) give "
-        "NaN or inf features: their `pixel_values` hold NaN or inf values (build them with the model's processor "
-        "from valid image files, and check any normalisation applied to them), or the vision tower overflows in "
-        "this dtype (run it in float32 or bfloat16 rather than float16)."
-    )
+            "without `level_column`), or use a model with an alignment mode.")
+    levels = None if alignment_levels is None else torch.as_tensor(alignment_levels)
+    if levels is not None and (levels.is_floating_point() or levels.dtype == torch.bool):
+        raise TypeError(f"`alignment_levels` must be integers (level 0..N-1), got {levels.dtype} values "
+                        f"{levels.flatten()[:8].tolist()}; levels are never rounded or truncated.")
 
 
 def placeholder_ids_from_embeddings(inputs_embeds: torch.Tensor, table: torch.Tensor, placeholders) -> torch.Tensor:
@@ -170,13 +128,11 @@ def safe_token_ids(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def raise_out_of_vocabulary(input_ids, vocab_size) -> None:
-    bad = input_ids[out_of_vocabulary(input_ids, vocab_size)]
-    rows = out_of_vocabulary(input_ids, vocab_size).any(-1).nonzero().flatten().tolist()
+    bad = out_of_vocabulary(input_ids, vocab_size)
     raise ValueError(
-        f"Samples {rows} hold token id(s) {sorted(set(bad.tolist()))[:5]}, outside the embedding table "
-        f"(0..{vocab_size - 1}). Tokenize with the model's own processor; after adding tokens, call "
-        "`model.resize_token_embeddings(len(tokenizer))`."
-    )
+        f"Samples {bad.any(-1).nonzero().flatten().tolist()} hold token id(s) {sorted(set(input_ids[bad].tolist()))[:5]}"
+        f", outside the embedding table (0..{vocab_size - 1}). Tokenize with the model's own processor; after adding "
+        "tokens, call `model.resize_token_embeddings(len(tokenizer))`.")
 
 
 def check_labels(labels: torch.Tensor, input_shape=None, all_ignored_ok: bool = False) -> None:
@@ -185,12 +141,9 @@ def check_labels(labels: torch.Tensor, input_shape=None, all_ignored_ok: bool = 
     `num_items_in_batch` (gradient accumulation) the loss is a sum over the accumulated count, 0 for such a
     micro-batch, so `all_ignored_ok` skips the check."""
     if input_shape is not None and tuple(labels.shape) != tuple(input_shape):
-        raise ValueError(
-            f"`labels` has shape {tuple(labels.shape)} but the input has {tuple(input_shape)} (batch, sequence); "
-            "give one label per input token (-100 where nothing is predicted)."
-        )
+        raise ValueError(f"`labels` has shape {tuple(labels.shape)} but the input has {tuple(input_shape)} (batch, "
+                         "sequence); give one label per input token (-100 where nothing is predicted).")
     if not all_ignored_ok and labels.numel() and not (labels[..., 1:] != -100).any():
         raise ValueError(
             "Every label of this batch is -100 (after the one-token shift): nothing would be learned and the loss "
-            "would be NaN. Each sample needs supervised tokens (an assistant answer, or a caption in stage 1)."
-        )
+            "would be NaN. Each sample needs supervised tokens (an assistant answer, or a caption in stage 1).")

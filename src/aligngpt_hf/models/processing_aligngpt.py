@@ -1,15 +1,9 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
-"""AlignGPT processor: image processor + tokenizer + the language model's chat format (chat_templates_aligngpt.py).
-
-Remote-code file: it imports only transformers. It expands each `<image>` into `image_seq_length` placeholder tokens
-and inserts one `<align>` right after BOS in every sample that has an image, recording that insertion as a text
-replacement so TRL's assistant-only masks stay aligned (an unrecorded insertion
-would shift every assistant span by the length of `<align>`).
+"""AlignGPT processor: LLaVA's, plus one `<align>` after BOS (or first, without BOS) in every sample with an image
+(recorded as a text replacement, so assistant-only masks stay aligned), a fixed token count per image, and the language
+model's chat format (`chat_templates_aligngpt.py`).
 """
 
-import bisect
-
-import torch
 from transformers.image_utils import make_flat_list_of_images
 from transformers.models.llava.processing_llava import LlavaProcessor
 from transformers.processing_utils import MultiModalData
@@ -103,22 +97,22 @@ class AlignGPTProcessor(LlavaProcessor):
         """Name the sample whose `<image>` placeholders and images disagree."""
         if text is not None and images is not None and not isinstance(text, str):
             counts = [sample.count(self.image_token) for sample in text]
-            per_sample = _images_per_sample(images, len(text))
-            if per_sample is not None:
+            nested = isinstance(images, (list, tuple)) and len(images) == len(text) and all(
+                isinstance(item, (list, tuple)) for item in images)  # one list per sample, else one flat list
+            if nested:
+                per_sample = [len(item) for item in images]
                 for index, (placeholders, given) in enumerate(zip(counts, per_sample)):
                     if placeholders != given:
                         raise ValueError(
                             f"Sample {index} has {placeholders} `{self.image_token}` placeholder(s) but {given} "
                             f"image(s). Put one `{self.image_token}` in the text per image (the chat template writes "
-                            "it for each {'type': 'image'} content part)."
-                        )
+                            "it for each {'type': 'image'} content part).")
             else:
                 total = len(make_flat_list_of_images(images))
                 if total != sum(counts):
                     raise ValueError(
                         f"Got {total} image(s) for {sum(counts)} `{self.image_token}` placeholder(s) "
-                        f"(per sample: {counts}). Put one `{self.image_token}` in the text per image."
-                    )
+                        f"(per sample: {counts}). Put one `{self.image_token}` in the text per image.")
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
@@ -152,58 +146,11 @@ class AlignGPTProcessor(LlavaProcessor):
                 continue
             at = len(bos) if bos and sample.startswith(bos) else 0
             text[index] = sample[:at] + inserted + sample[at:]
-            shifted = [_shift_entry(entry, len(inserted)) for entry in offsets[index]]
+            shifted = [dict(e, new_span=(e["new_span"][0] + len(inserted), e["new_span"][1] + len(inserted)))
+                       for e in offsets[index]]
             entry = {"type": "alignment", "span": (at, at), "new_span": (at, at + len(inserted)), "text": ""}
             offsets[index] = [dict(entry, replacement=inserted)] + shifted
         return text, offsets
-
-    def _adjust_assistant_masks_indices(self, processed_dict: dict, generation_indices: list) -> dict:
-        """The assistant-token mask step of `apply_chat_template(return_assistant_tokens_mask=True)` (TRL's collators
-        use it): transformers' rule, computed for the whole batch at once (`assistant_token_masks`)."""
-        replacements = processed_dict.pop("text_replacement_offsets", None)
-        processed_dict["assistant_masks"] = assistant_token_masks(
-            processed_dict.pop("offset_mapping"), generation_indices, replacements
-        )
-        return processed_dict
-
-    @property
-    def model_input_names(self):
-        return list(dict.fromkeys(self.tokenizer.model_input_names + self.image_processor.model_input_names))
-
-
-def assistant_token_masks(offset_mapping, generation_indices: list, replacement_offsets=None) -> list[list[int]]:
-    """1 for every token whose characters overlap an assistant (`{% generation %}`) span, per sample.
-
-    The rule of transformers' `ProcessorMixin._adjust_assistant_masks_indices`: spans are shifted past the
-    placeholders expanded before them (`<image>` -> N tokens, the inserted `<align>`), zero-width tokens (padding,
-    added specials) never match. That version compares every token with every span in Python, the largest cost of
-    TRL-style collation for small models; here it is one tensor comparison per batch.
-    """
-    lengths = [len(row) for row in offset_mapping]
-    offsets = torch.zeros((len(lengths), max(lengths, default=0), 2), dtype=torch.long)
-    for index, row in enumerate(offset_mapping):  # rows differ in length when the batch is not padded
-        offsets[index, : lengths[index]] = torch.as_tensor(row, dtype=torch.long).reshape(-1, 2)
-    rows, starts, ends = [], [], []
-    for index, spans in enumerate(generation_indices):
-        entries = replacement_offsets[index] if replacement_offsets else []
-        placeholder_ends = [entry["span"][1] for entry in entries]
-        chars_gained = [0] + [entry["new_span"][1] - entry["span"][1] for entry in entries]
-        for start, end in spans:
-            rows.append(index)
-            starts.append(start + chars_gained[bisect.bisect_right(placeholder_ends, start)])
-            ends.append(end + chars_gained[bisect.bisect_right(placeholder_ends, end)])
-    hits = torch.zeros(offsets.shape[:2], dtype=torch.long)
-    if rows:
-        span_sample = torch.tensor(rows)
-        token_starts, token_ends = offsets[span_sample, :, 0], offsets[span_sample, :, 1]  # (spans, tokens)
-        overlaps = (token_starts < torch.tensor(ends)[:, None]) & (token_ends > torch.tensor(starts)[:, None])
-        hits.index_add_(0, span_sample, overlaps.long())
-    return [mask[:length].tolist() for mask, length in zip((hits > 0).long(), lengths)]
-
-
-def _shift_entry(entry: dict, by: int) -> dict:
-    start, end = entry["new_span"]
-    return dict(entry, new_span=(start + by, end + by))
 
 
 def _special_token_id(tokenizer, token: str) -> int:
@@ -215,18 +162,8 @@ def _special_token_id(tokenizer, token: str) -> int:
         raise ValueError(
             f"The tokenizer has no `{token}` token. Add it first: "
             f"`tokenizer.add_special_tokens({{'additional_special_tokens': ['<image>', '<align>']}})` and resize the "
-            "model's embeddings (`model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)`)."
-        )
+            "model's embeddings (`model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)`).")
     return token_id
-
-
-def _images_per_sample(images, batch_size: int):
-    """Per-sample image counts when `images` is nested one list per sample, else None (a flat list)."""
-    if isinstance(images, (list, tuple)) and len(images) == batch_size and all(
-        isinstance(item, (list, tuple)) for item in images
-    ):
-        return [len(item) for item in images]
-    return None
 
 
 __all__ = ["AlignGPTProcessor", "VICUNA_V1_CHAT_TEMPLATE", "VICUNA_V1_SYSTEM"]

@@ -17,7 +17,8 @@ import torch
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from aligngpt_hf.models.image_processing_utils_aligngpt import check_conversation, load_image, resolve_image_path
+from aligngpt_hf.models.image_processing_utils_aligngpt import check_conversation, load_image
+from aligngpt_hf.paths import resolve_image_path
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"

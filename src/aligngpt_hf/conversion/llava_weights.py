@@ -1,19 +1,14 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
-"""An AlignGPT built from a transformers LLaVA checkpoint: LLaVA's vision tower, projector and language model, plus a
-fresh level table and gate and a vocabulary row for `<align>`.
+"""An AlignGPT model from a transformers LLaVA one: its config, its weights under our keys, the model.
 
-Remote-code file (imports only torch, transformers and its own folder). LLaVA's state-dict keys are AlignGPT's
-(`model.vision_tower.*`, `model.multi_modal_projector.linear_1/linear_2.*`, `model.language_model.*`, `lm_head.*`),
-so the weights load as they are; only the two vocabulary matrices grow.
+`AlignGPTForConditionalGeneration.from_llava` calls `aligngpt_from_llava`; `aligngpt-hf from-llava` (from_llava.py)
+adds the processor and writes the folder. This module imports no other conversion module and no model class (the
+class comes in as an argument), so the model can call it without an import circle.
 """
 
+from __future__ import annotations
+
 import copy
-
-import torch
-from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
-from transformers.utils import logging
-
-from .configuration_aligngpt import AlignGPTConfig
 
 VOCAB_MULTIPLE = 64  # new vocabulary sizes are padded like llava-hf's (32064) and `aligngpt-hf convert`'s
 # Fields that follow the LLaVA checkpoint (its weights and processor depend on them); the rest may be chosen freely.
@@ -22,8 +17,10 @@ FROM_LLAVA = ("vision_config", "text_config", "projector_type", "projector_hidde
 VOCABULARY_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 
 
-def llava_model(model_or_path, **load_kwargs) -> LlavaForConditionalGeneration:
+def llava_model(model_or_path, **load_kwargs):
     """A `LlavaForConditionalGeneration`, or a folder/Hub id of one (refused, by its `model_type`, when it is not)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
     if isinstance(model_or_path, LlavaForConditionalGeneration):
         model_type, name = model_or_path.config.model_type, type(model_or_path).__name__
     elif isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
@@ -39,13 +36,14 @@ def llava_model(model_or_path, **load_kwargs) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration.from_pretrained(model_or_path, **{"dtype": "auto", **load_kwargs})
 
 
-def config_from_llava(llava_config: LlavaConfig, alignment_token_id: int | None = None,
-                      **config_kwargs) -> AlignGPTConfig:
+def config_from_llava(llava_config, alignment_token_id: int | None = None, **config_kwargs):
     """AlignGPTConfig with the LLaVA checkpoint's backbones, projector, feature layer/strategy, `<image>` id and tying.
 
     `alignment_token_id` defaults to a new row after LLaVA's vocabulary. When it lies beyond the vocabulary, the
     vocabulary grows to the next multiple of 64; an id inside it (a padded row of llava-hf's 32064) keeps the size.
     """
+    from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
+
     fixed = sorted(set(config_kwargs) & set(FROM_LLAVA))
     if fixed:
         raise ValueError(f"{', '.join(fixed)} follow the LLaVA checkpoint and cannot be set here; choose "
@@ -61,7 +59,7 @@ def config_from_llava(llava_config: LlavaConfig, alignment_token_id: int | None 
         text.vocab_size = -(-(alignment_token_id + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if getattr(text, "pad_token_id", None) is None and getattr(llava_config, "pad_token_id", None) is not None:
         text.pad_token_id = llava_config.pad_token_id  # older LLaVA configs keep the pad id at the top level
-    config = AlignGPTConfig(
+    return AlignGPTConfig(
         vision_config=copy.deepcopy(llava_config.vision_config), text_config=text, projector_type="mlp2x_gelu",
         projector_hidden_act=llava_config.projector_hidden_act,
         multimodal_projector_bias=llava_config.multimodal_projector_bias, vision_feature_layer=layer,
@@ -69,13 +67,15 @@ def config_from_llava(llava_config: LlavaConfig, alignment_token_id: int | None 
         image_token_id=llava_config.image_token_id, alignment_token_id=alignment_token_id,
         tie_word_embeddings=llava_config.tie_word_embeddings, **config_kwargs,
     )
-    return config
 
 
-def llava_state_dict(llava: LlavaForConditionalGeneration, vocab_size: int) -> dict[str, torch.Tensor]:
-    """LLaVA's tensors under AlignGPT's keys; the vocabulary matrices keep LLaVA's rows bit for bit and get new rows
+def llava_state_dict(llava, vocab_size: int) -> dict:
+    """LLaVA's tensors under AlignGPT's keys (the same: `model.vision_tower.*`, `model.multi_modal_projector.*`,
+    `model.language_model.*`, `lm_head.*`); the vocabulary matrices keep LLaVA's rows bit for bit and get new rows
     equal to the mean of LLaVA's (transformers' `mean_resizing` rule without its sampling: a new row's logit starts
     at the average logit, so the softmax over LLaVA's tokens barely moves)."""
+    import torch
+
     state = dict(llava.state_dict())
     for key in VOCABULARY_KEYS:
         rows = state.get(key)
@@ -86,7 +86,10 @@ def llava_state_dict(llava: LlavaForConditionalGeneration, vocab_size: int) -> d
 
 
 def aligngpt_from_llava(model_class, model_or_path, alignment_token_id: int | None = None, **config_kwargs):
-    """`model_class` (AlignGPTForConditionalGeneration) from a LLaVA model or checkpoint; see `from_llava`."""
+    """`model_class` (AlignGPTForConditionalGeneration) from a LLaVA model or checkpoint: LLaVA's weights bit for
+    bit, a fresh level table and gate (the class's init), a vocabulary row for `<align>`; see `from_llava`."""
+    from transformers.utils import logging
+
     llava = llava_model(model_or_path)
     config = config_from_llava(llava.config, alignment_token_id, **config_kwargs)
     state = llava_state_dict(llava, config.text_config.vocab_size)
@@ -103,10 +106,7 @@ def aligngpt_from_llava(model_class, model_or_path, alignment_token_id: int | No
         raise ValueError(f"The LLaVA weights do not fit AlignGPT: missing {sorted(fresh)[:3]}, unexpected "
                          f"{sorted(info['unexpected_keys'])[:3]}, mismatched {sorted(info['mismatched_keys'])[:3]}.")
     generation = copy.deepcopy(llava.generation_config)
-    suppressed = set(generation.suppress_tokens or []) | {config.image_token_id, config.alignment_token_id}
-    generation.suppress_tokens = sorted(suppressed)
+    generation.suppress_tokens = sorted(set(generation.suppress_tokens or []) | {config.image_token_id,
+                                                                                 config.alignment_token_id})
     model.generation_config = generation
     return model.eval()
-
-
-__all__ = ["aligngpt_from_llava", "config_from_llava", "llava_state_dict"]
