@@ -96,7 +96,8 @@ OFFICIAL_TEMPLATES = json.loads((Path(__file__).parent / "fixtures" / "official_
 FAMILY_TOKENS = {  # family: (BOS, EOS, pad, unk, the format's special tokens, published template)
     "llama": ("<|begin_of_text|>", "<|end_of_text|>", "<|end_of_text|>", None,
               ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "llama3"),
-    "qwen2": (None, "<|endoftext|>", "<|endoftext|>", None, ["<|im_start|>", "<|im_end|>"], "qwen2"),
+    **dict.fromkeys(("qwen2", "qwen3"), (None, "<|endoftext|>", "<|endoftext|>", None, ["<|im_start|>", "<|im_end|>"],
+                                         "qwen2")),
     "mistral": ("<s>", "</s>", "<unk>", "<unk>", [], "mistral"),
     **dict.fromkeys(("gemma", "gemma2", "gemma3_text"),
                     ("<bos>", "<eos>", "<pad>", "<unk>", ["<start_of_turn>", "<end_of_turn>"], "gemma")),
@@ -104,7 +105,9 @@ FAMILY_TOKENS = {  # family: (BOS, EOS, pad, unk, the format's special tokens, p
              "phi3"),
     "phi": ("<|endoftext|>", "<|endoftext|>", "<|endoftext|>", None, [], None),  # phi-1.5/phi-2: no chat template
 }
-FAMILY_VISION = {"llama": "siglip", "qwen2": "siglip", "gemma2": "siglip"}  # the others: CLIP
+# The training cells pair each family with the tower of its backbone-matrix cell (LLaMA-3: SigLIP2 geometry).
+FAMILY_VISION = {"llama": "siglip2", **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi"),
+                                                     "siglip")}  # mistral, phi3: CLIP
 CORPUS_TURNS = [("What colour is the shape?", "The shape is red."), ("How many?", "There are two circles."),
                 ("Render a clear and concise summary of the photo.", "A blue square."),
                 ("What shape is it?", "It is a green square. A yellow circle.")]
@@ -132,22 +135,22 @@ def tiny_family_tokenizer(family: str):
 
 @functools.cache
 def tiny_family_parts(family: str):
-    """(processor, config) of a tiny AlignGPT on `family`: its tokenizer's ids, 28 px images, 4 tokens per image.
+    """(processor, config) of a tiny AlignGPT on `family`: its tokenizer's ids, the tower of its matrix cell (4 tokens per image).
     Built once per family and shared: do not modify what it returns."""
     from transformers import LlavaImageProcessorPil
 
     from aligngpt_hf import AlignGPTProcessor
 
     tokenizer = tiny_family_tokenizer(family)
-    vision = FAMILY_VISION.get(family, "clip")
+    kind, image_size, patch_size = VISION_GEOMETRY[FAMILY_VISION.get(family, "clip")]
     text = tiny_text_config(family, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = AlignGPTConfig(vision_config=tiny_vision_config(vision), text_config=text, gate_hidden_size=16,
-                            vision_feature_select_strategy="default" if vision == "clip" else "full",
+    config = AlignGPTConfig(vision_config=tiny_vision_config(kind, image_size, patch_size), text_config=text,
+                            gate_hidden_size=16, vision_feature_select_strategy="default" if kind == "clip" else "full",
                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                             alignment_token_id=tokenizer.convert_tokens_to_ids("<align>"))
-    image_processor = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
-                                             do_pad=True)
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": image_size},
+                                             crop_size={"height": image_size, "width": image_size}, do_pad=True)
     processor = AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                   image_seq_length=config.image_seq_length)
     return processor, config

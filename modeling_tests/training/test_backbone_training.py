@@ -23,7 +23,7 @@ from aligngpt_hf.training.packing import AlignGPTPackingCollator
 from aligngpt_hf.training.trainers import aligngpt_lora_config
 from family_builders import tiny_family_parts
 
-FAMILIES = ["qwen2", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "phi"]
+FAMILIES = ["qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "phi"]
 FAST = dict(report_to="none", save_strategy="no", activation_checkpointing=False, use_cpu=True,
             dataloader_num_workers=0, logging_steps=1, warmup_steps=0, lr_scheduler_type="constant",
             disable_tqdm=True, seed=0, max_steps=1, per_device_train_batch_size=4, optim="sgd", learning_rate=0.1)
