@@ -135,8 +135,8 @@ def tiny_family_tokenizer(family: str):
 
 @functools.cache
 def tiny_family_parts(family: str):
-    """(processor, config) of a tiny AlignGPT on `family`: its tokenizer's ids, the tower of its matrix cell (4 tokens per image).
-    Built once per family and shared: do not modify what it returns."""
+    """(processor, config) of a tiny AlignGPT on `family`: its tokenizer's ids, the tower of its backbone-matrix cell
+    (4 tokens per image). Built once per family and shared: do not modify what it returns."""
     from transformers import LlavaImageProcessorPil
 
     from aligngpt_hf import AlignGPTProcessor

@@ -20,7 +20,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from aligngpt_hf import AlignGPTForConditionalGeneration
-from aligngpt_hf.models.modeling_aligngpt import REMOTE_AUTO_MAP
+from aligngpt_hf.models.configuration_aligngpt import REMOTE_AUTO_MAP
 from conftest import user_message
 
 QUESTIONS = ("Hi?", "What colour is the thing in the picture?", "Colour?", "Is it red or blue, tell me please?")

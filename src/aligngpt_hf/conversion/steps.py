@@ -28,8 +28,8 @@ from aligngpt_hf.conversion.mapping import (
     pretrain_rules,
     weight_files_in,
 )
-from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
-from aligngpt_hf.models.modeling_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTForConditionalGeneration
+from aligngpt_hf.models.configuration_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTConfig
+from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
 from aligngpt_hf.models.processing_aligngpt import VICUNA_V1_CHAT_TEMPLATE, AlignGPTProcessor
 from aligngpt_hf.paths import atomic_write_text, check_local_or_hub
 

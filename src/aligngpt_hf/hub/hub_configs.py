@@ -21,8 +21,7 @@ from pathlib import Path
 
 from transformers import CLIPVisionConfig, GemmaConfig, LlamaConfig, MistralConfig, PhiConfig, SiglipVisionConfig
 
-from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
-from aligngpt_hf.models.modeling_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP
+from aligngpt_hf.models.configuration_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTConfig
 from aligngpt_hf.paths import atomic_write_text
 
 CLIP_L_336 = dict(

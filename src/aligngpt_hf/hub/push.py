@@ -203,7 +203,7 @@ def _update_json(path: Path, update) -> None:
 
 def complete_auto_maps(folder: Path, auto_model: str = "generation") -> None:
     """AutoModel -> the generation class (lmms-eval always takes AutoModel for custom types); AutoTokenizer entry."""
-    from aligngpt_hf.models.modeling_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP
+    from aligngpt_hf.models.configuration_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP
 
     if auto_model not in ("generation", "base"):
         raise ValueError(f"`auto_model` must be 'generation' or 'base', got {auto_model!r}.")

@@ -12,6 +12,13 @@ SELECT_STRATEGIES = ("default", "full")
 # Tokens a vision encoder puts in front of its patch tokens (CLIP: one CLS token; SigLIP: none).
 VISION_PREFIX_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
 
+REMOTE_AUTO_MAP = {  # written into `auto_map` on save, so every loader finds its entry with trust_remote_code
+    "AutoConfig": "configuration_aligngpt.AlignGPTConfig",
+    "AutoModel": "modeling_aligngpt.AlignGPTForConditionalGeneration",  # see docs/native.md, "Auto classes"
+    "AutoModelForImageTextToText": "modeling_aligngpt.AlignGPTForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_aligngpt.AlignGPTForConditionalGeneration",
+}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_aligngpt.AlignGPTProcessor"}
 # Fields that only the original AlignGPT code writes; our layout never has them.
 ORIGINAL_FORMAT_FIELDS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size", "mm_vision_select_layer")
 
@@ -217,4 +224,4 @@ class AlignGPTConfig(PreTrainedConfig):
         return self.alignment_mode in ("adaptive", "local")
 
 
-__all__ = ["AlignGPTConfig"]
+__all__ = ["PROCESSOR_AUTO_MAP", "REMOTE_AUTO_MAP", "AlignGPTConfig"]

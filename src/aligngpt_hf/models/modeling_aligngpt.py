@@ -28,7 +28,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .abstractor_aligngpt import AlignGPTVisualAbstractor
 from .alignment_aligngpt import AlignGPTAlignment
-from .configuration_aligngpt import AlignGPTConfig
+from .configuration_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTConfig
 from .outputs_aligngpt import AlignGPTCausalLMOutputWithPast, AlignGPTModelOutputWithPast
 from .packing_aligngpt import packed_call, placeholder_counts, positions_from_mask
 from .placeholders_aligngpt import (
@@ -40,13 +40,6 @@ from .placeholders_aligngpt import (
     safe_token_ids,
 )
 
-REMOTE_AUTO_MAP = {  # written into `auto_map` on save, so every loader finds its entry with trust_remote_code
-    "AutoConfig": "configuration_aligngpt.AlignGPTConfig",
-    "AutoModel": "modeling_aligngpt.AlignGPTForConditionalGeneration",  # see docs/native.md, "Auto classes"
-    "AutoModelForImageTextToText": "modeling_aligngpt.AlignGPTForConditionalGeneration",
-    "AutoModelForCausalLM": "modeling_aligngpt.AlignGPTForConditionalGeneration",
-}
-PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_aligngpt.AlignGPTProcessor"}
 LM_HEAD_BIAS = ("phi",)  # language models whose own ForCausalLM head has a bias (Phi-1/1.5/2)
 
 
