@@ -8,6 +8,7 @@ import torch
 from datasets import Dataset
 from peft.tuners.lora import LoraLayer
 from PIL import Image
+from transformers import TrainerCallback
 
 from aligngpt_hf import (
     AlignGPTForConditionalGeneration,
@@ -126,3 +127,47 @@ def test_one_step_of_each_stage_packed_equals_padded_and_stage2_lora_reaches_onl
         assert all("lora_" in name or "modules_to_save" in name for name in moved)
         runs[padding_free] = after
     assert relative_difference(runs[True], runs[False]) <= 1e-5
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAfterStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:  # before checkpoint-2 is written
+            raise _Killed("killed after step 2")
+
+
+def instruct_run(config, processor, output_dir, batch_size: int, accumulation: int, padding_free: bool, callbacks=()):
+    """Stage 2 (full fine-tuning, plain SGD) on eight rows: two optimizer steps, a checkpoint after each."""
+    model = fresh_model(config, "instruct").train()
+    args = AlignGPTInstructConfig(output_dir=str(output_dir), padding_free=padding_free,
+                                  gradient_accumulation_steps=accumulation, group_by_modality_length=False,
+                                  **{**FAST, "max_steps": 2, "per_device_train_batch_size": batch_size,
+                                     "save_strategy": "steps", "save_steps": 1})
+    return AlignGPTInstructTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows() + rows()),
+                                   processing_class=processor, callbacks=list(callbacks))
+
+
+def weights_after(trainer, **train_kwargs) -> dict:
+    trainer.train(**train_kwargs)
+    return {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "phi3"])  # no BOS; soft-capping; fused qkv projections
+def test_accumulated_packed_micro_batches_and_a_resumed_run_equal_one_full_batch_run(family, tmp_path):
+    """Two packed micro-batches of 2 take the step of one padded batch of 4 (the loss is normalised once over the
+    accumulated targets), and a run killed at its last step resumes from checkpoint-1 to the same weights."""
+    processor, config = tiny_family_parts(family)
+    full = weights_after(instruct_run(config, processor, tmp_path / "full", 4, 1, False))
+    accumulated = weights_after(instruct_run(config, processor, tmp_path / "accumulated", 2, 2, True))
+    assert relative_difference(accumulated, full) <= 1e-5
+    with pytest.raises(_Killed):
+        instruct_run(config, processor, tmp_path / "killed", 2, 2, True, [_KillAfterStep()]).train()
+    resumed = weights_after(instruct_run(config, processor, tmp_path / "killed", 2, 2, True),
+                            resume_from_checkpoint=str(tmp_path / "killed" / "checkpoint-1"))
+    assert all(torch.equal(resumed[name], value) for name, value in accumulated.items())
+    start = fresh_model(config, "instruct").state_dict()
+    assert not torch.equal(full["model.multi_modal_projector.linear_1.weight"],
+                           start["model.multi_modal_projector.linear_1.weight"])
