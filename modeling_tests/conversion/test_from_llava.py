@@ -322,3 +322,22 @@ def test_multi_layer_llava_is_refused_with_the_reason():
         AlignGPTForConditionalGeneration.from_llava(LlavaProcessor)
     with pytest.raises(ConversionError, match="is not a saved transformers LLaVA"):
         convert_llava(ORIGINAL_FIXTURES, "unused")
+
+
+def test_overwrite_that_fails_midway_keeps_the_old_output_whole(llava, tmp_path, monkeypatch):
+    """The new folder is built beside OUTPUT and swapped in only when complete: a save that fails (disk full, a
+    kill) leaves the old OUTPUT as it was and no temporary folder behind."""
+    from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep me")
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AlignGPTProcessor, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        main(["from-llava", str(llava[0]), str(output), "--overwrite", "--debug"])
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    assert [path.name for path in output.iterdir()] == ["notes.txt"] and (output / "notes.txt").read_text() == "keep me"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +150,7 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
         raise ConversionError(f"{source}: {error}") from None
     generation = model.generation_config
     generation.eos_token_id = stop_token_ids(tokenizer, processor.chat_template, generation.eos_token_id)
-    _write_folder(output, model, processor, overwrite)
+    _write_folder(output, model, processor)
     if model.config.uses_alignment_token:
         notes.append("The level table and gate are untrained: run the alignment warm-up (`aligngpt-hf pretrain "
                      f"pretrain_from_llava_7b --model_name_or_path {output}`) before stage 2.")
@@ -159,21 +158,16 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     return FromLlavaResult(output, alignment_token_id, vocab_sizes, notes)
 
 
-def _write_folder(output: Path, model, processor, overwrite: bool) -> None:
-    """Save into a temporary folder beside OUTPUT, then move it into place: OUTPUT is never half-written."""
-    staging = output.with_name(f".{output.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)  # left by an interrupted run
-    staging.mkdir(parents=True)
-    try:
+def _write_folder(output: Path, model, processor) -> None:
+    """Save into a temporary folder beside OUTPUT, then swap it into place: OUTPUT is never half-written, and an old
+    OUTPUT (`--overwrite`) is only moved aside once the new one is complete."""
+    from aligngpt_hf.paths import atomic_path
+
+    if output.exists() and not output.is_dir():
+        output.unlink()  # --overwrite of a file: a folder takes its place
+    with atomic_path(output, directory=True) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()  # empty, or --overwrite
-        staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def run_cli(args: argparse.Namespace) -> int:
