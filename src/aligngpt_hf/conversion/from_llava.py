@@ -6,7 +6,7 @@ llava-1.5-7b/13b-hf, bakLlava, their fine-tunes). OUTPUT gets:
 
 * the model: LLaVA's vision tower, projector and language model bit for bit (with its feature layer, select strategy,
   `<image>` id, tying and pad id), a fresh level table and gate, and a vocabulary row for `<align>`
-  (`AlignGPTForConditionalGeneration.from_llava`, which calls `llava_weights.aligngpt_from_llava`);
+  (`AlignGPTForConditionalGeneration.from_llava`, which calls `models/llava_aligngpt.py`);
 * the processor: LLaVA's tokenizer plus `<align>`, the AlignGPT chat template of the tokenizer's format (vicuna_v1 for
   LLaVA-1.5; generation also stops at the format's turn end), `image_seq_length`, and
   LLaVA's image preprocessing as a `LlavaImageProcessorPil` (so `image_aspect_ratio` can switch it to `pad`);
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligngpt_hf.conversion.convert import DTYPES, resolve_folder
-from aligngpt_hf.conversion.llava_weights import config_from_llava
 from aligngpt_hf.conversion.mapping import ConversionError
+from aligngpt_hf.models.llava_aligngpt import config_from_llava
 
 SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 ALIGNMENT_TOKEN = "<align>"

@@ -336,11 +336,8 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         `config_kwargs` set the alignment fields (`alignment_mode`, `num_alignment_levels`, ...); with
         `alignment_mode="none"` the model computes LLaVA's logits. For the processor too: `aligngpt-hf from-llava`.
         """
-        try:  # conversion, not model: it lives in the package (transformers skips imports inside `try`)
-            from aligngpt_hf.conversion.llava_weights import aligngpt_from_llava
-        except ImportError as error:
-            raise ImportError("from_llava needs the aligngpt-hf package (`pip install aligngpt-hf`); loading and "
-                              "running an AlignGPT checkpoint does not.") from error
+        from .llava_aligngpt import aligngpt_from_llava
+
         return aligngpt_from_llava(cls, model_or_path, alignment_token_id, **config_kwargs)
 
 

@@ -1,9 +1,9 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
 """An AlignGPT model from a transformers LLaVA one: its config, its weights under our keys, the model.
 
-`AlignGPTForConditionalGeneration.from_llava` calls `aligngpt_from_llava`; `aligngpt-hf from-llava` (from_llava.py)
-adds the processor and writes the folder. This module imports no other conversion module and no model class (the
-class comes in as an argument), so the model can call it without an import circle.
+Remote-code file: `AlignGPTForConditionalGeneration.from_llava` calls `aligngpt_from_llava` (the class comes in as an
+argument), so it works next to the weights too; `aligngpt-hf from-llava` (`aligngpt_hf.conversion.from_llava`) adds
+the processor and writes the folder.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def config_from_llava(llava_config, alignment_token_id: int | None = None, **con
     `alignment_token_id` defaults to a new row after LLaVA's vocabulary. When it lies beyond the vocabulary, the
     vocabulary grows to the next multiple of 64; an id inside it (a padded row of llava-hf's 32064) keeps the size.
     """
-    from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
+    from .configuration_aligngpt import AlignGPTConfig
 
     fixed = sorted(set(config_kwargs) & set(FROM_LLAVA))
     if fixed:
