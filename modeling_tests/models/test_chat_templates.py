@@ -124,6 +124,18 @@ def test_construction_takes_the_tokenizers_format_and_refuses_an_unknown_one_wit
         tokenizer.chat_template = own
 
 
+def test_a_format_whose_turn_end_the_tokenizer_lacks_is_refused():
+    """A Llama-3 template on a ChatML tokenizer would write `<|eot_id|>` as plain pieces: no id ends the answers and
+    generation would run past them. Refused at construction, naming the token and the fixes."""
+    processor, _ = tiny_family_parts("qwen2")
+    with pytest.raises(ValueError, match=r"^The chat template is in the llama3 format, which ends each turn with "
+                                         r"<\|eot_id\|>, but the tokenizer has no such token\. Use the language model's "
+                                         r"own tokenizer, add it"):
+        AlignGPTProcessor(processor.image_processor, processor.tokenizer, chat_template=chat_template("llama3"))
+    vicuna = AlignGPTProcessor(processor.image_processor, processor.tokenizer, chat_template=VICUNA_V1_CHAT_TEMPLATE)
+    assert vicuna.chat_template == VICUNA_V1_CHAT_TEMPLATE  # ends on EOS, which every tokenizer has
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_TOKENS))
 def test_align_follows_bos_or_leads_and_assistant_masks_cover_exactly_the_answers(family, images):
     processor, _ = tiny_family_parts(family)

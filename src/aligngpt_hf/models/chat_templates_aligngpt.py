@@ -80,6 +80,18 @@ def template_for_tokenizer(tokenizer) -> str:
         f"chat_templates_aligngpt ({', '.join(FORMATS)}) or a template with each answer + its end in `{{% generation %}}`.")
 
 
+def check_turn_end_token(tokenizer, template) -> None:
+    """Refuse a known format whose turn-end token the tokenizer lacks: it would be split into plain text pieces, so
+    answers would never end on one id and generation would not stop at the turn end."""
+    family = template_family(template)
+    end = FORMATS[family][2][1] if family is not None else "eos"
+    if end != "eos" and tokenizer is not None and end not in tokenizer.get_vocab():
+        raise ValueError(
+            f"The chat template is in the {family} format, which ends each turn with {end}, but the tokenizer has no "
+            f"such token. Use the language model's own tokenizer, add it (`tokenizer.add_special_tokens("
+            f"{{'additional_special_tokens': [{end!r}]}})`), or pass a `chat_template` in the tokenizer's format.")
+
+
 def stop_token_ids(tokenizer, template, eos_token_id=None) -> list[int]:
     """`eos_token_id` (an id or list; the tokenizer's EOS when None) plus the id ending an answer in `template`'s
     family where that is not EOS (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`, `<|end|>`): generation stops on both."""

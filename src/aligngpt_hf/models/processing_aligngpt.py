@@ -8,7 +8,7 @@ from transformers.image_utils import make_flat_list_of_images
 from transformers.models.llava.processing_llava import LlavaProcessor
 from transformers.processing_utils import MultiModalData
 
-from .chat_templates_aligngpt import VICUNA_V1_SYSTEM, chat_template, template_for_tokenizer
+from .chat_templates_aligngpt import VICUNA_V1_SYSTEM, chat_template, check_turn_end_token, template_for_tokenizer
 from .image_processing_utils_aligngpt import call_with_truncation_check, check_conversation, check_text, load_images
 
 VICUNA_V1_CHAT_TEMPLATE = chat_template("vicuna_v1")
@@ -65,6 +65,7 @@ class AlignGPTProcessor(LlavaProcessor):
         self.alignment_token_id = _special_token_id(tokenizer, alignment_token)
         if chat_template is None:  # the tokenizer's own format with images and generation marks, else vicuna_v1
             chat_template = template_for_tokenizer(tokenizer)
+        check_turn_end_token(tokenizer, chat_template)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, image_token=image_token)
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
