@@ -17,7 +17,7 @@ from aligngpt_hf import (
     AlignGPTPretrainConfig,
     AlignGPTPretrainTrainer,
 )
-from aligngpt_hf.models.chat_templates_aligngpt import FORMATS, template_family
+from aligngpt_hf.models.chat_templates_aligngpt import turn_end
 from aligngpt_hf.training.data import PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator
 from aligngpt_hf.training.lora_presets import LORA_TARGETS_BY_FAMILY
 from aligngpt_hf.training.packing import AlignGPTPackingCollator
@@ -61,8 +61,7 @@ def expected_labels(processor, stage: str) -> list[str]:
     if stage == "pretrain":
         return [f"{answer}\n" for _, answer in TURNS]
     tokenizer = processor.tokenizer
-    family = template_family(processor.chat_template)
-    end = FORMATS[family][2][1]
+    end = turn_end(processor.chat_template)
     end = tokenizer.eos_token if end == "eos" else end
     return [f"{answer}{end}" for _, answer in TURNS]
 

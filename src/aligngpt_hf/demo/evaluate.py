@@ -1,8 +1,8 @@
 """Held-out answering for the demo: greedy batched generation plus the gate weights of each question.
 
-Only torch, PIL, transformers and the standard library are imported, so `python evaluate.py MODEL QUESTIONS ANSWERS` run as a file (not as
-part of the package) proves a saved folder works through remote code alone; `--compare` calls `answer_questions`
-in-process on models it has just trained.
+Only torch, PIL, transformers and the standard library are imported, so `python evaluate.py MODEL QUESTIONS ANSWERS`
+run as a file (not as part of the package) proves a saved folder works through remote code alone; `--compare` calls
+`answer_questions` in-process on models it has just trained.
 """
 
 from __future__ import annotations

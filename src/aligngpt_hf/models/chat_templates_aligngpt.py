@@ -80,14 +80,19 @@ def template_for_tokenizer(tokenizer) -> str:
         f"chat_templates_aligngpt ({', '.join(FORMATS)}) or a template with each answer + its end in `{{% generation %}}`.")
 
 
+def turn_end(template) -> str:
+    """The text ending an answer in `template`'s format (`<|eot_id|>`, ...), "eos" for EOS or an unknown format."""
+    family = template_family(template)
+    return FORMATS[family][2][1] if family is not None else "eos"
+
+
 def check_turn_end_token(tokenizer, template) -> None:
     """Refuse a known format whose turn-end token the tokenizer lacks: it would be split into plain text pieces, so
     answers would never end on one id and generation would not stop at the turn end."""
-    family = template_family(template)
-    end = FORMATS[family][2][1] if family is not None else "eos"
+    end = turn_end(template)
     if end != "eos" and tokenizer is not None and end not in tokenizer.get_vocab():
         raise ValueError(
-            f"The chat template is in the {family} format, which ends each turn with {end}, but the tokenizer has no "
+            f"The chat template is in the {template_family(template)} format, which ends each turn with {end}, but the tokenizer has no "
             f"such token. Use the language model's own tokenizer, add it (`tokenizer.add_special_tokens("
             f"{{'additional_special_tokens': [{end!r}]}})`), or pass a `chat_template` in the tokenizer's format.")
 
@@ -95,8 +100,7 @@ def check_turn_end_token(tokenizer, template) -> None:
 def stop_token_ids(tokenizer, template, eos_token_id=None) -> list[int]:
     """`eos_token_id` (an id or list; the tokenizer's EOS when None) plus the id ending an answer in `template`'s
     family where that is not EOS (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`, `<|end|>`): generation stops on both."""
-    family = template_family(template)
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [tokenizer.eos_token_id])
-    end = FORMATS[family][2][1] if family is not None else "eos"
+    end = turn_end(template)
     return list(dict.fromkeys(i for i in [*ids, tokenizer.get_vocab().get(end) if end != "eos" else None] if i is not None))
 
