@@ -80,6 +80,19 @@ def template_for_tokenizer(tokenizer) -> str:
         f"chat_templates_aligngpt ({', '.join(FORMATS)}) or a template with each answer + its end in `{{% generation %}}`.")
 
 
+def resolve_chat_template(tokenizer, template):
+    """None: our template for the tokenizer's format; a family name ("chatml", ...): that family's template; anything
+    else must be a Jinja template (a typo would otherwise render as literal text for every conversation)."""
+    if template is None:
+        return template_for_tokenizer(tokenizer)
+    if isinstance(template, str) and template in FORMATS:
+        return chat_template(template)
+    if isinstance(template, str) and "{{" not in template and "{%" not in template:
+        raise ValueError(f"`chat_template` {template[:60]!r} is neither a Jinja template nor a format name "
+                         f"({', '.join(FORMATS)}).")
+    return template
+
+
 def turn_end(template) -> str:
     """The text ending an answer in `template`'s format (`<|eot_id|>`, ...), "eos" for EOS or an unknown format."""
     family = template_family(template)

@@ -1,7 +1,11 @@
 # Copyright 2026 The aligngpt-hf authors. Licensed under the Apache License, Version 2.0.
 """AlignGPT configuration: LLaVA-1.5's fields plus the alignment ones, checked when the config is made."""
 
+import difflib
+import warnings
+
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
 ALIGNMENT_MODES = ("adaptive", "global", "local", "mean", "none")
@@ -118,11 +122,20 @@ class AlignGPTConfig(PreTrainedConfig):
                 f"This is an original-format AlignGPT config (it has {', '.join(original_fields)}), which the "
                 "Hugging Face layout cannot load directly. Convert the checkpoint first: "
                 "`aligngpt-hf convert SOURCE OUTPUT` (see `aligngpt-hf convert --help`), then load OUTPUT.")
+        self._warn_near_misses(kwargs)
+        for name in ("vision_config", "text_config"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (dict, PreTrainedConfig)):
+                raise TypeError(f"`{name}` must be a dict or a PreTrainedConfig, got {type(value).__name__} {value!r}.")
         if isinstance(self.vision_config, PreTrainedConfig) and hasattr(self.vision_config, "vision_config"):
             self.vision_config = self.vision_config.vision_config  # CLIPConfig/SiglipConfig -> vision part
         elif isinstance(self.vision_config, dict) and isinstance(self.vision_config.get("vision_config"), dict):
             self.vision_config = self.vision_config["vision_config"]
         super().__post_init__(**kwargs)
+        text_type = self.text_config.model_type
+        if text_type in VISION_PREFIX_TOKENS or text_type.endswith("vision_model"):
+            raise ValueError(f"`text_config` is a {text_type!r} config, a vision tower; give the language model's "
+                             "config (llama, qwen2, mistral, ...) and the tower as `vision_config`.")
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
         self._check_choices()
@@ -135,6 +148,17 @@ class AlignGPTConfig(PreTrainedConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}.")
+        if self.projector_hidden_act not in ACT2FN:
+            raise ValueError(f"`projector_hidden_act` is {self.projector_hidden_act!r}, not an activation transformers "
+                             "knows (`transformers.activations.ACT2FN`: 'gelu', 'silu', 'relu', ...).")
+        for name in ("vision_feature_post_layernorm", "multimodal_projector_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        dropout, eps = self.abstractor_attention_dropout, self.abstractor_layer_norm_eps
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"`abstractor_attention_dropout` must be a probability in [0, 1), got {dropout!r}.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"`abstractor_layer_norm_eps` must be a positive number, got {eps!r}.")
         if not isinstance(self.num_alignment_levels, int) or self.num_alignment_levels < 2:
             raise ValueError(
                 f"`num_alignment_levels` must be an integer >= 2 (one global row plus at least one local row), "
@@ -201,6 +225,16 @@ class AlignGPTConfig(PreTrainedConfig):
                 "(the gate's input width).")
         return derived
 
+    def _warn_near_misses(self, kwargs: dict) -> None:
+        """transformers keeps unknown keywords as plain attributes, so `alignment_modes="global"` would silently leave
+        the mode adaptive: warn about a keyword that is one slip away from one of AlignGPT's fields."""
+        fields = [name for name in type(self).__annotations__ if name not in kwargs]
+        for key in kwargs:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+            if close and key not in self.attribute_map:
+                warnings.warn(f"`{key}` is not an AlignGPTConfig field (did you mean `{close[0]}`?); it is kept as a "
+                              "plain attribute and changes nothing.", UserWarning, stacklevel=3)
+
     @property
     def num_vision_feature_tokens(self) -> int | None:
         """Vision tokens fed to the projector (patches, plus CLS with strategy `full`); None if not derivable."""
@@ -212,6 +246,10 @@ class AlignGPTConfig(PreTrainedConfig):
             raise ValueError(
                 f"`vision_feature_select_strategy='default'` drops a CLS token, but {vision.model_type!r} has none; "
                 "use `vision_feature_select_strategy='full'`.")
+        for name in ("image_size", "patch_size"):
+            value = getattr(vision, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`vision_config.{name}` must be a positive integer, got {value!r}.")
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches if self.vision_feature_select_strategy == "default" else patches + prefix
 

@@ -45,6 +45,8 @@ def to_rgb(image, where: str = "image"):
     if mode == "F":
         high = image.getextrema()[1]
         return image.point(lambda value: value * (255.0 if high <= 1.0 else 1.0)).convert("L").convert("RGB")
+    if mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts La only to LA
+        image = image.convert("LA" if mode == "La" else "RGBA")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -73,6 +75,8 @@ def load_image(image, where: str = "image"):
         source, name = io.BytesIO(image), "the given bytes"
     elif isinstance(image, (str, os.PathLike)) and str(image):
         source = name = str(image)
+        if os.path.isdir(source):
+            raise IsADirectoryError(f"{where}: {name} is a folder, not an image file; give the image's own path.")
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{where}: image file {name} not found. Check the path and the image folder.")
     elif isinstance(image, (str, os.PathLike)):
@@ -120,6 +124,8 @@ def _load_one(image, where: str):
     if type(image).__name__ in _ARRAY_TYPES:
         if 0 in tuple(image.shape):
             raise ValueError(f"{where} is empty (shape {tuple(image.shape)}); give an image with pixels.")
+        if image.ndim == 2:  # (H, W): one grey channel, read as a greyscale picture
+            return to_rgb(PIL.Image.fromarray(image.numpy() if hasattr(image, "numpy") else image), where)
         return image
     return load_image(image, where)
 
@@ -129,7 +135,11 @@ def check_conversation(conversation):
     that is neither a string nor a list of parts, two `user` messages in a row (the templates would glue them).
     Accepts one conversation or a batch; returns it as plain dicts: message objects (`role`/`content` attributes)
     become dicts without their None fields, OpenAI `image_url` parts become `{"type": "image", "url": ...}`."""
-    batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        what = "empty" if isinstance(conversation, (list, tuple)) else f"a {type(conversation).__name__}"
+        raise ValueError(f"The conversation is {what}; give a list of messages [{{'role': 'user', 'content': ...}}, "
+                         "...] (or a list of such lists).")
+    batched = isinstance(conversation[0], (list, tuple))
     batch = conversation if batched else [conversation]
     normalised = []
     for sample, messages in enumerate(batch):
@@ -150,6 +160,10 @@ def check_conversation(conversation):
                                  "to the first; merge them into one message or put the assistant's answer between.")
             previous = role
             message["content"] = _check_content(message.get("content"), where)
+            if role != "user" and any(isinstance(part, dict) and part.get("type") == "image"
+                                      for part in message["content"] if not isinstance(message["content"], str)):
+                raise ValueError(f"{where} is a `{role}` message with an image; images go in `user` messages (the "
+                                 "assistant's text is what the model learns to write).")
         normalised.append(messages)
     return normalised if batched else normalised[0]
 

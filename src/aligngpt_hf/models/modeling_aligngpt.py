@@ -10,6 +10,7 @@ from pathlib import Path
 from shutil import copyfile
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel
 from transformers import initialization as init
@@ -86,6 +87,17 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
         owners = [base.multi_modal_projector, *([base.alignment] if hasattr(base, "alignment") else [])]
         return {id(m) for owner in owners for m in owner.modules() if isinstance(m, nn.Linear)}
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader; a weights file cut short (an interrupted download or copy) is named, with the fix."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            folder = Path(str(pretrained_model_name_or_path))
+            broken = [path.name for path in sorted(folder.glob("*.safetensors")) if not _opens(path)] or ["a weights file"]
+            raise OSError(f"{folder}: {broken[0]} is cut short or corrupt ({error}); download it again or save the "
+                          "model again.") from None
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also write the full `auto_map` and the processor's remote-code file next to the weights."""
         processing_file = Path(__file__).with_name("processing_aligngpt.py")
@@ -95,6 +107,14 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
         if processing_file.is_file():
             for path in [str(processing_file), *get_relative_import_files(str(processing_file))]:
                 copyfile(path, Path(save_directory) / Path(path).name)
+
+
+def _opens(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except SafetensorError:
+        return False
 
 
 class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
@@ -280,7 +300,8 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         """
         if labels is not None:
             check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape[:2],
-                         all_ignored_ok=kwargs.get("num_items_in_batch") is not None)
+                         all_ignored_ok=kwargs.get("num_items_in_batch") is not None,
+                         vocab_size=self.config.text_config.vocab_size)
             if gate_text_mask is None and self.config.gate_text_scope == "prompt":
                 gate_text_mask = labels == -100
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,

@@ -75,6 +75,13 @@ def check_input_shapes(input_ids, inputs_embeds, attention_mask, pixel_values, a
     tokens = input_ids if input_ids is not None else inputs_embeds
     if input_ids is not None and (input_ids.is_floating_point() or input_ids.dtype == torch.bool):
         raise TypeError(f"`input_ids` must hold integer token ids, got {input_ids.dtype}; tokenize with the processor.")
+    if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[1] == 0):
+        raise ValueError(f"`input_ids` has shape {tuple(input_ids.shape)}; expected (batch, sequence) with at least one "
+                         "token: add the batch dimension (`input_ids.unsqueeze(0)`) or build inputs with the processor.")
+    hidden_size = config.text_config.hidden_size
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size):
+        raise ValueError(f"`inputs_embeds` has shape {tuple(inputs_embeds.shape)}; expected (batch, sequence, hidden "
+                         f"size {hidden_size}), e.g. `model.get_input_embeddings()(input_ids)`.")
     if tokens is not None and tokens.shape[0] == 0:
         raise ValueError(f"The input holds no samples (shape {tuple(tokens.shape)}); give at least one.")
     if attention_mask is not None and tokens is not None and attention_mask.dim() == 2 and (
@@ -98,7 +105,11 @@ def check_input_shapes(input_ids, inputs_embeds, attention_mask, pixel_values, a
             "`alignment_levels` was given, but this model has `alignment_mode='none'`: it has no level table and no "
             "`<align>` token, so levels cannot be applied. Drop `alignment_levels` (for stage 1, a data collator "
             "without `level_column`), or use a model with an alignment mode.")
-    levels = None if alignment_levels is None else torch.as_tensor(alignment_levels)
+    try:
+        levels = None if alignment_levels is None else torch.as_tensor(alignment_levels)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"`alignment_levels` must be integer levels, one per sample (a LongTensor or a list), got "
+                        f"{type(alignment_levels).__name__} {alignment_levels!r}.") from None
     if levels is not None and (levels.is_floating_point() or levels.dtype == torch.bool):
         raise TypeError(f"`alignment_levels` must be integers (level 0..N-1), got {levels.dtype} values "
                         f"{levels.flatten()[:8].tolist()}; levels are never rounded or truncated.")
@@ -135,15 +146,25 @@ def raise_out_of_vocabulary(input_ids, vocab_size) -> None:
         "tokens, call `model.resize_token_embeddings(len(tokenizer))`.")
 
 
-def check_labels(labels: torch.Tensor, input_shape=None, all_ignored_ok: bool = False) -> None:
-    """Labels shaped like the input; all labels -100 after the causal shift (mean loss 0/0 = NaN) is a clear error,
-    as in the collator. One host sync, only when labels are given and the loss is a mean over this batch: with
-    `num_items_in_batch` (gradient accumulation) the loss is a sum over the accumulated count, 0 for such a
-    micro-batch, so `all_ignored_ok` skips the check."""
+def check_labels(labels: torch.Tensor, input_shape=None, all_ignored_ok: bool = False, vocab_size=None) -> None:
+    """Labels: integer ids shaped like the input. All labels -100 after the causal shift (mean loss 0/0 = NaN) and ids
+    outside the vocabulary are clear errors, found with one host sync, only when the loss is a mean over this batch:
+    with `num_items_in_batch` (gradient accumulation) the loss is a sum over the accumulated count, 0 for such a
+    micro-batch, so `all_ignored_ok` skips both (the collators build labels from the input ids)."""
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"`labels` must hold integer token ids (-100 where nothing is predicted), got {labels.dtype}.")
     if input_shape is not None and tuple(labels.shape) != tuple(input_shape):
         raise ValueError(f"`labels` has shape {tuple(labels.shape)} but the input has {tuple(input_shape)} (batch, "
                          "sequence); give one label per input token (-100 where nothing is predicted).")
-    if not all_ignored_ok and labels.numel() and not (labels[..., 1:] != -100).any():
+    if all_ignored_ok or not labels.numel():
+        return
+    outside = (labels != -100) & ((labels < 0) | (labels >= (vocab_size or torch.iinfo(labels.dtype).max)))
+    supervised, has_outside = torch.stack([(labels[..., 1:] != -100).any(), outside.any()]).tolist()
+    if has_outside:
+        raise ValueError(
+            f"`labels` hold {sorted(set(labels[outside].tolist()))[:5]}, neither -100 (ignored) nor a vocabulary id "
+            f"(0..{vocab_size - 1}); build labels from the processor's input ids.")
+    if not supervised:
         raise ValueError(
             "Every label of this batch is -100 (after the one-token shift): nothing would be learned and the loss "
             "would be NaN. Each sample needs supervised tokens (an assistant answer, or a caption in stage 1).")

@@ -8,7 +8,7 @@ from transformers.image_utils import make_flat_list_of_images
 from transformers.models.llava.processing_llava import LlavaProcessor
 from transformers.processing_utils import MultiModalData
 
-from .chat_templates_aligngpt import VICUNA_V1_SYSTEM, chat_template, check_turn_end_token, template_for_tokenizer
+from .chat_templates_aligngpt import VICUNA_V1_SYSTEM, chat_template, check_turn_end_token, resolve_chat_template
 from .image_processing_utils_aligngpt import call_with_truncation_check, check_conversation, check_text, load_images
 
 VICUNA_V1_CHAT_TEMPLATE = chat_template("vicuna_v1")
@@ -27,7 +27,8 @@ class AlignGPTProcessor(LlavaProcessor):
         chat_template (`str`, *optional*): by default the tokenizer's own format, written with `<image>` and
             `{% generation %}` marks: Llama-3, ChatML (Qwen2/2.5/3), Gemma, Mistral-Instruct, Phi-3; a tokenizer
             without a template gets vicuna_v1 (the released models' format); an unknown template is used as given only
-            when it has `{% generation %}` marks, else refused. `<align>` goes after a leading BOS, or first (Qwen).
+            when it has `{% generation %}` marks, else refused. A format name (`"chatml"`, ...) gives that format.
+            `<align>` goes after a leading BOS, or first (Qwen).
         image_seq_length (`int`, defaults to 576): placeholder tokens per image (the model's `image_seq_length`).
         image_token (`str`, defaults to `"<image>"`), alignment_token (`str`, defaults to `"<align>"`).
         add_alignment_token (`bool`, defaults to `True`): `False` for `alignment_mode="none"` (plain LLaVA).
@@ -57,14 +58,16 @@ class AlignGPTProcessor(LlavaProcessor):
         add_alignment_token: bool = True,
         **kwargs,
     ):
+        if isinstance(image_seq_length, bool) or not isinstance(image_seq_length, int) or image_seq_length <= 0:
+            raise ValueError(f"`image_seq_length` must be a positive integer (the model's tokens per image), got "
+                             f"{image_seq_length!r}.")
         self.image_seq_length = image_seq_length
         self.image_token = image_token
         self.alignment_token = alignment_token
         self.add_alignment_token = add_alignment_token
         self.image_token_id = _special_token_id(tokenizer, image_token)
         self.alignment_token_id = _special_token_id(tokenizer, alignment_token)
-        if chat_template is None:  # the tokenizer's own format with images and generation marks, else vicuna_v1
-            chat_template = template_for_tokenizer(tokenizer)
+        chat_template = resolve_chat_template(tokenizer, chat_template)
         check_turn_end_token(tokenizer, chat_template)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, image_token=image_token)
 
@@ -82,6 +85,12 @@ class AlignGPTProcessor(LlavaProcessor):
         images, text = load_images(images), check_text(text)  # one RGB path for every mode; refuses non-images
         if isinstance(images, (list, tuple)) and len(images) == 0:
             images = None
+        if isinstance(text, (list, tuple)) and len(text) == 0:
+            raise ValueError("`text` is an empty list; give one string per sample.")
+        for source in (kwargs, kwargs.get("text_kwargs") or {}):
+            length = source.get("max_length")
+            if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+                raise ValueError(f"`max_length` must be a positive integer (tokens per sample), got {length!r}.")
         if text is not None and "add_special_tokens" not in kwargs:
             texts = [text] if isinstance(text, str) else text
             bos = getattr(self.tokenizer, "bos_token", None)
@@ -143,9 +152,14 @@ class AlignGPTProcessor(LlavaProcessor):
         bos = getattr(self.tokenizer, "bos_token", None) or ""
         inserted = self.alignment_token
         for index, sample in enumerate(text):
-            if not had_image[index] or self.alignment_token in sample:
-                continue
             at = len(bos) if bos and sample.startswith(bos) else 0
+            present = sample[at:].startswith(inserted)  # written by the caller where it belongs: kept
+            if inserted in sample[:at] or inserted in sample[at + len(inserted) * present:]:
+                raise ValueError(
+                    f"Sample {index} holds `{inserted}` inside its text; the processor inserts it after BOS itself. "
+                    f"Remove `{inserted}` from the text (user text must not contain the model's special tokens).")
+            if not had_image[index] or present:
+                continue
             text[index] = sample[:at] + inserted + sample[at:]
             shifted = [dict(e, new_span=(e["new_span"][0] + len(inserted), e["new_span"][1] + len(inserted)))
                        for e in offsets[index]]
