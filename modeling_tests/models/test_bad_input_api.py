@@ -185,3 +185,35 @@ def test_reference_configs_used_above_are_valid():
                                                     num_hidden_layers=1, num_attention_heads=4),
                             image_token_id=62, alignment_token_id=63)
     assert config.image_seq_length == 16
+
+
+# ------------------------------------------------------------------------------------------------ more model inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.long])
+def test_model_integer_pixel_values_are_refused(make_model, inputs, dtype):
+    with pytest.raises(TypeError, match=rf"`pixel_values` are {dtype}; the vision tower takes normalised float"):
+        make_model()(**{**inputs, "pixel_values": (inputs["pixel_values"] * 50).to(dtype)})
+
+
+def test_model_five_dimensional_pixel_values_name_the_flat_batch(make_model, inputs):
+    with pytest.raises(ValueError, match=r"shape \(1, 1, 3, 32, 32\); expected \(num_images, channels, height, width\)"
+                                         r"\. Give all images as one flat batch"):
+        make_model()(**{**inputs, "pixel_values": inputs["pixel_values"][None]})
+
+
+@pytest.mark.parametrize("name", ["position_ids", "gate_text_mask"])
+def test_model_per_token_inputs_of_the_wrong_length(make_model, inputs, name):
+    length = inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=rf"`{name}` has shape \(1, 3\) but the input has \(1, {length}\)"):
+        make_model()(**inputs, **{name: torch.ones(1, 3, dtype=torch.long)})
+
+
+def test_model_labels_given_as_a_list(make_model, inputs):
+    with pytest.raises(TypeError, match=r"`labels` must be a tensor of token ids, got list"):
+        make_model()(**inputs, labels=inputs["input_ids"].tolist())
+
+
+def test_processor_array_with_nan_pixels_is_named(processor):
+    with pytest.raises(ValueError, match=r"images\[0\] holds NaN or infinite pixel values"):
+        processor(text=[prompt(processor)], images=[np.full((20, 10, 3), np.nan)])

@@ -186,7 +186,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if pixel_values is not None and mm_encoder_outputs:
             raise ValueError("Pass `pixel_values` or `mm_encoder_outputs`, not both: they are the same images.")
-        check_input_shapes(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels, self.config)
+        check_input_shapes(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels, self.config,
+                           position_ids, gate_text_mask)
         segments, use_cache = packed_call(self.language_model.config, attention_mask, position_ids, use_cache, kwargs)
         if input_ids is not None:  # words first, then images, as LLaVA: one module order for every batch
             embeddings = self.get_input_embeddings()

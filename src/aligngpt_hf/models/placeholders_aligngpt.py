@@ -69,7 +69,8 @@ def check_placeholders(image_tokens_per_row, align_per_row, image_features, expe
                              f"strongest). Compute levels with `aligngpt-hf levels --num-levels {num_levels}`.")
 
 
-def check_input_shapes(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels, config) -> None:
+def check_input_shapes(input_ids, inputs_embeds, attention_mask, pixel_values, alignment_levels, config,
+                       position_ids=None, gate_text_mask=None) -> None:
     """Shapes, dtypes and arguments the alignment mode cannot use, without a host sync (the token-id range rides on
     the placeholder check's one copy)."""
     tokens = input_ids if input_ids is not None else inputs_embeds
@@ -90,10 +91,19 @@ def check_input_shapes(input_ids, inputs_embeds, attention_mask, pixel_values, a
             f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input ids have "
             f"{tuple(tokens.shape[:2])} (batch, sequence): the batch sizes must match and the mask must cover "
             "every token (plus the cached ones). Build both with the same processor call.")
-    if pixel_values is not None and pixel_values.dim() < 4:
+    if pixel_values is not None and pixel_values.dim() != 4:
         raise ValueError(
             f"`pixel_values` has shape {tuple(pixel_values.shape)}; expected (num_images, channels, height, width). "
-            "Add the batch dimension (`pixel_values.unsqueeze(0)`) or build inputs with the processor.")
+            + ("Add the batch dimension (`pixel_values.unsqueeze(0)`)" if pixel_values.dim() < 4 else
+               "Give all images as one flat batch (`pixel_values.flatten(0, 1)`)") + " or build inputs with the processor.")
+    if pixel_values is not None and not pixel_values.is_floating_point():
+        raise TypeError(f"`pixel_values` are {pixel_values.dtype}; the vision tower takes normalised float pixels, as "
+                        "the processor returns them (raw 0..255 integers would give meaningless features).")
+    for name, mask in (("position_ids", position_ids), ("gate_text_mask", gate_text_mask)):
+        if mask is not None and tokens is not None and mask.dim() == 2 and (
+                mask.shape[1] != tokens.shape[1] or mask.shape[0] not in (1, tokens.shape[0])):
+            raise ValueError(f"`{name}` has shape {tuple(mask.shape)} but the input has {tuple(tokens.shape[:2])} "
+                             "(batch, sequence); give one entry per input token.")
     channels, size = (getattr(config.vision_config, name, None) for name in ("num_channels", "image_size"))
     if pixel_values is not None and pixel_values.dim() == 4 and pixel_values.shape[0] and (
             (channels and pixel_values.shape[1] != channels) or (size and pixel_values.shape[2:] != (size, size))):
@@ -151,6 +161,9 @@ def check_labels(labels: torch.Tensor, input_shape=None, all_ignored_ok: bool = 
     outside the vocabulary are clear errors, found with one host sync, only when the loss is a mean over this batch:
     with `num_items_in_batch` (gradient accumulation) the loss is a sum over the accumulated count, 0 for such a
     micro-batch, so `all_ignored_ok` skips both (the collators build labels from the input ids)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`labels` must be a tensor of token ids, got {type(labels).__name__}; use "
+                        "`torch.tensor(labels)` (or the processor's `return_tensors='pt'`).")
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise TypeError(f"`labels` must hold integer token ids (-100 where nothing is predicted), got {labels.dtype}.")
     if input_shape is not None and tuple(labels.shape) != tuple(input_shape):
