@@ -217,3 +217,19 @@ def test_model_labels_given_as_a_list(make_model, inputs):
 def test_processor_array_with_nan_pixels_is_named(processor):
     with pytest.raises(ValueError, match=r"images\[0\] holds NaN or infinite pixel values"):
         processor(text=[prompt(processor)], images=[np.full((20, 10, 3), np.nan)])
+
+
+def test_from_llava_refuses_a_checkpoint_with_a_missing_tensor(tmp_path):
+    """transformers would fill the missing tensor randomly; the LLaVA would not be itself, so nothing is returned."""
+    from safetensors.torch import load_file, save_file
+
+    from aligngpt_hf.tiny import build_llava
+
+    torch.manual_seed(0)
+    build_llava()[0].save_pretrained(tmp_path / "llava")
+    state = load_file(tmp_path / "llava" / "model.safetensors")
+    state.pop(next(key for key in state if key.endswith("multi_modal_projector.linear_1.bias")))
+    save_file(state, tmp_path / "llava" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"llava does not hold a whole LLaVA: missing \[.*multi_modal_projector\.linear_1"
+                                         r"\.bias.*Re-download or re-save"):
+        AlignGPTForConditionalGeneration.from_llava(tmp_path / "llava")

@@ -33,7 +33,13 @@ def llava_model(model_or_path, **load_kwargs):
                          "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf).")
     if isinstance(model_or_path, LlavaForConditionalGeneration):
         return model_or_path
-    return LlavaForConditionalGeneration.from_pretrained(model_or_path, **{"dtype": "auto", **load_kwargs})
+    llava, info = LlavaForConditionalGeneration.from_pretrained(
+        model_or_path, output_loading_info=True, **{"dtype": "auto", **load_kwargs})
+    problems = {kind: sorted(info[f"{kind}_keys"])[:3] for kind in ("missing", "unexpected", "mismatched")}
+    if any(problems.values()):  # transformers would fill a missing tensor randomly: the LLaVA would not be itself
+        raise ValueError(f"{model_or_path} does not hold a whole LLaVA: " + ", ".join(
+            f"{kind} {keys}" for kind, keys in problems.items() if keys) + ". Re-download or re-save the checkpoint.")
+    return llava
 
 
 def config_from_llava(llava_config, alignment_token_id: int | None = None, **config_kwargs):
