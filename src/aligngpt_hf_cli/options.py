@@ -206,6 +206,8 @@ def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into N chunks (multi-GPU)")
     parser.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process answers")
     parser.add_argument("--resume", action="store_true", help="keep the answers file; skip question_ids in it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing answers file (refused without --resume or --overwrite)")
     parser.add_argument("--skip-missing-images", action="store_true", help="skip and count, instead of failing")
     parser.add_argument("--allow-outside-image-folder", action="store_true",
                         help="read `image` paths that resolve outside --image-folder (refused by default)")
@@ -232,7 +234,8 @@ def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
         help="pad = expand-to-square (model_vqa_loader); square = resize + centre crop "
         "(model_vqa / model_vqa_science, used for LLaVA-W, MM-Vet, SQA). Default: the processor's.",
     )
-    parser.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights dtype (auto = as saved)")
     parser.add_argument("--device", help="cuda | cpu | cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
