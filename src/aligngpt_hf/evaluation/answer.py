@@ -220,17 +220,17 @@ def generation_kwargs(max_new_tokens: int = 128, temperature: float = 0.0, top_p
     return kwargs
 
 
-def check_alignment_level(level, config) -> None:
+def check_alignment_level(level, config, option: str = "--alignment-level") -> None:
     """A fixed level must index the model's level table (row N-1 = strongest); mode `none` has no table."""
     if level is None:
         return
     if config.alignment_mode == "none":
-        raise ValueError("--alignment-level needs a level table, but the model's alignment_mode is 'none' (plain "
-                         "LLaVA); drop --alignment-level or use another --alignment-mode.")
+        raise ValueError(f"{option} needs a level table, but the model's alignment_mode is 'none' (plain LLaVA); drop "
+                         f"{option} or use another alignment mode.")
     top = config.num_alignment_levels - 1
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= top:
-        raise ValueError(f"--alignment-level must be an integer in 0..{top} (this model has "
-                         f"{config.num_alignment_levels} levels, {top} = strongest), got {level!r}.")
+        raise ValueError(f"{option} must be an integer in 0..{top} (this model has {config.num_alignment_levels} "
+                         f"levels, {top} = strongest), got {level!r}.")
 
 
 def generate_answers(model, processor, prompts: list[str], images: list, alignment_level=None, **gen_kwargs) -> list:
@@ -446,6 +446,7 @@ def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto"
 
     check_dtype(dtype)
     check_device(device)
+    check_local_or_hub(model_path, "model")
     check_model_folder(model_path)
     config_kwargs = {"alignment_mode": alignment_mode} if alignment_mode else {}
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)

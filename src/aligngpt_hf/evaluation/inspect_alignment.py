@@ -17,6 +17,14 @@ from pathlib import Path
 
 import torch
 
+from aligngpt_hf.evaluation.inputs import (
+    check_device,
+    check_dtype,
+    check_input_file,
+    check_model_folder,
+    check_output_file,
+    check_prompt_text,
+)
 from aligngpt_hf.paths import atomic_path, atomic_write_text, check_local_or_hub, check_writable
 
 PLOT_EXTRA_HINT = 'Plotting needs matplotlib: pip install matplotlib (or pip install -e ".[plot]" in the aligngpt-hf clone)'
@@ -39,6 +47,11 @@ def alignment_weights_for_prompts(
     """
     if not prompts:
         raise ValueError("Give at least one prompt.")
+    for index, prompt in enumerate(prompts):
+        where = f"prompt {index} ({textwrap.shorten(str(prompt), 40, placeholder='...')!r})"
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where} is empty or not a string; give the instruction text.")
+        check_prompt_text(prompt, processor, where)
     mode = model.config.alignment_mode
     if mode not in ("adaptive", "local"):
         raise ValueError(
@@ -134,17 +147,38 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str = "
     return model.to(device).eval(), processor
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def check_options(args: argparse.Namespace):
+    """Files, prompts, device and dtype before a model loads; returns the decoded image (a bad one fails here)."""
     try:
         import matplotlib  # noqa: F401  (fail before loading a 7B model, not after)
     except ImportError as error:
         raise ImportError(PLOT_EXTRA_HINT) from error
+    for index, prompt in enumerate(args.prompt):
+        if not prompt.strip():
+            raise ValueError(f"--prompt number {index + 1} is empty; give the instruction text.")
+    check_dtype(args.dtype)
+    check_device(args.device)
     check_local_or_hub(args.model, "MODEL")
-    for path in (args.out, args.json):
-        if path:
-            check_writable(Path(path).parent, "folder of " + str(path))
+    check_model_folder(args.model)
+    if args.revision and Path(args.model).expanduser().is_dir():
+        raise ValueError(f"--revision {args.revision} selects a Hub revision, but MODEL {args.model} is a local folder; "
+                         "drop --revision or give the Hub repo id.")
+    check_input_file(args.image, "--image")
+    outputs = {"--out": args.out, **({"--json": args.json} if args.json else {})}
+    for option, path in outputs.items():
+        check_output_file(path, option, {"--image": args.image, **{o: p for o, p in outputs.items() if o != option}})
+        check_writable(Path(path).parent, f"folder of {option} {path}")
+    if Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out} must end in .png: the plot is written as a PNG.")
+    if args.json and Path(args.json).expanduser().absolute() == Path(args.out).expanduser().absolute():
+        raise ValueError(f"--json and --out are both {args.out}; give them different files.")
+    return _as_rgb_image(args.image)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    image = check_options(args)
     model, processor = load_model_and_processor(args.model, args.dtype, args.device, args.revision)
-    weights = alignment_weights_for_prompts(model, processor, args.image, args.prompt)
+    weights = alignment_weights_for_prompts(model, processor, image, args.prompt)
     print(format_weights_table(weights, args.prompt))
     path = plot_alignment_weights(weights, args.prompt, args.out)
     print(f"Plot written to {path}")
