@@ -254,13 +254,34 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage2-steps", type=int, default=None, help="override the preset's stage-2 steps")
     parser.add_argument("--compare", action="store_true",
                         help="train AlignGPT, plain LLaVA and AlignGPT with shuffled levels on the same data")
-    parser.add_argument("--seeds", type=int, default=3, help="--compare: number of seeds")
+    parser.add_argument("--seeds", type=int, default=None, help="--compare: number of seeds (default: 3)")
     parser.set_defaults(_early_check=check_demo_folder)
+
+
+def demo_option_problem(args: argparse.Namespace) -> str | None:
+    """Why the demo's numeric options cannot run (None: they can): counts are positive, the wrong-caption share lies
+    strictly between 0 and 1 (levels need right and wrong captions), --seeds needs --compare."""
+    positive = {"--threads": args.threads, "--stage1-steps": args.stage1_steps, "--stage2-steps": args.stage2_steps,
+                "--seeds": args.seeds}
+    for option, value in positive.items():
+        if value is not None and value < 1:
+            return f"aligngpt-hf demo: error: {option} must be >= 1, got {value}"
+    if not 0 <= args.seed < 2**32:
+        return f"aligngpt-hf demo: error: --seed must be in 0..{2**32 - 1}, got {args.seed}"
+    share = args.wrong_share
+    if share is not None and not 0 < share < 1:  # NaN fails both comparisons
+        return (f"aligngpt-hf demo: error: --wrong-share must be between 0 and 1 (exclusive: the levels rank right "
+                f"against wrong captions), got {share}")
+    if args.seeds is not None and not args.compare:
+        return "aligngpt-hf demo: error: --seeds applies to --compare only; add --compare or drop --seeds"
+    return None
 
 
 def demo_folder_problem(run: Path, overwrite: bool, marker: str) -> str | None:
     """Why the demo may not write into `run` (None: it may): a non-empty folder needs `--overwrite`, and
     `--overwrite` deletes only a folder the demo made (it holds `marker`)."""
+    if run.exists() and not run.is_dir():
+        return f"aligngpt-hf demo: error: --out {run} is a file; give a folder for the run (it is created if missing)"
     if not run.is_dir() or not any(run.iterdir()):
         return None
     if not overwrite:
@@ -273,9 +294,10 @@ def demo_folder_problem(run: Path, overwrite: bool, marker: str) -> str | None:
 
 
 def check_demo_folder(args: argparse.Namespace) -> None:
-    """The demo's run-folder refusal as a usage error, before torch and the library are imported (~25 s)."""
+    """The demo's option and run-folder refusals as usage errors, before torch and the library are imported (~25 s)."""
     run = Path(args.out or ("runs/demo-compare" if args.compare else "runs/demo"))
-    problem = demo_folder_problem(run, args.overwrite, library_constant("demo/runs.py", "MARKER"))
+    problem = demo_option_problem(args) or demo_folder_problem(run, args.overwrite,
+                                                               library_constant("demo/runs.py", "MARKER"))
     if problem:
         raise SystemExit(problem)
 
