@@ -87,6 +87,13 @@ def test_question_id_that_cannot_key_the_answers(tmp_path, qid, shown):
         read_questions(path)
 
 
+def test_question_file_that_is_one_json_array(tmp_path):
+    path = write(tmp_path, '[{"question_id": 1, "text": "Hi?"}]\n', "questions.json")
+    with pytest.raises(ValueError, match=r"questions\.json:1: expected a question object, got the list .* The file is "
+                                         r"one JSON array; --questions takes JSONL, one question object per line"):
+        read_questions(path)
+
+
 @pytest.mark.parametrize("field, value, fix", [
     ("text", '"  "', "give the question"),
     ("image", '""', r"leave `image` out \(or null\) for a text-only question"),
@@ -280,6 +287,20 @@ def test_inspect_options_refused_before_the_model_loads(bench, tmp_path, capsys,
     assert [path.name for path in tmp_path.iterdir()] == ["in.png"]  # nothing written, the image untouched
 
 
+def test_inspect_model_without_a_gate_is_refused_before_it_loads(bench, tmp_path, capsys, no_model_load):
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "plain-llava"
+    folder.mkdir()
+    config = json.loads((bench["root"] / "model" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "alignment_mode": "none"}))
+    argv = inspect_argv(bench, tmp_path)
+    argv[1] = folder
+    code, err = run_cli(argv, capsys)
+    assert code == 1 and err == (f"aligngpt-hf inspect: error: MODEL {folder} has alignment_mode='none', which has no "
+                                 "gate, so there are no alignment weights to show; inspect a model trained with "
+                                 "alignment_mode 'adaptive' (or 'local').")
+
+
 @pytest.mark.parametrize("prompt, message", [
     ("<align> what colour?", r"prompt 1 \('<align> what colour\?'\): the text contains <align>; the prompt gets one "
                              r"image placeholder"),
@@ -377,6 +398,8 @@ def test_plugin_greedy_task_may_carry_top_p(plugin):
     (["--wrong-share", "nan"], "--wrong-share must be between 0 and 1 (exclusive: the levels rank right against "
                                "wrong captions), got nan"),
     (["--out", "{file}"], "--out {file} is a file; give a folder for the run (it is created if missing)"),
+    (["--out", "{file}/run"], "--out {file}/run is inside {file}, which is a file; give a folder for the run (it is "
+                              "created if missing)"),
 ])
 @pytest.mark.parametrize("entry", ["console script", "python -m aligngpt_hf.cli"])
 def test_demo_options_refused_before_any_work(tmp_path, monkeypatch, extra, message, entry):

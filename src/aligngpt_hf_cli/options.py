@@ -280,8 +280,10 @@ def demo_option_problem(args: argparse.Namespace) -> str | None:
 def demo_folder_problem(run: Path, overwrite: bool, marker: str) -> str | None:
     """Why the demo may not write into `run` (None: it may): a non-empty folder needs `--overwrite`, and
     `--overwrite` deletes only a folder the demo made (it holds `marker`)."""
-    if run.exists() and not run.is_dir():
-        return f"aligngpt-hf demo: error: --out {run} is a file; give a folder for the run (it is created if missing)"
+    blocking = next((path for path in (run, *run.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        where = "is a file" if blocking == run else f"is inside {blocking}, which is a file"
+        return f"aligngpt-hf demo: error: --out {run} {where}; give a folder for the run (it is created if missing)"
     if not run.is_dir() or not any(run.iterdir()):
         return None
     if not overwrite:

@@ -83,8 +83,10 @@ def read_questions(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
         if not isinstance(record, dict):
+            hint = (" The file is one JSON array; --questions takes JSONL, one question object per line (json.dumps "
+                    "each element on its own line).") if isinstance(record, list) and line_number == 1 else ""
             raise ValueError(f"{where}: expected a question object, got the {type(record).__name__} "
-                             f"{str(record)[:40]!r}.")
+                             f"{str(record)[:40]!r}.{hint}")
         missing = [key for key in ("question_id", "text") if key not in record]
         if missing:
             raise ValueError(

@@ -163,6 +163,7 @@ def check_options(args: argparse.Namespace):
     if args.revision and Path(args.model).expanduser().is_dir():
         raise ValueError(f"--revision {args.revision} selects a Hub revision, but MODEL {args.model} is a local folder; "
                          "drop --revision or give the Hub repo id.")
+    _check_gate(args.model)
     check_input_file(args.image, "--image")
     outputs = {"--out": args.out, **({"--json": args.json} if args.json else {})}
     for option, path in outputs.items():
@@ -173,6 +174,20 @@ def check_options(args: argparse.Namespace):
     if args.json and Path(args.json).expanduser().absolute() == Path(args.out).expanduser().absolute():
         raise ValueError(f"--json and --out are both {args.out}; give them different files.")
     return _as_rgb_image(args.image)
+
+
+def _check_gate(model: str) -> None:
+    """A local model without a gate has no weights to show: say so from its config.json, before loading it."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return
+    try:
+        mode = json.loads(config.read_text(encoding="utf-8")).get("alignment_mode", "adaptive")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return  # the loader names a broken config
+    if mode not in ("adaptive", "local"):
+        raise ValueError(f"MODEL {model} has alignment_mode={mode!r}, which has no gate, so there are no alignment "
+                         "weights to show; inspect a model trained with alignment_mode 'adaptive' (or 'local').")
 
 
 def run_cli(args: argparse.Namespace) -> int:
