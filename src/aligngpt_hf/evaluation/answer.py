@@ -16,11 +16,17 @@ import json
 import math
 import os
 import uuid
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aligngpt_hf.evaluation.answers_file import (
+    answered_ids,
+    check_answers_file,
+    read_answered,
+    read_lines,
+    scan_answers,
+)
 from aligngpt_hf.evaluation.inputs import (
     check_decoding,
     check_device,
@@ -74,7 +80,7 @@ class AnswerReport:
 def read_questions(path: str | Path) -> list[dict]:
     """Question records (`question_id`, `text`, optional `image`/`category`); errors name the line."""
     questions, seen = [], {}
-    for line_number, line in _lines(path):
+    for line_number, line in read_lines(path):
         if not line.strip():
             continue
         where = f"{path}:{line_number}"
@@ -121,17 +127,6 @@ def _check_question_fields(record: dict, where: str) -> None:
         if not value.strip():
             fix = "give the question" if name == "text" else "leave `image` out (or null) for a text-only question"
             raise ValueError(f"{where}: `{name}` is empty; {fix}.")
-
-
-def _lines(path: str | Path) -> list[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file; a non-UTF-8 file is named with the line of the first bad byte."""
-    data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8-sig")  # a byte order mark (Windows editors) is not part of the first record
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 (byte {error.start}); re-save the file as UTF-8.") from None
-    return list(enumerate(text.splitlines(), start=1))
 
 
 def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> list:
@@ -262,65 +257,6 @@ def generate_answers(model, processor, prompts: list[str], images: list, alignme
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def answered_ids(path: str | Path) -> set[str]:
-    """question_ids already in an answers file (JSON-encoded, so 5 and "5" stay distinct); see `read_answered`."""
-    return read_answered(path)[0]
-
-
-def read_answered(path: str | Path) -> tuple[set[str], int]:
-    """(question_ids already in an answers file, number of torn last lines removed: 0 or 1).
-
-    A last line cut short (no newline and not an answer record: a run killed while writing it) is cut off with a
-    warning naming the file and line, and its question is answered again; a bad line elsewhere is an error naming the
-    file and line, since answers before it may be wrong too.
-    """
-    done, torn, _ = _scan_answers(path)
-    return done, torn
-
-
-def _scan_answers(path: str | Path, repair: bool = True) -> tuple[set[str], int, dict[str, int]]:
-    """`read_answered` plus the `model_id`s of the records with the first line of each (resume refuses a file
-    another model wrote); `repair=False` only reads (a torn last line is counted, not removed)."""
-    done, torn, model_ids = set(), 0, {}
-    if not Path(path).is_file():
-        return done, torn, model_ids
-    lines = _lines(path)
-    ends_with_newline = Path(path).read_bytes().endswith(b"\n")
-    for line_number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            done.add(json.dumps(record["question_id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if line_number == len(lines) and not ends_with_newline:
-                if repair:
-                    _drop_last_line(path, line_number, line)
-                torn += 1
-                continue
-            raise ValueError(
-                f"{path}:{line_number}: not an answer record ({line[:60]!r}); --resume cannot trust this file. "
-                "Delete that line (or the file) and rerun with --resume."
-            ) from None
-        if "model_id" in record:
-            model_ids.setdefault(str(record["model_id"]), line_number)
-    data = Path(path).read_bytes()
-    if repair and data and not data.endswith(b"\n"):  # a complete last record without its newline: the next one goes below
-        with open(path, "ab") as handle:
-            handle.write(b"\n")
-    return done, torn, model_ids
-
-
-def _drop_last_line(path: str | Path, line_number: int, line: str) -> None:
-    data = Path(path).read_bytes()
-    cut = data.rstrip(b"\n").rfind(b"\n") + 1
-    with open(path, "r+b") as handle:
-        handle.truncate(cut)
-        os.fsync(handle.fileno())
-    warnings.warn(f"{path}:{line_number}: removed this torn last line, cut short by an interrupted run "
-                  f"({line[:40]!r}...); its question is answered again.", stacklevel=3)
-
-
 def _batches(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -364,8 +300,8 @@ def answer_questions(
     decoding = generation_kwargs(**gen_kwargs)
     check_alignment_level(alignment_level, model.config)
     report = AnswerReport()
-    _check_answers_file(answers_file, resume, overwrite, model_id)  # reads only: a torn line is removed below
-    done, report.torn_lines, _ = _scan_answers(answers_file) if resume else (set(), 0, {})
+    check_answers_file(answers_file, resume, overwrite, model_id)  # reads only: a torn line is removed below
+    done, report.torn_lines, _ = scan_answers(answers_file) if resume else (set(), 0, {})
     todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
     report.resumed = len(questions) - len(todo)
     report.other_answers = len(done - {json.dumps(q["question_id"]) for q in questions})
@@ -403,28 +339,6 @@ def _answer_batch(out, batch, model, processor, image_folder, allow_outside, mod
         out.write(json.dumps(_answer_record(question, text, model_id)) + "\n")
         out.flush()
         os.fsync(out.fileno())
-
-
-def _check_answers_file(answers_file: str | Path, resume: bool, overwrite: bool, model_id: str) -> None:
-    """An answers file that exists is continued (`resume`, and only with answers of the same model_id) or replaced
-    (`overwrite`); without either it is refused, so a rerun never silently throws earlier answers away."""
-    path = Path(answers_file)
-    if path.is_dir():
-        raise IsADirectoryError(f"the answers file {path} is a folder; give a file name (e.g. {path / 'answers.jsonl'}).")
-    if resume and overwrite:
-        raise ValueError("resume (--resume) keeps the answers file and overwrite (--overwrite) replaces it; pass one.")
-    if not path.is_file() or not path.read_bytes().strip():
-        return
-    if not resume and not overwrite:
-        raise FileExistsError(f"the answers file {path} already exists; pass --resume to keep its answers and answer "
-                              "only the rest, or --overwrite to replace it (library: resume=True / overwrite=True).")
-    if resume:
-        others = {other: line for other, line in _scan_answers(path, repair=False)[2].items() if other != model_id}
-        if others:
-            other, line = next(iter(others.items()))
-            raise ValueError(f"{path}:{line}: holds answers of model_id {other!r}, but this run writes model_id "
-                             f"{model_id!r}; --resume would mix two models in one file. Use another --answers file, "
-                             "or the same --model-id as the earlier run.")
 
 
 def _answer_record(question: dict, text: str, model_id: str) -> dict:
@@ -486,7 +400,7 @@ def run_cli(args: argparse.Namespace) -> int:
     check_options(args)
     questions = get_chunk(read_questions(args.questions), args.num_chunks, args.chunk_idx)
     model_id = args.model_id or model_id_from_path(args.model)
-    _check_answers_file(args.answers, args.resume, args.overwrite, model_id)
+    check_answers_file(args.answers, args.resume, args.overwrite, model_id)
     check_questions(questions, args.image_folder, args.allow_outside_image_folder, args.skip_missing_images)
     model, processor = load_for_answering(args.model, args.alignment_mode, args.dtype, args.device)
     if args.image_aspect_ratio:
@@ -520,4 +434,5 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["AnswerReport", "answer_questions", "build_prompt", "get_chunk", "load_for_answering", "read_questions"]
+__all__ = ["AnswerReport", "answer_questions", "answered_ids", "build_prompt", "check_questions", "get_chunk",
+           "load_for_answering", "read_answered", "read_questions"]
