@@ -301,6 +301,14 @@ def test_inspect_model_without_a_gate_is_refused_before_it_loads(bench, tmp_path
                                  "alignment_mode 'adaptive' (or 'local').")
 
 
+def test_inspect_image_url_is_left_to_the_loader(bench, tmp_path, capsys, no_model_load):
+    """A URL is not a missing file: the loader fetches it, and names it when it cannot (here: nothing listens)."""
+    pytest.importorskip("matplotlib")
+    code, err = run_cli(inspect_argv(bench, tmp_path, image="http://127.0.0.1:9/photo.png"), capsys)
+    assert code == 1 and err.startswith("aligngpt-hf inspect: error: image: could not load the image URL "
+                                        "http://127.0.0.1:9/photo.png ("), err
+
+
 @pytest.mark.parametrize("prompt, message", [
     ("<align> what colour?", r"prompt 1 \('<align> what colour\?'\): the text contains <align>; the prompt gets one "
                              r"image placeholder"),

@@ -25,6 +25,7 @@ from aligngpt_hf.evaluation.inputs import (
     check_output_file,
     check_prompt_text,
 )
+from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.paths import atomic_path, atomic_write_text, check_local_or_hub, check_writable
 
 PLOT_EXTRA_HINT = 'Plotting needs matplotlib: pip install matplotlib (or pip install -e ".[plot]" in the aligngpt-hf clone)'
@@ -164,7 +165,8 @@ def check_options(args: argparse.Namespace):
         raise ValueError(f"--revision {args.revision} selects a Hub revision, but MODEL {args.model} is a local folder; "
                          "drop --revision or give the Hub repo id.")
     _check_gate(args.model)
-    check_input_file(args.image, "--image")
+    if not str(args.image).startswith(URL_SCHEMES):  # a URL is fetched (and its errors named) by the loader
+        check_input_file(args.image, "--image")
     outputs = {"--out": args.out, **({"--json": args.json} if args.json else {})}
     for option, path in outputs.items():
         check_output_file(path, option, {"--image": args.image, **{o: p for o, p in outputs.items() if o != option}})
