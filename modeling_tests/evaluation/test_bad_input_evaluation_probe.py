@@ -123,6 +123,17 @@ def test_question_text_holding_a_placeholder_is_refused_before_any_answer(bench,
     assert not out.exists()
 
 
+def test_question_text_holding_a_placeholder_is_refused_before_the_model_loads(bench, tmp_path, capsys,
+                                                                             no_model_load):
+    questions = write(tmp_path, '{"question_id": 0, "image": "0.png", "text": "<image>\\nWhat colour?"}\n')
+    argv = answer_argv(bench, tmp_path / "a.jsonl")
+    argv[argv.index("--questions") + 1] = questions
+    code, err = run_cli(argv, capsys)
+    assert code == 1 and err == ("aligngpt-hf answer: error: question_id 0: the text contains <image>; the prompt gets "
+                                 "one image placeholder and the alignment token from the processor. Remove them from "
+                                 "the text.")
+
+
 def test_image_that_is_a_folder_is_named_as_a_folder(bench, processor, tmp_path):
     (bench["root"] / "images" / "sub").mkdir(exist_ok=True)
     with pytest.raises(FileNotFoundError, match=r"^question_id 5: image '.*sub' is a folder, not an image file "):

@@ -353,23 +353,32 @@ def _answer_record(question: dict, text: str, model_id: str) -> dict:
     }
 
 
-def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto", device: str | None = None, **kwargs):
-    """Model (eval mode) and processor from a local folder or Hub id; `alignment_mode` overrides the config."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_processor(model_path: str, **kwargs):
+    """The processor saved with a model (cheap: loaded before the model, so question texts are checked first)."""
+    from transformers import AutoProcessor
 
     import aligngpt_hf  # noqa: F401  (registers the Auto classes)
 
-    check_dtype(dtype)
-    check_device(device)
     check_local_or_hub(model_path, "model")
     check_model_folder(model_path)
+    return AutoProcessor.from_pretrained(model_path, **kwargs)
+
+
+def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto", device: str | None = None,
+                       processor=None, **kwargs):
+    """Model (eval mode) and processor from a local folder or Hub id; `alignment_mode` overrides the config, a
+    given `processor` is used as is."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    check_dtype(dtype)
+    check_device(device)
+    processor = load_processor(model_path, **kwargs) if processor is None else processor
     config_kwargs = {"alignment_mode": alignment_mode} if alignment_mode else {}
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch_dtype, **config_kwargs, **kwargs)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    processor = AutoProcessor.from_pretrained(model_path, **kwargs)
     return model.to(device).eval(), processor
 
 
@@ -401,8 +410,9 @@ def run_cli(args: argparse.Namespace) -> int:
     questions = get_chunk(read_questions(args.questions), args.num_chunks, args.chunk_idx)
     model_id = args.model_id or model_id_from_path(args.model)
     check_answers_file(args.answers, args.resume, args.overwrite, model_id)
-    check_questions(questions, args.image_folder, args.allow_outside_image_folder, args.skip_missing_images)
-    model, processor = load_for_answering(args.model, args.alignment_mode, args.dtype, args.device)
+    processor = load_processor(args.model)
+    check_questions(questions, args.image_folder, args.allow_outside_image_folder, args.skip_missing_images, processor)
+    model, processor = load_for_answering(args.model, args.alignment_mode, args.dtype, args.device, processor)
     if args.image_aspect_ratio:
         processor.image_processor.do_pad = args.image_aspect_ratio == "pad"
     if args.batch_size > 1:
