@@ -186,6 +186,26 @@ def test_answer_options_refused_before_the_model_loads(bench, tmp_path, capsys, 
     assert not (tmp_path / "a.jsonl").exists()
 
 
+def test_pad_aspect_ratio_on_an_image_processor_that_cannot_pad(bench, tokenizer, tmp_path, capsys, no_model_load):
+    """`pad` would be silently ignored by an image processor without LLaVA's pad-to-square (here: CLIP's)."""
+    import shutil
+
+    from transformers import CLIPImageProcessorPil
+
+    from aligngpt_hf import AlignGPTProcessor
+
+    folder = tmp_path / "clip-preprocessing"
+    shutil.copytree(bench["root"] / "model", folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    AlignGPTProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=16).save_pretrained(folder)
+    argv = answer_argv(bench, tmp_path / "a.jsonl", "--image-aspect-ratio", "pad")
+    argv[1] = folder
+    code, err = run_cli(argv, capsys)
+    assert code == 1 and err == ("aligngpt-hf answer: error: --image-aspect-ratio pad needs an image processor that pads "
+                                 "to a square (LlavaImageProcessor), but this model's is a CLIPImageProcessorPil, which "
+                                 "would ignore it; use --image-aspect-ratio square or leave the option out.")
+
+
 def test_answer_dtype_outside_the_choices_is_a_usage_error(bench, tmp_path, capsys, no_model_load):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([str(a) for a in answer_argv(bench, tmp_path / "a.jsonl", "--dtype", "bogus")])

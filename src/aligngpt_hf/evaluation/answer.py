@@ -36,6 +36,7 @@ from aligngpt_hf.evaluation.inputs import (
     check_output_file,
     check_prompt_text,
     positive_int,
+    set_image_aspect_ratio,
 )
 from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
 from aligngpt_hf.models.image_processing_utils_aligngpt import load_image as open_rgb
@@ -411,10 +412,9 @@ def run_cli(args: argparse.Namespace) -> int:
     model_id = args.model_id or model_id_from_path(args.model)
     check_answers_file(args.answers, args.resume, args.overwrite, model_id)
     processor = load_processor(args.model)
+    set_image_aspect_ratio(processor, args.image_aspect_ratio)
     check_questions(questions, args.image_folder, args.allow_outside_image_folder, args.skip_missing_images, processor)
     model, processor = load_for_answering(args.model, args.alignment_mode, args.dtype, args.device, processor)
-    if args.image_aspect_ratio:
-        processor.image_processor.do_pad = args.image_aspect_ratio == "pad"
     if args.batch_size > 1:
         print(f"batch size {args.batch_size}: left padding; scores may move slightly vs the paper's batch size 1.")
     report = answer_questions(

@@ -83,6 +83,21 @@ def check_prompt_text(text: str, processor, where: str) -> None:
                          "the alignment token from the processor. Remove them from the text.")
 
 
+def set_image_aspect_ratio(processor, mode: str | None, option: str = "--image-aspect-ratio") -> None:
+    """`pad` (expand to a square of the mean colour, then resize) or `square` (resize and centre-crop) on the
+    processor's image processor; `pad` needs one that can pad to a square (LLaVA's), else the option would be ignored."""
+    if not mode:
+        return
+    if mode not in ("pad", "square"):
+        raise ValueError(f"{option} must be pad or square, got {mode!r}.")
+    image_processor = processor.image_processor
+    if mode == "pad" and not hasattr(image_processor, "pad_to_square"):
+        raise ValueError(f"{option} pad needs an image processor that pads to a square (LlavaImageProcessor), but this "
+                         f"model's is a {type(image_processor).__name__}, which would ignore it; use {option} square "
+                         "or leave the option out.")
+    image_processor.do_pad = mode == "pad"
+
+
 def check_input_file(path, option: str) -> Path:
     """An input file that exists and is not a folder."""
     path = Path(path)
@@ -106,4 +121,4 @@ def check_output_file(path, option: str, inputs: dict) -> Path:
 
 
 __all__ = ["DTYPES", "check_decoding", "check_device", "check_dtype", "check_input_file", "check_model_folder",
-           "check_output_file", "check_prompt_text", "positive_int"]
+           "check_output_file", "check_prompt_text", "positive_int", "set_image_aspect_ratio"]

@@ -28,7 +28,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 import torch
 
-from aligngpt_hf.evaluation.inputs import check_decoding, check_device, positive_int
+from aligngpt_hf.evaluation.inputs import check_decoding, check_device, positive_int, set_image_aspect_ratio
 
 MODEL_ID = "aligngpt"
 IMAGE_PLACEHOLDER = "<image>"
@@ -228,8 +228,7 @@ class AlignGPT(lmms):
         check_device(device, "aligngpt model_args: device")
         extra = {"trust_remote_code": True} if _as_bool(trust_remote_code) else {}
         self.model, self.processor = load_for_answering(pretrained, alignment_mode or None, dtype, device, **extra)
-        if image_aspect_ratio:
-            self.processor.image_processor.do_pad = image_aspect_ratio == "pad"
+        set_image_aspect_ratio(self.processor, image_aspect_ratio, "aligngpt model_args: image_aspect_ratio")
         check_alignment_level(level, self.model.config, "alignment_level")
         self.tokenizer = self.processor.tokenizer
         self.batch_size, self.alignment_level, self.max_new_tokens = batch_size, level, max_new_tokens
