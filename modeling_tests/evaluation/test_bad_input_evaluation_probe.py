@@ -350,6 +350,20 @@ def test_inspect_library_prompt_that_is_empty_or_holds_a_placeholder(bench, proc
         inspect_alignment.alignment_weights_for_prompts(bench["model"], processor, images[0], ["ok", prompt])
 
 
+@pytest.mark.parametrize("function", ["format_weights_table", "plot_alignment_weights"])
+def test_inspect_weights_and_prompts_of_different_counts(tmp_path, function):
+    """Three prompts and two rows of weights: zip would drop a prompt and pair the rest silently."""
+    args = (torch.full((2, 7), 1 / 7), ["a", "b", "c"]) + ((tmp_path / "p.png",) if function.startswith("plot") else ())
+    with pytest.raises(ValueError, match=r"^weights of shape \(2, 7\) for 3 prompt\(s\); expected one row per prompt"):
+        getattr(inspect_alignment, function)(*args)
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_inspect_batch_size_zero(bench, processor, images):
+    with pytest.raises(ValueError, match=r"^batch_size must be a positive integer, got 0\.$"):
+        inspect_alignment.alignment_weights_for_prompts(bench["model"], processor, images[0], ["Hi?"], batch_size=0)
+
+
 # ------------------------------------------------------------------------------------------------ lmms-eval plugin
 
 

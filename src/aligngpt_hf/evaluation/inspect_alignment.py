@@ -24,6 +24,7 @@ from aligngpt_hf.evaluation.inputs import (
     check_model_folder,
     check_output_file,
     check_prompt_text,
+    positive_int,
 )
 from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.paths import atomic_path, atomic_write_text, check_local_or_hub, check_writable
@@ -48,6 +49,7 @@ def alignment_weights_for_prompts(
     """
     if not prompts:
         raise ValueError("Give at least one prompt.")
+    batch_size = positive_int(batch_size, "batch_size")
     for index, prompt in enumerate(prompts):
         where = f"prompt {index} ({textwrap.shorten(str(prompt), 40, placeholder='...')!r})"
         if not isinstance(prompt, str) or not prompt.strip():
@@ -78,6 +80,7 @@ def alignment_weights_for_prompts(
 
 def format_weights_table(weights: torch.Tensor, prompts: Sequence[str], width: int = 40) -> str:
     """Plain-text table: one row per prompt, one column per local level, plus the level the gate favours."""
+    _check_rows(weights, prompts)
     num_levels = weights.shape[1]
     header = f"{'prompt':<{width}} " + " ".join(f"{'L' + str(k):>6}" for k in range(num_levels)) + "    top"
     lines = [header, "-" * len(header)]
@@ -92,6 +95,13 @@ def format_weights_table(weights: torch.Tensor, prompts: Sequence[str], width: i
     return "\n".join(lines)
 
 
+def _check_rows(weights: torch.Tensor, prompts: Sequence[str]) -> None:
+    """One row of weights per prompt: a mismatch would pair rows with the wrong prompts or drop some."""
+    if weights.dim() != 2 or weights.shape[0] != len(prompts) or weights.shape[0] == 0:
+        raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(prompts)} prompt(s); expected one row per "
+                         "prompt ([len(prompts), N-1], as `alignment_weights_for_prompts` returns).")
+
+
 def plot_alignment_weights(
     weights: torch.Tensor, prompts: Sequence[str], out_path: str | Path, title: str | None = None
 ) -> Path:
@@ -101,6 +111,7 @@ def plot_alignment_weights(
     except ImportError as error:
         raise ImportError(PLOT_EXTRA_HINT) from error
 
+    _check_rows(weights, prompts)
     values = weights.float().cpu()
     count, num_levels = values.shape
     columns = min(count, 3)
