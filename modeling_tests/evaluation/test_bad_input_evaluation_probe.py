@@ -413,6 +413,11 @@ def test_plugin_model_args_refused(plugin, bench, model_args, message):
         plugin.AlignGPT(str(bench["root"] / "model"), **{"device": "cpu", **model_args})
 
 
+def test_plugin_batch_size_left_unset_is_one(plugin, bench):
+    """lmms-eval may hand over `batch_size=None` when none was asked for: that is the paper's batch size 1."""
+    assert plugin.AlignGPT(str(bench["root"] / "model"), device="cpu", batch_size=None).batch_size == 1
+
+
 def test_plugin_pretrained_folder_that_does_not_exist(plugin, tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"^the model folder {re.escape(str(tmp_path))}/nope does not exist"):
         plugin.AlignGPT(str(tmp_path / "nope"), device="cpu")

@@ -210,7 +210,7 @@ class AlignGPT(lmms):
 
         from aligngpt_hf.evaluation.answer import check_alignment_level, load_for_answering
 
-        batch_size = positive_int(batch_size, "aligngpt model_args: batch_size")
+        batch_size = 1 if batch_size is None else positive_int(batch_size, "aligngpt model_args: batch_size")
         max_new_tokens = positive_int(max_new_tokens, "aligngpt model_args: max_new_tokens")
         level = _as_level(alignment_level)
         if level is not None and alignment_mode:
