@@ -368,7 +368,8 @@ def test_inspect_batch_size_zero(bench, processor, images):
 
 
 def test_plugin_without_lmms_eval_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lmms_eval", None)  # as if not installed, also where it is
+    for name in ["lmms_eval", *[name for name in sys.modules if name.startswith("lmms_eval.")]]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed, also where it is
     monkeypatch.delitem(sys.modules, PLUGIN, raising=False)
     with pytest.raises(ImportError, match=r"^The lmms-eval plugin needs lmms-eval: .*pip install -e '\.\[eval\]'"):
         __import__(PLUGIN)
