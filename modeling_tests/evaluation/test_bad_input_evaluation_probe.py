@@ -436,6 +436,12 @@ def test_plugin_generation_kwargs_refused(plugin, gen_kwargs, message):
         plugin._decoding(gen_kwargs, 128)
 
 
+def test_plugin_visual_that_is_none(plugin):
+    with pytest.raises(ValueError, match=r"^visual 1 is None; a task's doc_to_visual should return \[\] for a document "
+                                         r"without an image, not \[None\]\.$"):
+        plugin._as_images([Image.new("RGB", (4, 4)), None])
+
+
 def test_plugin_greedy_task_may_carry_top_p(plugin):
     """lmms-eval tasks write `top_p` beside `temperature: 0`; greedy decoding ignores it, as documented."""
     assert plugin._decoding({"temperature": 0, "top_p": 1.0, "max_new_tokens": None, "until": "\n"}, 16) == (

@@ -118,6 +118,9 @@ def _as_images(visuals) -> list:
             images.extend(_as_images(item))
         elif isinstance(item, (str, Image.Image)):  # the package's one loader: transparency on white, 16-bit scaled
             images.append(load_image(item, f"visual {len(images)}"))
+        elif item is None:
+            raise ValueError(f"visual {len(images)} is None; a task's doc_to_visual should return [] for a document "
+                             "without an image, not [None].")
         else:
             raise TypeError(f"AlignGPT takes images only; got a {type(item).__name__} visual (video/audio?).")
     return images
