@@ -206,6 +206,8 @@ def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into N chunks (multi-GPU)")
     parser.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process answers")
     parser.add_argument("--resume", action="store_true", help="keep the answers file; skip question_ids in it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing answers file (refused without --resume or --overwrite)")
     parser.add_argument("--skip-missing-images", action="store_true", help="skip and count, instead of failing")
     parser.add_argument("--allow-outside-image-folder", action="store_true",
                         help="read `image` paths that resolve outside --image-folder (refused by default)")
@@ -232,7 +234,8 @@ def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
         help="pad = expand-to-square (model_vqa_loader); square = resize + centre crop "
         "(model_vqa / model_vqa_science, used for LLaVA-W, MM-Vet, SQA). Default: the processor's.",
     )
-    parser.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights dtype (auto = as saved)")
     parser.add_argument("--device", help="cuda | cpu | cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -251,13 +254,36 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage2-steps", type=int, default=None, help="override the preset's stage-2 steps")
     parser.add_argument("--compare", action="store_true",
                         help="train AlignGPT, plain LLaVA and AlignGPT with shuffled levels on the same data")
-    parser.add_argument("--seeds", type=int, default=3, help="--compare: number of seeds")
+    parser.add_argument("--seeds", type=int, default=None, help="--compare: number of seeds (default: 3)")
     parser.set_defaults(_early_check=check_demo_folder)
+
+
+def demo_option_problem(args: argparse.Namespace) -> str | None:
+    """Why the demo's numeric options cannot run (None: they can): counts are positive, the wrong-caption share lies
+    strictly between 0 and 1 (levels need right and wrong captions), --seeds needs --compare."""
+    positive = {"--threads": args.threads, "--stage1-steps": args.stage1_steps, "--stage2-steps": args.stage2_steps,
+                "--seeds": args.seeds}
+    for option, value in positive.items():
+        if value is not None and value < 1:
+            return f"aligngpt-hf demo: error: {option} must be >= 1, got {value}"
+    if not 0 <= args.seed < 2**32:
+        return f"aligngpt-hf demo: error: --seed must be in 0..{2**32 - 1}, got {args.seed}"
+    share = args.wrong_share
+    if share is not None and not 0 < share < 1:  # NaN fails both comparisons
+        return (f"aligngpt-hf demo: error: --wrong-share must be between 0 and 1 (exclusive: the levels rank right "
+                f"against wrong captions), got {share}")
+    if args.seeds is not None and not args.compare:
+        return "aligngpt-hf demo: error: --seeds applies to --compare only; add --compare or drop --seeds"
+    return None
 
 
 def demo_folder_problem(run: Path, overwrite: bool, marker: str) -> str | None:
     """Why the demo may not write into `run` (None: it may): a non-empty folder needs `--overwrite`, and
     `--overwrite` deletes only a folder the demo made (it holds `marker`)."""
+    blocking = next((path for path in (run, *run.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        where = "is a file" if blocking == run else f"is inside {blocking}, which is a file"
+        return f"aligngpt-hf demo: error: --out {run} {where}; give a folder for the run (it is created if missing)"
     if not run.is_dir() or not any(run.iterdir()):
         return None
     if not overwrite:
@@ -270,9 +296,10 @@ def demo_folder_problem(run: Path, overwrite: bool, marker: str) -> str | None:
 
 
 def check_demo_folder(args: argparse.Namespace) -> None:
-    """The demo's run-folder refusal as a usage error, before torch and the library are imported (~25 s)."""
+    """The demo's option and run-folder refusals as usage errors, before torch and the library are imported (~25 s)."""
     run = Path(args.out or ("runs/demo-compare" if args.compare else "runs/demo"))
-    problem = demo_folder_problem(run, args.overwrite, library_constant("demo/runs.py", "MARKER"))
+    problem = demo_option_problem(args) or demo_folder_problem(run, args.overwrite,
+                                                               library_constant("demo/runs.py", "MARKER"))
     if problem:
         raise SystemExit(problem)
 

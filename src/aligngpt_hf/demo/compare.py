@@ -158,6 +158,8 @@ def run_compare(out: str | Path = "runs/demo-compare", quick: bool = False, seed
     replaces the quick/full budgets."""
     start, cpu_start, load = time.perf_counter(), cpu_seconds(), loadavg()
     run, seeds = Path(out), list(seeds)
+    if not seeds:
+        raise ValueError("run_compare needs at least one seed (--seeds N with N >= 1).")
     settings = settings or settings_for(quick, wrong_share)
     prepare_folder(run, overwrite)
     threads = setup(seeds[0], threads)

@@ -50,6 +50,7 @@ from aligngpt_hf.demo.stages import (
 )
 from aligngpt_hf.demo.task import QUESTION_KINDS
 from aligngpt_hf.paths import atomic_path
+from aligngpt_hf_cli.options import demo_option_problem
 
 
 def evaluate_saved(run: Path, questions: Path, threads: int) -> dict:
@@ -166,13 +167,17 @@ def print_summary(results: dict, run: Path) -> None:
 
 
 def run_cli(args) -> int:
+    problem = demo_option_problem(args)  # the console script checks this before importing; `-m aligngpt_hf.cli` here
+    if problem:
+        raise SystemExit(problem)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     settings = settings_for(args.quick, args.wrong_share, stage1_steps=args.stage1_steps,
                             stage2_steps=args.stage2_steps)
     if args.compare:
         from aligngpt_hf.demo.compare import run_compare
 
-        run_compare(args.out or "runs/demo-compare", quick=args.quick, seeds=range(args.seed, args.seed + args.seeds),
+        seeds = 3 if args.seeds is None else args.seeds
+        run_compare(args.out or "runs/demo-compare", quick=args.quick, seeds=range(args.seed, args.seed + seeds),
                     overwrite=args.overwrite, threads=args.threads, settings=settings)
     else:
         run_demo(args.out or "runs/demo", quick=args.quick, seed=args.seed, overwrite=args.overwrite,

@@ -85,6 +85,10 @@ def setup(seed: int, threads: int | None) -> int:
     import torch
     from transformers import set_seed
 
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in 0..{2**32 - 1}, got {seed!r}.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer (or None: chosen from the free cores), got {threads!r}.")
     set_seed(seed)
     count, why = choose_threads(threads)
     torch.set_num_threads(count)

@@ -43,6 +43,17 @@ class DemoSettings:
     kind_weights: tuple[tuple[str, float], ...] = (("colour", 0.8), ("shape", 1.5), ("position", 2.5),
                                                    ("count", 1.5), ("caption check", 3.0))
 
+    def __post_init__(self):
+        """Budgets are positive counts and the wrong-caption share lies strictly inside (0, 1): the levels rank right
+        against wrong captions, and the Spearman correlation needs both."""
+        for name, value in vars(self).items():
+            if isinstance(value, int) and (isinstance(value, bool) or value < 1):
+                raise ValueError(f"DemoSettings.{name} must be a positive integer, got {value!r}.")
+        if not 0 < self.wrong_share < 1:
+            raise ValueError(f"DemoSettings.wrong_share must be between 0 and 1 (exclusive), got {self.wrong_share!r}.")
+        if not self.stage2_lr > 0:
+            raise ValueError(f"DemoSettings.stage2_lr must be > 0, got {self.stage2_lr!r}.")
+
 
 FULL = DemoSettings()
 QUICK = DemoSettings(clip_pairs=600, clip_steps=300, pretrain_pairs=256, instruct_rows=1920, text_only_rows=480,

@@ -17,6 +17,16 @@ from pathlib import Path
 
 import torch
 
+from aligngpt_hf.evaluation.inputs import (
+    check_device,
+    check_dtype,
+    check_input_file,
+    check_model_folder,
+    check_output_file,
+    check_prompt_text,
+    positive_int,
+)
+from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.paths import atomic_path, atomic_write_text, check_local_or_hub, check_writable
 
 PLOT_EXTRA_HINT = 'Plotting needs matplotlib: pip install matplotlib (or pip install -e ".[plot]" in the aligngpt-hf clone)'
@@ -39,6 +49,12 @@ def alignment_weights_for_prompts(
     """
     if not prompts:
         raise ValueError("Give at least one prompt.")
+    batch_size = positive_int(batch_size, "batch_size")
+    for index, prompt in enumerate(prompts):
+        where = f"prompt {index} ({textwrap.shorten(str(prompt), 40, placeholder='...')!r})"
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where} is empty or not a string; give the instruction text.")
+        check_prompt_text(prompt, processor, where)
     mode = model.config.alignment_mode
     if mode not in ("adaptive", "local"):
         raise ValueError(
@@ -64,6 +80,7 @@ def alignment_weights_for_prompts(
 
 def format_weights_table(weights: torch.Tensor, prompts: Sequence[str], width: int = 40) -> str:
     """Plain-text table: one row per prompt, one column per local level, plus the level the gate favours."""
+    _check_rows(weights, prompts)
     num_levels = weights.shape[1]
     header = f"{'prompt':<{width}} " + " ".join(f"{'L' + str(k):>6}" for k in range(num_levels)) + "    top"
     lines = [header, "-" * len(header)]
@@ -78,6 +95,13 @@ def format_weights_table(weights: torch.Tensor, prompts: Sequence[str], width: i
     return "\n".join(lines)
 
 
+def _check_rows(weights: torch.Tensor, prompts: Sequence[str]) -> None:
+    """One row of weights per prompt: a mismatch would pair rows with the wrong prompts or drop some."""
+    if weights.dim() != 2 or weights.shape[0] != len(prompts) or weights.shape[0] == 0:
+        raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(prompts)} prompt(s); expected one row per "
+                         "prompt ([len(prompts), N-1], as `alignment_weights_for_prompts` returns).")
+
+
 def plot_alignment_weights(
     weights: torch.Tensor, prompts: Sequence[str], out_path: str | Path, title: str | None = None
 ) -> Path:
@@ -87,6 +111,7 @@ def plot_alignment_weights(
     except ImportError as error:
         raise ImportError(PLOT_EXTRA_HINT) from error
 
+    _check_rows(weights, prompts)
     values = weights.float().cpu()
     count, num_levels = values.shape
     columns = min(count, 3)
@@ -134,17 +159,54 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str = "
     return model.to(device).eval(), processor
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def check_options(args: argparse.Namespace):
+    """Files, prompts, device and dtype before a model loads; returns the decoded image (a bad one fails here)."""
     try:
         import matplotlib  # noqa: F401  (fail before loading a 7B model, not after)
     except ImportError as error:
         raise ImportError(PLOT_EXTRA_HINT) from error
+    for index, prompt in enumerate(args.prompt):
+        if not prompt.strip():
+            raise ValueError(f"--prompt number {index + 1} is empty; give the instruction text.")
+    check_dtype(args.dtype)
+    check_device(args.device)
     check_local_or_hub(args.model, "MODEL")
-    for path in (args.out, args.json):
-        if path:
-            check_writable(Path(path).parent, "folder of " + str(path))
+    check_model_folder(args.model)
+    if args.revision and Path(args.model).expanduser().is_dir():
+        raise ValueError(f"--revision {args.revision} selects a Hub revision, but MODEL {args.model} is a local folder; "
+                         "drop --revision or give the Hub repo id.")
+    _check_gate(args.model)
+    if not str(args.image).startswith(URL_SCHEMES):  # a URL is fetched (and its errors named) by the loader
+        check_input_file(args.image, "--image")
+    outputs = {"--out": args.out, **({"--json": args.json} if args.json else {})}
+    for option, path in outputs.items():
+        check_output_file(path, option, {"--image": args.image, **{o: p for o, p in outputs.items() if o != option}})
+        check_writable(Path(path).parent, f"folder of {option} {path}")
+    if Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out} must end in .png: the plot is written as a PNG.")
+    if args.json and Path(args.json).expanduser().absolute() == Path(args.out).expanduser().absolute():
+        raise ValueError(f"--json and --out are both {args.out}; give them different files.")
+    return _as_rgb_image(args.image)
+
+
+def _check_gate(model: str) -> None:
+    """A local model without a gate has no weights to show: say so from its config.json, before loading it."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return
+    try:
+        mode = json.loads(config.read_text(encoding="utf-8")).get("alignment_mode", "adaptive")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return  # the loader names a broken config
+    if mode not in ("adaptive", "local"):
+        raise ValueError(f"MODEL {model} has alignment_mode={mode!r}, which has no gate, so there are no alignment "
+                         "weights to show; inspect a model trained with alignment_mode 'adaptive' (or 'local').")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    image = check_options(args)
     model, processor = load_model_and_processor(args.model, args.dtype, args.device, args.revision)
-    weights = alignment_weights_for_prompts(model, processor, args.image, args.prompt)
+    weights = alignment_weights_for_prompts(model, processor, image, args.prompt)
     print(format_weights_table(weights, args.prompt))
     path = plot_alignment_weights(weights, args.prompt, args.out)
     print(f"Plot written to {path}")

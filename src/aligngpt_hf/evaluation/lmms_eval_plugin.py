@@ -28,6 +28,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 import torch
 
+from aligngpt_hf.evaluation.inputs import check_decoding, check_device, positive_int, set_image_aspect_ratio
+
 MODEL_ID = "aligngpt"
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -81,8 +83,27 @@ def register() -> None:
         models.AVAILABLE_MODELS[manifest.model_id] = "AlignGPTChat"
 
 
-def _as_bool(value) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "y")
+def _as_bool(value, name: str = "trust_remote_code") -> bool:
+    """A model_args switch: true/false, 1/0, yes/no (any case); anything else is an error, not a silent False."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "y"):
+        return True
+    if text in ("0", "false", "no", "n", "", "none"):
+        return False
+    raise ValueError(f"aligngpt model_args: {name}={value!r} is not a switch; use true or false.")
+
+
+def _as_level(value) -> int | None:
+    """`alignment_level` from model_args (a string there): None, or an integer row of the level table."""
+    if value in (None, "", "None"):
+        return None
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():
+        raise ValueError(f"aligngpt model_args: alignment_level={value!r} must be an integer >= 0 (a row of the "
+                         "level table).")
+    return int(text)
 
 
 def _as_images(visuals) -> list:
@@ -97,6 +118,9 @@ def _as_images(visuals) -> list:
             images.extend(_as_images(item))
         elif isinstance(item, (str, Image.Image)):  # the package's one loader: transparency on white, 16-bit scaled
             images.append(load_image(item, f"visual {len(images)}"))
+        elif item is None:
+            raise ValueError(f"visual {len(images)} is None; a task's doc_to_visual should return [] for a document "
+                             "without an image, not [None].")
         else:
             raise TypeError(f"AlignGPT takes images only; got a {type(item).__name__} visual (video/audio?).")
     return images
@@ -108,21 +132,28 @@ def _strip_placeholders(text: str) -> str:
 
 
 def _decoding(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[dict, list[str]]:
-    """lmms-eval generation kwargs -> `generate` kwargs + stop strings; temperature 0 means greedy whatever else."""
+    """lmms-eval generation kwargs -> `generate` kwargs + stop strings; temperature 0 means greedy whatever else (tasks
+    write `top_p` next to `temperature: 0`), but values that are no numbers, or out of range, are errors."""
     kwargs = dict(gen_kwargs or {})
     until = kwargs.pop("until", None) or []
     until = [until] if isinstance(until, str) else list(until)
-    temperature = float(kwargs.pop("temperature", 0) or 0)
-    decoding = {
-        "max_new_tokens": int(kwargs.pop("max_new_tokens", default_max_new_tokens)),
-        "num_beams": int(kwargs.pop("num_beams", 1) or 1),
-        "do_sample": temperature > 0,
-    }
-    top_p = kwargs.pop("top_p", None)
+    try:
+        temperature = float(kwargs.pop("temperature", 0) or 0)
+        max_new_tokens = kwargs.pop("max_new_tokens", None)
+        max_new_tokens = default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        num_beams = kwargs.pop("num_beams", None)
+        num_beams = 1 if num_beams is None else int(num_beams)
+        top_p = kwargs.pop("top_p", None)
+        top_p = None if top_p is None or temperature <= 0 else float(top_p)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"aligngpt: the task's generation_kwargs {gen_kwargs!r} hold a value that is not a number "
+                         f"({error}).") from None
+    check_decoding(max_new_tokens, temperature, top_p, num_beams)
+    decoding = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": temperature > 0}
     if temperature > 0:
         decoding["temperature"] = temperature
         if top_p is not None:
-            decoding["top_p"] = float(top_p)
+            decoding["top_p"] = top_p
     return decoding, until
 
 
@@ -180,7 +211,16 @@ class AlignGPT(lmms):
             raise ValueError(f"Unknown aligngpt model_args: {sorted(unused)}.")
         from accelerate import PartialState
 
-        from aligngpt_hf.evaluation.answer import load_for_answering
+        from aligngpt_hf.evaluation.answer import check_alignment_level, load_for_answering
+
+        batch_size = 1 if batch_size is None else positive_int(batch_size, "aligngpt model_args: batch_size")
+        max_new_tokens = positive_int(max_new_tokens, "aligngpt model_args: max_new_tokens")
+        level = _as_level(alignment_level)
+        if level is not None and alignment_mode:
+            raise ValueError(f"aligngpt model_args: alignment_level={level} replaces what alignment_mode="
+                             f"{alignment_mode} computes for every image; pass one of them.")
+        if image_aspect_ratio not in (None, "", "pad", "square"):
+            raise ValueError(f"aligngpt model_args: image_aspect_ratio={image_aspect_ratio!r}; use pad or square.")
 
         state = PartialState()
         self._rank, self._world_size = state.process_index, state.num_processes
@@ -188,14 +228,13 @@ class AlignGPT(lmms):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if self._world_size > 1 and str(device).startswith("cuda"):
             device = f"cuda:{state.local_process_index}"
+        check_device(device, "aligngpt model_args: device")
         extra = {"trust_remote_code": True} if _as_bool(trust_remote_code) else {}
         self.model, self.processor = load_for_answering(pretrained, alignment_mode or None, dtype, device, **extra)
-        if image_aspect_ratio:
-            self.processor.image_processor.do_pad = image_aspect_ratio == "pad"
+        set_image_aspect_ratio(self.processor, image_aspect_ratio, "aligngpt model_args: image_aspect_ratio")
+        check_alignment_level(level, self.model.config, "alignment_level")
         self.tokenizer = self.processor.tokenizer
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 1
-        self.alignment_level = None if alignment_level in (None, "", "None") else int(alignment_level)
-        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size, self.alignment_level, self.max_new_tokens = batch_size, level, max_new_tokens
 
     @property
     def device(self) -> torch.device:
