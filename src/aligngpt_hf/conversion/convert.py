@@ -40,13 +40,22 @@ import torch
 from transformers import LlamaConfig
 
 from aligngpt_hf.conversion.family import convert_family, is_family_config
-from aligngpt_hf.conversion.mapping import ConversionError, check_filled, full_rules, map_keys, plan_and_write
+from aligngpt_hf.conversion.mapping import (
+    ConversionError,
+    check_filled,
+    full_rules,
+    map_keys,
+    parse_size,
+    plan_and_write,
+)
 from aligngpt_hf.conversion.steps import (
     STAGE_FILE,
     VOCAB_MULTIPLE,
     ConversionResult,
+    check_repo_id,
     convert_pretrain,
     expected_shapes,
+    read_json_object,
     read_weights,
     resolve_folder,
     resolve_vision,
@@ -54,7 +63,7 @@ from aligngpt_hf.conversion.steps import (
     write_side_files,
 )
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
-from aligngpt_hf.paths import atomic_path, check_writable
+from aligngpt_hf.paths import atomic_path, check_apart, check_writable
 
 TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "pretraining_tp",
@@ -62,6 +71,7 @@ TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
                "tie_word_embeddings")
 SOURCE_PATTERNS = ["*.json", "pytorch_model*.bin", "mm_projector_align.bin", "*.safetensors", "tokenizer.model",
                    "*.txt"]
+REQUIRED_INT_FIELDS = ("vocab_size", "hidden_size", "mm_hidden_size", "mm_vision_select_layer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,7 +93,11 @@ def convert_checkpoint(
 
     OUTPUT is built in a temporary folder next to it and renamed into place when complete, so a failed or killed
     conversion never leaves a half-written OUTPUT (and a rerun removes its leftovers)."""
+    if push_to_hub:  # a repo id the Hub would refuse is named before an hour of conversion, not after
+        check_repo_id(push_to_hub, "--push-to-hub")
+    parse_size(max_shard_size)
     source_dir = resolve_folder(source, SOURCE_PATTERNS, "checkpoint")
+    check_apart(output, source_dir)
     output = _prepare_output(Path(output), overwrite)
     with atomic_path(output, directory=True) as staging:
         result = _convert_into(source, source_dir, staging, vision_tower, tokenizer, kind, dtype, max_shard_size,
@@ -175,10 +189,17 @@ def _read_original_config(source_dir: Path) -> dict:
     path = source_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"{source_dir} has no config.json; an original AlignGPT checkpoint always has one.")
-    orig = json.loads(path.read_text())
+    orig = read_json_object(path, "config")
     if "mm_hidden_size" not in orig or "mm_vision_tower" not in orig:
         reason = "it is already in the HF layout" if orig.get("model_type") == "aligngpt" else "it has no mm_* fields"
         raise ConversionError(f"Wrong kind of config in {path}: {reason}; expected an original AlignGPT config.")
+    for name in REQUIRED_INT_FIELDS:
+        value = orig.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or (name != "mm_vision_select_layer" and value < 1):
+            problem = "is missing" if name not in orig else f"is {value!r}"
+            raise ConversionError(f"{path}: `{name}` {problem}; an original AlignGPT config has it as "
+                                  f"{'an integer' if name == 'mm_vision_select_layer' else 'a positive integer'}. "
+                                  "Restore the checkpoint's own config.json.")
     return orig
 
 
@@ -187,10 +208,18 @@ def load_tokenizer(name, source_dir: Path):
     from transformers import AutoTokenizer
 
     if name is None:
-        has_tokenizer = any((source_dir / f).is_file() for f in ("tokenizer.model", "tokenizer.json"))
-        return AutoTokenizer.from_pretrained(source_dir) if has_tokenizer else None
+        return AutoTokenizer.from_pretrained(source_dir) if _has_tokenizer_files(source_dir) else None
     folder = resolve_folder(name, ["*.json", "tokenizer.model"], "tokenizer")
+    if not _has_tokenizer_files(folder):
+        present = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+        raise ConversionError(f"--tokenizer {name}: {folder} has no tokenizer files (tokenizer.json or "
+                              f"tokenizer.model; it holds {present}). Pass the base LLM's folder or Hub id, e.g. "
+                              "lmsys/vicuna-7b-v1.5.")
     return AutoTokenizer.from_pretrained(folder)
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json"))
 
 
 def _target_dtype(dtype: str | None) -> torch.dtype | None:

@@ -27,7 +27,9 @@ from pathlib import Path
 
 from aligngpt_hf.conversion.convert import DTYPES, resolve_folder
 from aligngpt_hf.conversion.mapping import ConversionError
+from aligngpt_hf.conversion.steps import read_json_object
 from aligngpt_hf.models.llava_aligngpt import config_from_llava
+from aligngpt_hf.paths import check_apart, check_writable
 
 SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 ALIGNMENT_TOKEN = "<align>"
@@ -50,7 +52,7 @@ def check_llava_source(folder: Path, source) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ConversionError(f"{source} has no config.json: it is not a saved transformers LLaVA checkpoint.")
-    config = json.loads(path.read_text())
+    config = read_json_object(path, "config")
     model_type = config.get("model_type")
     if model_type == "llava":
         return config
@@ -108,6 +110,7 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
                   image_aspect_ratio: str | None = None, dtype: str | None = None,
                   reuse_alignment_token: bool = False, overwrite: bool = False) -> FromLlavaResult:
     """Write OUTPUT (an AlignGPT folder) from the LLaVA checkpoint SOURCE; see the module docstring."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, LlavaProcessor
 
     from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
@@ -116,8 +119,11 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise ConversionError(f"OUTPUT {output} exists and is not empty; pass --overwrite or another folder.")
+        what = "is a file" if not output.is_dir() else "exists and is not empty"
+        raise ConversionError(f"OUTPUT {output} {what}; pass --overwrite or another folder.")
     folder = resolve_folder(source, SOURCE_PATTERNS, "LLaVA checkpoint")
+    check_apart(output, folder)
+    check_writable(output.parent, "OUTPUT's parent folder")
     check_llava_source(folder, source)
     try:
         llava_processor = LlavaProcessor.from_pretrained(folder)
@@ -138,6 +144,10 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
         model = AlignGPTForConditionalGeneration.from_llava(folder, alignment_token_id=alignment_token_id, **kwargs)
     except ValueError as error:
         raise ConversionError(str(error)) from None
+    except SafetensorError as error:  # transformers names neither the file nor the fix
+        names = ", ".join(p.name for p in sorted(folder.glob("*.safetensors"))) or "its weights"
+        raise ConversionError(f"{source}: weight file(s) {names} are truncated or corrupt ({error}); re-download or "
+                              "re-copy them.") from None
     if dtype not in (None, "auto"):
         model = model.to(DTYPES[dtype])
     image_processor = llava_image_processor(llava_processor.image_processor, image_aspect_ratio)
