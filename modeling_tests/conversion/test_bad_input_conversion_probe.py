@@ -140,7 +140,7 @@ def test_tokenizer_folder_without_tokenizer_files_is_named(source, tmp_path):
 
 @pytest.mark.parametrize("repo_id", ["not a repo id", "a/b/c", "owner/name..", "owner/" + "x" * 200])
 def test_push_repo_id_is_checked_before_converting(source, tmp_path, repo_id):
-    with pytest.raises(ConversionError, match=rf"^--push-to-hub '{repo_id}' is not a Hub repo id \("):
+    with pytest.raises(ValueError, match=rf"^--push-to-hub '{repo_id}' is not a Hub repo id \("):
         convert_checkpoint(source, tmp_path / "out", push_to_hub=repo_id, progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -90,22 +90,6 @@ def read_json_object(path: Path, what: str = "file") -> dict:
     return data
 
 
-def check_repo_id(repo_id: str, option: str) -> str:
-    """`owner/name` as the Hub accepts it, checked before any work (the Hub would refuse it only at upload)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-            raise HFValidationError("it needs exactly one '/' between owner and name")
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        reason = " ".join(str(error).split())
-        raise ConversionError(f"{option} {repo_id!r} is not a Hub repo id ({reason}); write it as 'owner/name' "
-                              "with letters, digits, '-', '_' and '.'.") from None
-    return repo_id
-
-
 def read_weights(source_dir: Path, source, kind: str | None, vision_tower):
     """(weight files, their shapes, detected kind, whether the tower's weights must be found): the kind is read off
     the keys and must match `kind` when one is asked for; a full checkpoint without an embedded tower (or with
@@ -250,5 +234,5 @@ def _generation_config(source_dir: Path, orig: dict, vocab: int, padded: int) ->
     return GenerationConfig(**found, suppress_tokens=list(range(vocab, padded)))
 
 
-__all__ = ["STAGE_FILE", "ConversionResult", "check_repo_id", "read_json_object", "convert_pretrain", "expected_shapes", "read_weights", "resolve_folder",
+__all__ = ["STAGE_FILE", "ConversionResult", "read_json_object", "convert_pretrain", "expected_shapes", "read_weights", "resolve_folder",
            "resolve_vision", "vision_folder_source", "write_side_files"]
