@@ -195,3 +195,15 @@ def test_from_llava_output_whose_parent_is_a_file(llava, tmp_path):
     with pytest.raises(NotADirectoryError, match=rf"OUTPUT's parent folder {tmp_path / 'file'} is inside "
                                                  rf"{tmp_path / 'file'}, which is a file"):
         convert_llava(llava, tmp_path / "file" / "out")
+
+
+def test_private_push_onto_an_existing_public_repo_uploads_nothing(source, tmp_path):
+    from unittest import mock
+
+    from huggingface_hub import HfApi
+
+    with mock.patch.object(HfApi, "repo_info", return_value=mock.Mock(private=False)), \
+            mock.patch.object(HfApi, "create_repo") as create, mock.patch.object(HfApi, "upload_folder") as upload:
+        with pytest.raises(ValueError, match=r"^--private was given, but user/public already exists and is public"):
+            convert_checkpoint(source, tmp_path / "out", push_to_hub="user/public", private=True, progress=False)
+    assert not create.called and not upload.called

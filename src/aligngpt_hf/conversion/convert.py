@@ -61,7 +61,7 @@ from aligngpt_hf.conversion.steps import (
     vision_folder_source,
     write_side_files,
 )
-from aligngpt_hf.hub.checks import check_repo_id
+from aligngpt_hf.hub.checks import check_private_repo, check_repo_id
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.paths import atomic_path, check_apart, check_writable
 
@@ -278,6 +278,8 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi()
+    if private:
+        check_private_repo(api, repo_id)
     api.create_repo(repo_id, exist_ok=True, private=private)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id,
                       commit_message="Add AlignGPT converted with `aligngpt-hf convert`")

@@ -1,6 +1,8 @@
-"""Checks of what `aligngpt-hf push` is given, made before the model is loaded: the repo id, the branch, the shard size
-and the kind of model in the folder. Why up front: the Hub refuses a bad name only at upload, after minutes of
-loading and re-saving, and a LLaVA folder would otherwise fail with a message about token ids.
+"""Checks of what `aligngpt-hf push` (and `convert --push-to-hub`) is given, made before any work: the repo id, the
+branch, the shard size, the card fields, the kind of model in the folder and whether `--private` can hold.
+
+Why up front: the Hub refuses a bad name only at upload, after minutes of loading and re-saving; a LLaVA folder would
+otherwise fail with a message about token ids; and `--private` onto an existing public repository would publish.
 """
 
 from __future__ import annotations
@@ -87,4 +89,20 @@ def check_model_type(folder: Path) -> None:
                          "written by training, convert or from-llava.")
 
 
-__all__ = ["check_card_options", "check_model_type", "check_repo_id", "check_revision", "check_shard_size"]
+def check_private_repo(api, repo_id: str) -> None:
+    """`--private` creates a private repository, but cannot make an existing public one private: uploading there
+    would publish what the user meant to keep private."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = api.repo_info(repo_id, repo_type="model")
+    except RepositoryNotFoundError:
+        return
+    if getattr(info, "private", None) is False:
+        raise ValueError(f"--private was given, but {repo_id} already exists and is public: --private does not change "
+                         "an existing repository. Make it private on the Hub first (Settings), or push to a new "
+                         "repository.")
+
+
+__all__ = ["check_card_options", "check_model_type", "check_private_repo", "check_repo_id", "check_revision",
+           "check_shard_size"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from aligngpt_hf.hub.checks import (
     check_card_options,
     check_model_type,
+    check_private_repo,
     check_repo_id,
     check_revision,
     check_shard_size,
@@ -345,7 +346,7 @@ def upload_publish_folder(
     files = check_publish_folder(folder)
     api = HfApi(token=token)
     if private:
-        _refuse_public_repo(api, repo_id)
+        check_private_repo(api, repo_id)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
@@ -365,21 +366,6 @@ def upload_publish_folder(
         repo_type="model",
     )
     return str(getattr(info, "commit_url", info))
-
-
-def _refuse_public_repo(api, repo_id: str) -> None:
-    """`--private` creates a private repository, but cannot make an existing public one private: uploading there
-    would publish what the user meant to keep private."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        info = api.repo_info(repo_id, repo_type="model")
-    except RepositoryNotFoundError:
-        return
-    if getattr(info, "private", None) is False:
-        raise ValueError(f"--private was given, but {repo_id} already exists and is public: --private does not change "
-                         "an existing repository. Make it private on the Hub first (Settings), or push to a new "
-                         "repository.")
 
 
 def push_to_hub(
