@@ -207,3 +207,41 @@ def test_private_push_onto_an_existing_public_repo_uploads_nothing(source, tmp_p
         with pytest.raises(ValueError, match=r"^--private was given, but user/public already exists and is public"):
             convert_checkpoint(source, tmp_path / "out", push_to_hub="user/public", private=True, progress=False)
     assert not create.called and not upload.called
+
+
+def test_vision_tower_that_is_not_a_tower_is_named(source, tmp_path, llava):
+    with pytest.raises(ConversionError, match=rf"^The vision tower folder {llava} holds a 'llava' model, not a CLIP or "
+                                              r"SigLIP vision tower"):
+        convert_checkpoint(source, tmp_path / "out", vision_tower=llava, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match=rf"^The vision tower folder {tmp_path / 'empty'} has no config\.json"):
+        convert_checkpoint(source, tmp_path / "out", vision_tower=tmp_path / "empty", progress=False)
+
+
+def test_tower_named_relative_is_not_read_from_the_working_directory(source, tmp_path, monkeypatch):
+    shutil.move(source / "vision_tower", tmp_path / "vision_tower")  # same name, outside SOURCE, in the cwd
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConversionError, match=rf"`mm_vision_tower` = 'vision_tower', which is neither a folder inside "
+                                              rf"{source} nor an absolute path"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_with_more_tokens_than_the_checkpoint_names_the_fix(source, tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")  # the package's tiny tokenizer: 320 tokens, <image>/<align> added
+    with pytest.raises(ConversionError, match=r"^The tokenizer has \d+ tokens but the checkpoint only 300 rows: it is "
+                                              r"not the tokenizer these weights were trained with .* Pass the base "
+                                              r"LLM's own tokenizer with --tokenizer"):
+        convert_checkpoint(source, tmp_path / "out", tokenizer=tmp_path / "tok", progress=False)
+
+
+def test_from_llava_out_of_memory_names_the_option(llava, tmp_path, monkeypatch, capsys):
+    from aligngpt_hf import AlignGPTForConditionalGeneration
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(AlignGPTForConditionalGeneration, "from_llava", out_of_memory)
+    assert cli_main(["from-llava", str(llava), str(tmp_path / "out"), "--num-alignment-levels", "100000000"]) == 1
+    assert capsys.readouterr().err.startswith("aligngpt-hf from-llava: error: Building the AlignGPT model ran out of "
+                                              "memory ([enforce fail")

@@ -130,3 +130,20 @@ def test_private_push_to_an_existing_public_repo_is_refused(fake_hub, folder, tm
     fresh = subprocess.run([sys.executable, "-m", "aligngpt_hf.cli", "push", str(folder), "me/private-one",
                             "--private"], capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert fresh.returncode == 0, fresh.stderr[-2000:]  # a new repository is created private as asked
+
+
+def test_adapter_and_stage1_folders_name_the_step_that_makes_a_model(folder, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"adapter holds a PEFT adapter \(adapter_config\.json\), not a full model; "
+                                         r"merge it first"):
+        load_for_publishing(adapter)
+    stage1 = tmp_path / "stage1"
+    shutil.copytree(folder, stage1)
+    (stage1 / "model.safetensors").rename(stage1 / "stage1.safetensors")
+    (stage1 / "aligngpt_stage.json").write_text(json.dumps({"stage": "pretrain", "weights": "stage1.safetensors"}))
+    with pytest.raises(ValueError, match=r"stage1 is a stage-1 artefact \(projector and level table only, no language "
+                                         r"model\); run stage 2"):
+        load_for_publishing(stage1)

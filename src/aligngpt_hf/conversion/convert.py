@@ -263,7 +263,9 @@ def build_config(orig: dict, vision_config, shapes, tokenizer, dtype, kind: str)
 def add_special_tokens(tokenizer, vocab: int) -> tuple[int, int]:
     """Add `<image>` and `<align>`; they must land after the original rows so those stay untouched."""
     if len(tokenizer) > vocab:
-        raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens but the checkpoint only {vocab} rows.")
+        raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens but the checkpoint only {vocab} rows: it is "
+                              "not the tokenizer these weights were trained with (one that already has <image>/<align> "
+                              "added?). Pass the base LLM's own tokenizer with --tokenizer, e.g. lmsys/vicuna-7b-v1.5.")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<align>"]})
     ids = tokenizer.convert_tokens_to_ids(["<image>", "<align>"])
     if min(ids) < vocab:

@@ -144,6 +144,11 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
         model = AlignGPTForConditionalGeneration.from_llava(folder, alignment_token_id=alignment_token_id, **kwargs)
     except ValueError as error:
         raise ConversionError(str(error)) from None
+    except (MemoryError, RuntimeError) as error:  # e.g. a level table of --num-alignment-levels rows does not fit
+        if "alloc" not in str(error).lower() and not isinstance(error, MemoryError):
+            raise
+        raise ConversionError(f"Building the AlignGPT model ran out of memory ({str(error).splitlines()[0][:160]}); "
+                              f"check --num-alignment-levels ({num_alignment_levels}) and the free memory.") from None
     except SafetensorError as error:  # transformers names neither the file nor the fix
         names = ", ".join(p.name for p in sorted(folder.glob("*.safetensors"))) or "its weights"
         raise ConversionError(f"{source}: weight file(s) {names} are truncated or corrupt ({error}); re-download or "

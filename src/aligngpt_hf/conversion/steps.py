@@ -45,6 +45,7 @@ KNOWN_VISION_TOWERS = {
 }
 CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
                 projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+VISION_TOWER_TYPES = ("clip", "siglip", "siglip2")  # dual encoders whose vision half is the tower
 VISION_PATTERNS = ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"]
 
 
@@ -109,7 +110,7 @@ def resolve_vision(orig: dict, source_dir: Path, override, need_weights: bool):
         folder = resolve_folder(override, VISION_PATTERNS, "vision tower")
         return _vision_config_from(folder), (folder if need_weights else None), _processor_settings(folder)
     name = str(orig.get("mm_vision_tower") or "")
-    local = [p for p in (Path(name).expanduser(), source_dir / name) if name and p.is_dir()]
+    local = [p for p in tower_candidates(name, source_dir) if p.is_dir()]
     if local:
         folder = local[0]
         return _vision_config_from(folder), (folder if need_weights else None), _processor_settings(folder)
@@ -121,15 +122,32 @@ def resolve_vision(orig: dict, source_dir: Path, override, need_weights: bool):
         folder = resolve_folder(name, VISION_PATTERNS, "vision tower")
         return _vision_config_from(folder), (folder if need_weights else None), _processor_settings(folder)
     raise ConversionError(
-        f"Missing vision tower: config.json names `mm_vision_tower` = {name!r}, which is not a folder here (also "
-        f"tried relative to {source_dir})"
+        f"Missing vision tower: config.json names `mm_vision_tower` = {name!r}, which is neither a folder inside "
+        f"{source_dir} nor an absolute path to a folder on this machine"
         + (" and the checkpoint has no embedded tower weights" if need_weights else "")
         + ". Pass `--vision-tower openai/clip-vit-large-patch14-336` (or the tower's local folder)."
     )
 
 
+def tower_candidates(name: str, source_dir: Path) -> list[Path]:
+    """Where `mm_vision_tower` may point: inside SOURCE, or an absolute path (the training machine's, when it exists
+    here). Never relative to the working directory, which would read whatever folder happens to share the name."""
+    if not name:
+        return []
+    path = Path(name).expanduser()
+    return [path] if path.is_absolute() else [source_dir / name]
+
+
 def _vision_config_from(folder: Path):
+    """The vision config of a CLIP/SigLIP folder (a full dual encoder or its vision half); any other model is named."""
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"The vision tower folder {folder} has no config.json; pass a CLIP or SigLIP model "
+                              "folder (e.g. a download of openai/clip-vit-large-patch14-336).")
     config = AutoConfig.from_pretrained(folder)
+    model_type = str(getattr(config, "model_type", ""))
+    if not (model_type in VISION_TOWER_TYPES or model_type.endswith("_vision_model")):
+        raise ConversionError(f"The vision tower folder {folder} holds a {model_type!r} model, not a CLIP or SigLIP "
+                              "vision tower; pass the tower's own folder (e.g. openai/clip-vit-large-patch14-336).")
     return getattr(config, "vision_config", None) or config
 
 

@@ -68,6 +68,16 @@ def check_card_options(base_models, datasets, license: str | None) -> None:
                          "cc-by-nc-4.0 or other.")
 
 
+def check_not_partial(folder: Path) -> None:
+    """A PEFT adapter or a stage-1 artefact is not a model a harness can load: name it and the step that makes one."""
+    if (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json), not a full model; merge it first "
+                         "(`model.merge_and_unload().save_pretrained(OUT)` plus the processor), then push OUT.")
+    if (folder / "aligngpt_stage.json").is_file():
+        raise ValueError(f"{folder} is a stage-1 artefact (projector and level table only, no language model); run "
+                         "stage 2 (`aligngpt-hf instruct`) and push its output folder.")
+
+
 def check_model_type(folder: Path) -> None:
     """Only AlignGPT folders are published: a LLaVA or an original-layout checkpoint is named with the command that
     turns it into one (loading it would fail later with a message about token ids)."""
@@ -104,5 +114,5 @@ def check_private_repo(api, repo_id: str) -> None:
                          "repository.")
 
 
-__all__ = ["check_card_options", "check_model_type", "check_private_repo", "check_repo_id", "check_revision",
+__all__ = ["check_card_options", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id", "check_revision",
            "check_shard_size"]

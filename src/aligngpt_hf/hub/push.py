@@ -20,6 +20,7 @@ from pathlib import Path
 from aligngpt_hf.hub.checks import (
     check_card_options,
     check_model_type,
+    check_not_partial,
     check_private_repo,
     check_repo_id,
     check_revision,
@@ -109,6 +110,8 @@ def load_for_publishing(folder: str | Path):
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
     folder = Path(folder)
+    if folder.is_dir():
+        check_not_partial(folder)
     if folder.is_file():
         raise NotADirectoryError(f"the model folder {folder} is a file; pass the folder written by save_pretrained, "
                                  "a training run or convert.")
