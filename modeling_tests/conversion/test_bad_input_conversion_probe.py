@@ -245,3 +245,17 @@ def test_from_llava_out_of_memory_names_the_option(llava, tmp_path, monkeypatch,
     assert cli_main(["from-llava", str(llava), str(tmp_path / "out"), "--num-alignment-levels", "100000000"]) == 1
     assert capsys.readouterr().err.startswith("aligngpt-hf from-llava: error: Building the AlignGPT model ran out of "
                                               "memory ([enforce fail")
+
+
+@pytest.mark.parametrize("option", ["source", "vision_tower", "tokenizer"])
+def test_hub_id_that_cannot_be_fetched_names_the_option_and_the_id(source, tmp_path, monkeypatch, option):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    what = {"source": "checkpoint", "vision_tower": "vision tower", "tokenizer": "tokenizer"}[option]
+    kwargs = {} if option == "source" else {option: "nobody/not-cached"}
+    with pytest.raises(ConversionError, match=rf"^Cannot get the {what} 'nobody/not-cached' from the Hub \(.+\)\. Pass "
+                                              r"a local folder instead"):
+        convert_checkpoint("nobody/not-cached" if option == "source" else source, tmp_path / "out", progress=False,
+                           **kwargs)

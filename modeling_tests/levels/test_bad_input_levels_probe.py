@@ -196,3 +196,24 @@ def test_duplicate_ids_and_empty_levels_are_reported_and_plotted(tmp_path, capsy
 def test_open_image_refuses_values_that_are_not_images(tmp_path):
     with pytest.raises(ValueError, match=r"^`image` must be a file path, image bytes or a PIL image, got float"):
         _open_image(1.5, None)
+
+
+def test_every_record_skipped_says_why(tiny_clip, tmp_path):  # noqa: F811
+    path = write_pairs(tmp_path, [coloured(i) for i in range(3)] + ["missing.png"] * 2)
+    with_record(path, 0, lambda rs, r: r.__setitem__("image", "gone.png"))
+    with_record(path, 1, lambda rs, r: r["conversations"][1].__setitem__("value", " "))
+    with_record(path, 2, lambda rs, r: r.__setitem__("image", 3))
+    with pytest.raises(ValueError, match=r"^every one of the 5 records was skipped, nothing to bucket: image file not "
+                                         r"found \(3\); caption missing or empty \(1\); `image` must be one file name "
+                                         r"\(1\)\. Fix the records"):
+        compute_alignment_levels(path, tmp_path / "out.json", **options(tmp_path, tiny_clip, skip_bad=True))
+
+
+def test_report_that_would_overwrite_the_input_is_refused(tiny_clip, tmp_path):  # noqa: F811
+    path = write_pairs(tmp_path, [coloured(i) for i in range(4)])
+    source = path.rename(tmp_path / "levels.report.json")
+    before = source.read_text()
+    with pytest.raises(ValueError, match=rf"^INPUT {source} would be overwritten by the file levels\.report\.json that "
+                                         rf"OUTPUT {tmp_path / 'levels.json'} writes next to it"):
+        compute_alignment_levels(source, tmp_path / "levels.json", **options(tmp_path, tiny_clip))
+    assert source.read_text() == before and not (tmp_path / "levels.json").exists()

@@ -73,7 +73,12 @@ def resolve_folder(name: str | Path, allow_patterns: list[str], what: str) -> Pa
         raise ConversionError(f"The {what} {name!r} is neither an existing folder nor a Hub repo id (owner/name).")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(name), allow_patterns=allow_patterns))
+    try:
+        return Path(snapshot_download(str(name), allow_patterns=allow_patterns))
+    except OSError as error:  # offline and not cached, no such repo, gated, no network (the Hub's errors are OSErrors)
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConversionError(f"Cannot get the {what} {name!r} from the Hub ({reason}). Pass a local folder instead, "
+                              "or rerun online (or with the repo in the Hugging Face cache).") from None
 
 
 def read_json_object(path: Path, what: str = "file") -> dict:

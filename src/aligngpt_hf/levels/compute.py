@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,6 +376,12 @@ def _check_output(output: Path, input: Any) -> None:
                          f"{output / 'levels.json'}")
     if isinstance(input, (str, os.PathLike)) and Path(input).exists():
         check_apart(output, input, "OUTPUT", "INPUT")
+        written = [output.with_name(output.stem + suffix) for suffix in (".report.json", ".report.md", ".scores.png",
+                                                                         ".dataset")]
+        for path in written:
+            if os.path.realpath(path) == os.path.realpath(input):
+                raise ValueError(f"INPUT {input} would be overwritten by the file {path.name} that OUTPUT {output} "
+                                 "writes next to it; give OUTPUT another name.")
 
 
 def _first_error(scored, id_column: str | None) -> ValueError:
@@ -395,7 +402,10 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
     if len(good) < len(errors) and not skip_bad:
         raise _first_error(scored, id_column)
     if not good:
-        raise ValueError(f"every one of the {len(errors)} records was skipped; see the reasons with --skip-bad")
+        reasons = Counter(error.split(":")[0].split(" (")[0] for error in errors).most_common(3)
+        listed = "; ".join(f"{reason} ({count})" for reason, count in reasons)
+        raise ValueError(f"every one of the {len(errors)} records was skipped, nothing to bucket: {listed}. Fix the "
+                         "records (or the --image-folder / --scorer they need) and rerun.")
     kept = scored.select(good)
     levels, edges, ties = assign_levels(kept["alignment_score"], num_levels, binning, tie_tolerance, return_ties=True)
     kept = kept.add_column("alignment_level", levels.tolist())
