@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,15 +185,12 @@ def _write_folder(output: Path, model, processor) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    try:
-        result = convert_llava(
-            args.source, args.output, alignment_mode=args.alignment_mode,
-            num_alignment_levels=args.num_alignment_levels, image_aspect_ratio=args.image_aspect_ratio,
-            dtype=args.dtype, reuse_alignment_token=args.reuse_alignment_token, overwrite=args.overwrite,
-        )
-    except ConversionError as error:
-        print(f"aligngpt-hf from-llava: error: {error}", file=sys.stderr)
-        return 1
+    # a ConversionError (a ValueError) becomes the one-line `aligngpt-hf from-llava: error: ...` in aligngpt_hf.cli
+    result = convert_llava(
+        args.source, args.output, alignment_mode=args.alignment_mode,
+        num_alignment_levels=args.num_alignment_levels, image_aspect_ratio=args.image_aspect_ratio,
+        dtype=args.dtype, reuse_alignment_token=args.reuse_alignment_token, overwrite=args.overwrite,
+    )
     before, after = result.vocab_sizes
     print(f"Wrote an AlignGPT model into {result.output}: `{ALIGNMENT_TOKEN}` = id {result.alignment_token_id}, "
           f"vocabulary {before} -> {after} rows (LLaVA's rows unchanged).")
