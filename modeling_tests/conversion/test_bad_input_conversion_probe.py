@@ -243,8 +243,8 @@ def test_from_llava_out_of_memory_names_the_option(llava, tmp_path, monkeypatch,
 
     monkeypatch.setattr(AlignGPTForConditionalGeneration, "from_llava", out_of_memory)
     assert cli_main(["from-llava", str(llava), str(tmp_path / "out"), "--num-alignment-levels", "100000000"]) == 1
-    assert capsys.readouterr().err.startswith("aligngpt-hf from-llava: error: Building the AlignGPT model ran out of "
-                                              "memory ([enforce fail")
+    assert capsys.readouterr().err.splitlines()[-1].startswith("aligngpt-hf from-llava: error: Building the AlignGPT "
+                                                               "model ran out of memory ([enforce fail")
 
 
 @pytest.mark.parametrize("option", ["source", "vision_tower", "tokenizer"])
@@ -259,3 +259,33 @@ def test_hub_id_that_cannot_be_fetched_names_the_option_and_the_id(source, tmp_p
                                               r"a local folder instead"):
         convert_checkpoint("nobody/not-cached" if option == "source" else source, tmp_path / "out", progress=False,
                            **kwargs)
+
+
+def _llava_with(llava, tmp_path, edit):
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "src"
+    shutil.copytree(llava, source)
+    state = load_file(source / "model.safetensors")
+    edit(state)
+    save_file(state, source / "model.safetensors", metadata={"format": "pt"})
+    return source
+
+
+PROJECTOR_BIAS = "multi_modal_projector.linear_1.bias"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop(next(k for k in s if k.endswith(PROJECTOR_BIAS))),
+     r"1 weight\(s\) missing \(would be random\): model\.multi_modal_projector\.linear_1\.bias\."),
+    (lambda s: s.__setitem__("junk.weight", torch.zeros(2)), r"1 weight\(s\) not in the model \(would be dropped\): "
+                                                              r"junk\.weight\."),
+    (lambda s: s.__setitem__(next(k for k in s if k.endswith(PROJECTOR_BIAS)), torch.zeros(3, 3)),
+     r"1 weight\(s\) of the wrong shape: model\.multi_modal_projector\.linear_1\.bias \[3, 3\] vs \[\d+\]\."),
+])
+def test_from_llava_weights_that_do_not_fill_the_model_are_refused(llava, tmp_path, edit, message):
+    source = _llava_with(llava, tmp_path, edit)
+    with pytest.raises(ConversionError, match=rf"^{source}: the LLaVA weights do not match its config\.json: "
+                                              rf"{message} Re-download"):
+        convert_llava(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,3 +148,53 @@ def test_adapter_and_stage1_folders_name_the_step_that_makes_a_model(folder, tmp
     with pytest.raises(ValueError, match=r"stage1 is a stage-1 artefact \(projector and level table only, no language "
                                          r"model\); run stage 2"):
         load_for_publishing(stage1)
+
+
+def _edit_weights(folder, tmp_path, name, edit):
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    state = load_file(copy / "model.safetensors")
+    edit(state)
+    save_file(state, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+LEVELS = "model.alignment.level_embeddings"
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("missing", lambda s: s.pop(LEVELS), rf"1 weight\(s\) missing \(would be random\): {LEVELS}\."),
+    ("extra", lambda s: s.__setitem__("junk.weight", torch.zeros(2)), r"1 weight\(s\) not in the model \(would be "
+                                                                       r"dropped\): junk\.weight\."),
+    ("shape", lambda s: s.__setitem__(LEVELS, torch.zeros(3, 5)), rf"1 weight\(s\) of the wrong shape: {LEVELS} "
+                                                                   r"\[3, 5\] vs \[8, \d+\]\."),
+])
+def test_weights_that_do_not_fill_the_model_are_refused(folder, tmp_path, capsys, name, edit, message):
+    broken = _edit_weights(folder, tmp_path, name, edit)
+    assert cli_main(["push", str(broken), "me/model", "--dry-run", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"aligngpt-hf push: error: {broken}: the weights do not match its config\.json: {message} "
+                        r"Publish the folder the model was saved to whole .*", err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_are_refused(folder, tmp_path):
+    def poison(state):
+        state[LEVELS] = state[LEVELS].clone()
+        state[LEVELS][0, 0] = float("nan")
+
+    broken = _edit_weights(folder, tmp_path, "nan", poison)
+    with pytest.raises(ValueError, match=rf"nan: 1 weight\(s\) hold NaN or infinite values \({LEVELS}\); the run "
+                                         r"diverged"):
+        load_for_publishing(broken)
+
+
+def test_damaged_tokenizer_file_is_named(folder, tmp_path):
+    broken = tmp_path / "tok"
+    shutil.copytree(folder, broken)
+    (broken / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"tok: its processor cannot be loaded \(KeyError: 'added_tokens'\); re-save "
+                                         r"it"):
+        load_for_publishing(broken)

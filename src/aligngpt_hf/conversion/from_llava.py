@@ -27,6 +27,7 @@ from pathlib import Path
 from aligngpt_hf.conversion.convert import DTYPES, resolve_folder
 from aligngpt_hf.conversion.mapping import ConversionError
 from aligngpt_hf.conversion.steps import read_json_object
+from aligngpt_hf.hub.checks import loading_problems
 from aligngpt_hf.models.llava_aligngpt import config_from_llava
 from aligngpt_hf.paths import check_apart, check_writable
 
@@ -105,11 +106,30 @@ def _check_image_tokens(llava_processor, image_seq_length: int, source) -> None:
             f"{source}/processor_config.json to match the model.")
 
 
+def load_llava_weights(folder: Path, source):
+    """SOURCE's `LlavaForConditionalGeneration`, refused when its weights do not fill the model exactly: transformers
+    would initialise missing tensors randomly and drop unknown ones, and OUTPUT would silently hold another model."""
+    from safetensors import SafetensorError
+    from transformers import LlavaForConditionalGeneration
+
+    try:
+        llava, info = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto", output_loading_info=True,
+                                                                    ignore_mismatched_sizes=True)
+    except SafetensorError as error:  # transformers names neither the file nor the fix
+        names = ", ".join(p.name for p in sorted(folder.glob("*.safetensors"))) or "its weights"
+        raise ConversionError(f"{source}: weight file(s) {names} are truncated or corrupt ({error}); re-download or "
+                              "re-copy them.") from None
+    problems = loading_problems(info)
+    if problems:
+        raise ConversionError(f"{source}: the LLaVA weights do not match its config.json: {'; '.join(problems)}. "
+                              "Re-download or re-save the checkpoint whole.")
+    return llava
+
+
 def convert_llava(source, output, *, alignment_mode: str | None = None, num_alignment_levels: int | None = None,
                   image_aspect_ratio: str | None = None, dtype: str | None = None,
                   reuse_alignment_token: bool = False, overwrite: bool = False) -> FromLlavaResult:
     """Write OUTPUT (an AlignGPT folder) from the LLaVA checkpoint SOURCE; see the module docstring."""
-    from safetensors import SafetensorError
     from transformers import AutoConfig, LlavaProcessor
 
     from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
@@ -140,7 +160,8 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
         llava_config = AutoConfig.from_pretrained(folder)
         config = config_from_llava(llava_config, alignment_token_id, **kwargs)
         _check_image_tokens(llava_processor, config.image_seq_length, source)
-        model = AlignGPTForConditionalGeneration.from_llava(folder, alignment_token_id=alignment_token_id, **kwargs)
+        llava = load_llava_weights(folder, source)
+        model = AlignGPTForConditionalGeneration.from_llava(llava, alignment_token_id=alignment_token_id, **kwargs)
     except ValueError as error:
         raise ConversionError(str(error)) from None
     except (MemoryError, RuntimeError) as error:  # e.g. a level table of --num-alignment-levels rows does not fit
@@ -148,10 +169,6 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
             raise
         raise ConversionError(f"Building the AlignGPT model ran out of memory ({str(error).splitlines()[0][:160]}); "
                               f"check --num-alignment-levels ({num_alignment_levels}) and the free memory.") from None
-    except SafetensorError as error:  # transformers names neither the file nor the fix
-        names = ", ".join(p.name for p in sorted(folder.glob("*.safetensors"))) or "its weights"
-        raise ConversionError(f"{source}: weight file(s) {names} are truncated or corrupt ({error}); re-download or "
-                              "re-copy them.") from None
     if dtype not in (None, "auto"):
         model = model.to(DTYPES[dtype])
     image_processor = llava_image_processor(llava_processor.image_processor, image_aspect_ratio)

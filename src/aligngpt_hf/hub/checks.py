@@ -114,5 +114,20 @@ def check_private_repo(api, repo_id: str) -> None:
                          "repository.")
 
 
+def loading_problems(info: dict) -> list[str]:
+    """What `from_pretrained(..., output_loading_info=True)` left out: weights missing (transformers initialises them
+    randomly), not in the model (dropped) or of the wrong shape, each counted with up to five names."""
+    problems = []
+    for kind, keys in (("missing (would be random)", info.get("missing_keys")),
+                       ("not in the model (would be dropped)", info.get("unexpected_keys")),
+                       ("of the wrong shape", [f"{k} {list(a)} vs {list(b)}" for k, a, b in
+                                               info.get("mismatched_keys") or ()])):
+        if keys:
+            listed = sorted(map(str, keys))
+            problems.append(f"{len(listed)} weight(s) {kind}: {', '.join(listed[:5])}")
+    return problems
+
+
 __all__ = ["check_card_options", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id", "check_revision",
-           "check_shard_size"]
+           "check_shard_size",
+           "loading_problems"]

@@ -25,6 +25,7 @@ from aligngpt_hf.hub.checks import (
     check_repo_id,
     check_revision,
     check_shard_size,
+    loading_problems,
 )
 from aligngpt_hf.hub.model_card import (
     DEFAULT_BASE_MODELS,
@@ -133,7 +134,12 @@ def load_for_publishing(folder: str | Path):
             "(or `aligngpt-hf convert ... --tokenizer SRC`)."
         )
     model = _load_weights(AlignGPTForConditionalGeneration, folder)
-    processor = AlignGPTProcessor.from_pretrained(folder)
+    try:
+        processor = AlignGPTProcessor.from_pretrained(folder)
+    except (KeyError, ValueError, TypeError, AttributeError, OSError) as error:  # a damaged tokenizer/processor file
+        raise ValueError(f"{folder}: its processor cannot be loaded ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:200]}); re-save it (`processor.save_pretrained(FOLDER)`)."
+                         ) from None
     _check_model_matches_processor(model.config, processor)
     return model.eval(), processor
 
@@ -146,7 +152,8 @@ def _load_weights(model_class, folder: Path):
     from safetensors import SafetensorError
 
     try:
-        return model_class.from_pretrained(folder, dtype="auto")
+        model, info = model_class.from_pretrained(folder, dtype="auto", output_loading_info=True,
+                                                  ignore_mismatched_sizes=True)
     except pickle.UnpicklingError:
         names = ", ".join(p.name for p in sorted(folder.glob("*.bin")))
         raise ValueError(
@@ -161,6 +168,24 @@ def _load_weights(model_class, folder: Path):
             f"{folder}: weight file(s) {', '.join(broken)} are truncated or corrupt ({error}); re-download or "
             "re-save them (`model.save_pretrained(FOLDER)`)."
         ) from None
+    _check_loaded(folder, model, info)
+    return model
+
+
+def _check_loaded(folder: Path, model, info: dict) -> None:
+    """Refuse weights that do not fill the model exactly (transformers would initialise the gaps randomly, or drop
+    the extras, and the repository would hold a different model), and weights that are NaN or infinite."""
+    import torch
+
+    problems = loading_problems(info)
+    if problems:
+        raise ValueError(f"{folder}: the weights do not match its config.json: {'; '.join(problems)}. Publish the "
+                         "folder the model was saved to whole (`model.save_pretrained(FOLDER)`).")
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ValueError(f"{folder}: {len(broken)} weight(s) hold NaN or infinite values ({', '.join(broken[:5])}); "
+                         "the run diverged or the file is damaged: publish an earlier checkpoint.")
 
 
 def _safetensors_problem(path: Path) -> bool:
