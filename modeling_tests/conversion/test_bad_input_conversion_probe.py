@@ -289,3 +289,12 @@ def test_from_llava_weights_that_do_not_fill_the_model_are_refused(llava, tmp_pa
                                               rf"{message} Re-download"):
         convert_llava(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_for_a_stage1_projector_is_refused_not_ignored(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    with pytest.raises(ConversionError, match=r"^--tokenizer applies to a full checkpoint, but .*pretrain_projector "
+                                              r"holds a stage-1 projector"):
+        convert_checkpoint(ORIGINAL_FIXTURES / "pretrain_projector", tmp_path / "out", tokenizer=tmp_path / "tok",
+                           vision_tower=ORIGINAL / "vision_tower", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -118,6 +118,10 @@ def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenize
                               dtype=target_dtype, max_shard_size=max_shard_size, progress=progress)
     files, shapes, detected, need_vision_weights = read_weights(source_dir, source, kind, vision_tower)
     vision_config, vision_dir, processor_settings = resolve_vision(orig, source_dir, vision_tower, need_vision_weights)
+    if detected == "pretrain" and tokenizer is not None:  # it would be ignored: the artefact has no vocabulary rows
+        raise ConversionError(f"--tokenizer applies to a full checkpoint, but {source} holds a stage-1 projector "
+                              "(mm_projector_align.bin, no language model); drop --tokenizer. The stage-2 trainer "
+                              "takes the tokenizer with the base LLM.")
     tok = load_tokenizer(tokenizer, source_dir) if detected == "full" else None
     config = build_config(orig, vision_config, shapes, tok, target_dtype, detected)
     expected = expected_shapes(config)
