@@ -196,6 +196,8 @@ def test_duplicate_ids_and_empty_levels_are_reported_and_plotted(tmp_path, capsy
 def test_open_image_refuses_values_that_are_not_images(tmp_path):
     with pytest.raises(ValueError, match=r"^`image` must be a file path, image bytes or a PIL image, got float"):
         _open_image(1.5, None)
+    with pytest.raises(ValueError, match=r"^no image$"):  # an empty datasets.Image cell
+        _open_image({"bytes": None, "path": None}, None)
 
 
 def test_every_record_skipped_says_why(tiny_clip, tmp_path):  # noqa: F811
@@ -217,3 +219,15 @@ def test_report_that_would_overwrite_the_input_is_refused(tiny_clip, tmp_path): 
                                          rf"OUTPUT {tmp_path / 'levels.json'} writes next to it"):
         compute_alignment_levels(source, tmp_path / "levels.json", **options(tmp_path, tiny_clip))
     assert source.read_text() == before and not (tmp_path / "levels.json").exists()
+
+
+def test_cache_dir_that_is_output_or_inside_a_dataset_input_is_refused(tiny_clip, tmp_path):  # noqa: F811
+    path = write_pairs(tmp_path, [coloured(i) for i in range(4)])
+    with pytest.raises(ValueError, match=rf"^--cache-dir {tmp_path / 'out.json'} is OUTPUT itself"):
+        compute_alignment_levels(path, tmp_path / "out.json", **options(tmp_path, tiny_clip,
+                                                                         cache_dir=tmp_path / "out.json"))
+    assert not (tmp_path / "out.json").exists()
+    Dataset.from_dict({"image": [coloured(i) for i in range(4)], "caption": ["a"] * 4}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(ValueError, match=rf"^--cache-dir {tmp_path / 'd' / 'cache'} is inside INPUT {tmp_path / 'd'}"):
+        compute_alignment_levels(tmp_path / "d", tmp_path / "o.json", scorer=tiny_clip, num_levels=2, plot=False,
+                                 progress=False, device="cpu", cache_dir=tmp_path / "d" / "cache")

@@ -324,6 +324,8 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
         raise ValueError(f"tie_tolerance (--tie-tolerance) must be a finite number >= 0, got {tie_tolerance}")
     output = Path(output)
     _check_output(output, input)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(output)
+    _check_cache_dir(cache_dir, output, input)
     check_writable(output.parent, "output folder")
     if image_folder is not None and not Path(image_folder).is_dir():
         what = "is a file" if Path(image_folder).exists() else "does not exist"
@@ -349,7 +351,6 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
     state, num_shards, shard_index, state_device = _distributed_shard(num_shards, shard_index, device)
     _check_run_options(batch_size, chunk_size, num_workers, num_shards, shard_index)
     scorer = load_scorer(scorer, device=device or state_device)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(output)
     check_writable(cache_dir, "cache folder")
     options = dict(image_column=image_column, text_column=text_column, id_column=id_column, image_folder=image_folder,
                    batch_size=batch_size, num_workers=num_workers, chunk_size=chunk_size, cache_dir=cache_dir,
@@ -382,6 +383,18 @@ def _check_output(output: Path, input: Any) -> None:
             if os.path.realpath(path) == os.path.realpath(input):
                 raise ValueError(f"INPUT {input} would be overwritten by the file {path.name} that OUTPUT {output} "
                                  "writes next to it; give OUTPUT another name.")
+
+
+def _check_cache_dir(cache_dir: Path, output: Path, input: Any) -> None:
+    """The score cache is a folder of its own: not OUTPUT (which is written at the end), not inside a saved-dataset
+    INPUT (which it would change)."""
+    if os.path.realpath(cache_dir) == os.path.realpath(output):
+        raise ValueError(f"--cache-dir {cache_dir} is OUTPUT itself; choose another folder (default: "
+                         f"{default_cache_dir(output)})")
+    if cache_dir.is_file():
+        raise ValueError(f"--cache-dir {cache_dir} is a file; choose a folder")
+    if isinstance(input, (str, os.PathLike)) and Path(input).is_dir():
+        check_apart(cache_dir, input, "--cache-dir", "INPUT")
 
 
 def _first_error(scored, id_column: str | None) -> ValueError:

@@ -89,10 +89,10 @@ def _open_image(value, image_folder: str | None, allow_outside: bool = False):
     otherwise make the scorer read any file)."""
     from PIL import Image
 
-    if value is None:
-        raise ValueError("no image")
     if isinstance(value, dict):  # datasets.Image(decode=False)
         value = value.get("bytes") or value.get("path")
+    if value is None:
+        raise ValueError("no image")
     if not isinstance(value, (str, bytes, Image.Image)):
         raise ValueError(f"`image` must be a file path, image bytes or a PIL image, got {type(value).__name__} "
                          f"({str(value)[:40]})")
