@@ -1,5 +1,6 @@
-"""Checks of what `aligngpt-hf push` (and `convert --push-to-hub`) is given, made before any work: the repo id, the
-branch, the shard size, the card fields, the kind of model in the folder and whether `--private` can hold.
+"""Checks of what `aligngpt-hf push` is given, made before any work: the repo id, the branch, the shard size, the card
+fields, the kind of model in the folder and whether `--private` can hold. (`conversion/steps.py` keeps its own copy of
+the repo-id, `--private` and loading-report checks: the conversion package does not import this one.)
 
 Why up front: the Hub refuses a bad name only at upload, after minutes of loading and re-saving; a LLaVA folder would
 otherwise fail with a message about token ids; and `--private` onto an existing public repository would publish.
