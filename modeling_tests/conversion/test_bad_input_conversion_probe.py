@@ -298,3 +298,9 @@ def test_tokenizer_for_a_stage1_projector_is_refused_not_ignored(tmp_path, token
         convert_checkpoint(ORIGINAL_FIXTURES / "pretrain_projector", tmp_path / "out", tokenizer=tmp_path / "tok",
                            vision_tower=ORIGINAL / "vision_tower", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_transformers_llava_given_to_convert_names_from_llava(llava, tmp_path):
+    with pytest.raises(ConversionError, match=r"config\.json: it is a transformers LLaVA \(model_type 'llava'\); make "
+                                              r"an AlignGPT of it with `aligngpt-hf from-llava SOURCE OUTPUT`"):
+        convert_checkpoint(llava, tmp_path / "out", progress=False)

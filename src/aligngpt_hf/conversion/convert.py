@@ -196,7 +196,13 @@ def _read_original_config(source_dir: Path) -> dict:
         raise ConversionError(f"{source_dir} has no config.json; an original AlignGPT checkpoint always has one.")
     orig = read_json_object(path, "config")
     if "mm_hidden_size" not in orig or "mm_vision_tower" not in orig:
-        reason = "it is already in the HF layout" if orig.get("model_type") == "aligngpt" else "it has no mm_* fields"
+        reasons = {
+            "aligngpt": "it is already in the HF layout (load it with from_pretrained, or publish it with "
+                        "`aligngpt-hf push`)",
+            "llava": "it is a transformers LLaVA (model_type 'llava'); make an AlignGPT of it with "
+                     "`aligngpt-hf from-llava SOURCE OUTPUT`",
+        }
+        reason = reasons.get(orig.get("model_type"), "it has no mm_* fields")
         raise ConversionError(f"Wrong kind of config in {path}: {reason}; expected an original AlignGPT config.")
     for name in REQUIRED_INT_FIELDS:
         value = orig.get(name)
