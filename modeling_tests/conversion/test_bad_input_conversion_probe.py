@@ -304,3 +304,26 @@ def test_transformers_llava_given_to_convert_names_from_llava(llava, tmp_path):
     with pytest.raises(ConversionError, match=r"config\.json: it is a transformers LLaVA \(model_type 'llava'\); make "
                                               r"an AlignGPT of it with `aligngpt-hf from-llava SOURCE OUTPUT`"):
         convert_checkpoint(llava, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("remove, missing", [
+    (("tokenizer.json", "tokenizer_config.json"), r"no tokenizer \(tokenizer\.json or tokenizer\.model\)"),
+    (("processor_config.json", "preprocessor_config.json"), r"no image processor settings \(preprocessor_config\.json "
+                                                            r"or processor_config\.json\)"),
+])
+def test_from_llava_processor_parts_missing_are_named(llava, tmp_path, remove, missing):
+    source = tmp_path / "src"
+    shutil.copytree(llava, source)
+    for name in remove:
+        (source / name).unlink(missing_ok=True)
+    with pytest.raises(ConversionError, match=rf"^{source} has no usable LlavaProcessor: {missing}; save the "
+                                              r"checkpoint's processor"):
+        convert_llava(source, tmp_path / "out")
+
+
+def test_from_llava_damaged_tokenizer_file_is_named(llava, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(llava, source)
+    (source / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConversionError, match=rf"^{source} has no usable LlavaProcessor \(KeyError: 'added_tokens'\)"):
+        convert_llava(source, tmp_path / "out")

@@ -32,6 +32,13 @@ from aligngpt_hf.paths import check_apart, check_writable
 
 SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 ALIGNMENT_TOKEN = "<align>"
+# What LlavaProcessor.from_pretrained reads: the tokenizer, and the image settings (in their own file or, as
+# transformers 5 saves them, inside processor_config.json).
+PROCESSOR_PARTS = {
+    "tokenizer (tokenizer.json or tokenizer.model)": ("tokenizer.json", "tokenizer.model"),
+    "image processor settings (preprocessor_config.json or processor_config.json)": ("preprocessor_config.json",
+                                                                                      "processor_config.json"),
+}
 IMAGE_SETTINGS = ("size", "crop_size", "image_mean", "image_std", "do_center_crop", "do_resize", "do_normalize",
                   "do_rescale", "rescale_factor", "resample", "do_convert_rgb")
 
@@ -143,11 +150,16 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     check_apart(output, folder)
     check_writable(output.parent, "OUTPUT's parent folder")
     check_llava_source(folder, source)
+    missing = [part for part, names in PROCESSOR_PARTS.items() if not any((folder / n).is_file() for n in names)]
+    if missing:
+        raise ConversionError(f"{source} has no usable LlavaProcessor: no {' and no '.join(missing)}; save the "
+                              "checkpoint's processor into it (`processor.save_pretrained(SOURCE)`).")
     try:
         llava_processor = LlavaProcessor.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as error:
-        raise ConversionError(f"{source} has no usable LlavaProcessor ({error}); save the checkpoint's processor "
-                              "into it (`processor.save_pretrained(SOURCE)`).") from None
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ConversionError(f"{source} has no usable LlavaProcessor ({type(error).__name__}: {reason}); save the "
+                              "checkpoint's processor into it (`processor.save_pretrained(SOURCE)`).") from None
     tokenizer, notes = llava_processor.tokenizer, []
     alignment_token_id = add_alignment_token(tokenizer, reuse_alignment_token)
     if tokenizer.pad_token is None:
