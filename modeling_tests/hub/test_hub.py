@@ -165,13 +165,15 @@ def test_push_with_mocked_hfapi_records_files_and_commit(trained, expected_files
         return method
 
     commit = mock.Mock(commit_url="https://hub.test/user/tiny-aligngpt/commit/abc")
-    with mock.patch.object(HfApi, "create_repo", record("create_repo")), \
+    with mock.patch.object(HfApi, "repo_info", record("repo_info", mock.Mock(private=True))), \
+            mock.patch.object(HfApi, "create_repo", record("create_repo")), \
             mock.patch.object(HfApi, "create_branch", record("create_branch")), \
             mock.patch.object(HfApi, "list_repo_files", record("list_repo_files", stale)), \
             mock.patch.object(HfApi, "create_commit", record("create_commit", commit)):
         result = push_to_hub(folder, REPO_ID, private=True, revision="dev", max_shard_size="100KB",
                              commit_message="hub: tiny")
     assert result.commit_url == commit.commit_url and result.files == expected_files
+    assert calls["repo_info"] == ((REPO_ID,), {"repo_type": "model"})  # --private: an existing repo must be private
     assert calls["create_repo"] == ((REPO_ID,), {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls["create_branch"] == ((REPO_ID,), {"branch": "dev", "exist_ok": True, "repo_type": "model"})
     args, kwargs = calls["create_commit"]

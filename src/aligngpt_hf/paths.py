@@ -190,5 +190,19 @@ def resolve_image_path(value, image_folder=None, allow_outside: bool = False, wh
     return str(path)
 
 
-__all__ = ["TEMP_MARKER", "atomic_path", "atomic_write_text", "check_local_or_hub", "check_writable",
+def check_apart(output: str | os.PathLike, source: str | os.PathLike, what: str = "OUTPUT",
+                source_what: str = "SOURCE") -> None:
+    """Refuse an output that is the source, lies inside it, or holds it: replacing the output whole (`--overwrite`)
+    would delete the source, and one written inside it would be read back as part of the source next time."""
+    out, src = Path(os.path.realpath(output)), Path(os.path.realpath(source))
+    if out == src:
+        raise ValueError(f"{what} {output} is {source_what} itself; write to another folder.")
+    if src in out.parents:
+        raise ValueError(f"{what} {output} is inside {source_what} {source}; write outside it.")
+    if out in src.parents:
+        raise ValueError(f"{what} {output} holds {source_what} {source}: replacing it would delete {source_what}; "
+                         "write to another folder.")
+
+
+__all__ = ["TEMP_MARKER", "atomic_path", "atomic_write_text", "check_apart", "check_local_or_hub", "check_writable",
            "disk_error", "remove_leftovers", "resolve_image_path", "saving_to"]

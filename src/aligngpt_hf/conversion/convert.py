@@ -40,13 +40,23 @@ import torch
 from transformers import LlamaConfig
 
 from aligngpt_hf.conversion.family import convert_family, is_family_config
-from aligngpt_hf.conversion.mapping import ConversionError, check_filled, full_rules, map_keys, plan_and_write
+from aligngpt_hf.conversion.mapping import (
+    ConversionError,
+    check_filled,
+    full_rules,
+    map_keys,
+    parse_size,
+    plan_and_write,
+)
 from aligngpt_hf.conversion.steps import (
     STAGE_FILE,
     VOCAB_MULTIPLE,
     ConversionResult,
+    check_private_repo,
+    check_repo_id,
     convert_pretrain,
     expected_shapes,
+    read_json_object,
     read_weights,
     resolve_folder,
     resolve_vision,
@@ -54,7 +64,7 @@ from aligngpt_hf.conversion.steps import (
     write_side_files,
 )
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
-from aligngpt_hf.paths import atomic_path, check_writable
+from aligngpt_hf.paths import atomic_path, check_apart, check_writable
 
 TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "pretraining_tp",
@@ -62,6 +72,7 @@ TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
                "tie_word_embeddings")
 SOURCE_PATTERNS = ["*.json", "pytorch_model*.bin", "mm_projector_align.bin", "*.safetensors", "tokenizer.model",
                    "*.txt"]
+REQUIRED_INT_FIELDS = ("vocab_size", "hidden_size", "mm_hidden_size", "mm_vision_select_layer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,7 +94,11 @@ def convert_checkpoint(
 
     OUTPUT is built in a temporary folder next to it and renamed into place when complete, so a failed or killed
     conversion never leaves a half-written OUTPUT (and a rerun removes its leftovers)."""
+    if push_to_hub:  # a repo id the Hub would refuse is named before an hour of conversion, not after
+        check_repo_id(push_to_hub, "--push-to-hub")
+    parse_size(max_shard_size)
     source_dir = resolve_folder(source, SOURCE_PATTERNS, "checkpoint")
+    check_apart(output, source_dir)
     output = _prepare_output(Path(output), overwrite)
     with atomic_path(output, directory=True) as staging:
         result = _convert_into(source, source_dir, staging, vision_tower, tokenizer, kind, dtype, max_shard_size,
@@ -104,6 +119,10 @@ def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenize
                               dtype=target_dtype, max_shard_size=max_shard_size, progress=progress)
     files, shapes, detected, need_vision_weights = read_weights(source_dir, source, kind, vision_tower)
     vision_config, vision_dir, processor_settings = resolve_vision(orig, source_dir, vision_tower, need_vision_weights)
+    if detected == "pretrain" and tokenizer is not None:  # it would be ignored: the artefact has no vocabulary rows
+        raise ConversionError(f"--tokenizer applies to a full checkpoint, but {source} holds a stage-1 projector "
+                              "(mm_projector_align.bin, no language model); drop --tokenizer. The stage-2 trainer "
+                              "takes the tokenizer with the base LLM.")
     tok = load_tokenizer(tokenizer, source_dir) if detected == "full" else None
     config = build_config(orig, vision_config, shapes, tok, target_dtype, detected)
     expected = expected_shapes(config)
@@ -175,10 +194,23 @@ def _read_original_config(source_dir: Path) -> dict:
     path = source_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"{source_dir} has no config.json; an original AlignGPT checkpoint always has one.")
-    orig = json.loads(path.read_text())
+    orig = read_json_object(path, "config")
     if "mm_hidden_size" not in orig or "mm_vision_tower" not in orig:
-        reason = "it is already in the HF layout" if orig.get("model_type") == "aligngpt" else "it has no mm_* fields"
+        reasons = {
+            "aligngpt": "it is already in the HF layout (load it with from_pretrained, or publish it with "
+                        "`aligngpt-hf push`)",
+            "llava": "it is a transformers LLaVA (model_type 'llava'); make an AlignGPT of it with "
+                     "`aligngpt-hf from-llava SOURCE OUTPUT`",
+        }
+        reason = reasons.get(orig.get("model_type"), "it has no mm_* fields")
         raise ConversionError(f"Wrong kind of config in {path}: {reason}; expected an original AlignGPT config.")
+    for name in REQUIRED_INT_FIELDS:
+        value = orig.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or (name != "mm_vision_select_layer" and value < 1):
+            problem = "is missing" if name not in orig else f"is {value!r}"
+            raise ConversionError(f"{path}: `{name}` {problem}; an original AlignGPT config has it as "
+                                  f"{'an integer' if name == 'mm_vision_select_layer' else 'a positive integer'}. "
+                                  "Restore the checkpoint's own config.json.")
     return orig
 
 
@@ -187,10 +219,18 @@ def load_tokenizer(name, source_dir: Path):
     from transformers import AutoTokenizer
 
     if name is None:
-        has_tokenizer = any((source_dir / f).is_file() for f in ("tokenizer.model", "tokenizer.json"))
-        return AutoTokenizer.from_pretrained(source_dir) if has_tokenizer else None
+        return AutoTokenizer.from_pretrained(source_dir) if _has_tokenizer_files(source_dir) else None
     folder = resolve_folder(name, ["*.json", "tokenizer.model"], "tokenizer")
+    if not _has_tokenizer_files(folder):
+        present = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+        raise ConversionError(f"--tokenizer {name}: {folder} has no tokenizer files (tokenizer.json or "
+                              f"tokenizer.model; it holds {present}). Pass the base LLM's folder or Hub id, e.g. "
+                              "lmsys/vicuna-7b-v1.5.")
     return AutoTokenizer.from_pretrained(folder)
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json"))
 
 
 def _target_dtype(dtype: str | None) -> torch.dtype | None:
@@ -234,7 +274,9 @@ def build_config(orig: dict, vision_config, shapes, tokenizer, dtype, kind: str)
 def add_special_tokens(tokenizer, vocab: int) -> tuple[int, int]:
     """Add `<image>` and `<align>`; they must land after the original rows so those stay untouched."""
     if len(tokenizer) > vocab:
-        raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens but the checkpoint only {vocab} rows.")
+        raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens but the checkpoint only {vocab} rows: it is "
+                              "not the tokenizer these weights were trained with (one that already has <image>/<align> "
+                              "added?). Pass the base LLM's own tokenizer with --tokenizer, e.g. lmsys/vicuna-7b-v1.5.")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<align>"]})
     ids = tokenizer.convert_tokens_to_ids(["<image>", "<align>"])
     if min(ids) < vocab:
@@ -249,6 +291,8 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi()
+    if private:
+        check_private_repo(api, repo_id)
     api.create_repo(repo_id, exist_ok=True, private=private)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id,
                       commit_message="Add AlignGPT converted with `aligngpt-hf convert`")

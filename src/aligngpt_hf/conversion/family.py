@@ -45,6 +45,7 @@ from aligngpt_hf.conversion.steps import (
     expected_shapes,
     read_weights,
     resolve_vision,
+    tower_candidates,
     vision_folder_source,
     write_side_files,
 )
@@ -168,7 +169,7 @@ def resolve_family_vision(orig: dict, source_dir: Path, override, need_weights: 
     """(vision config, folder for the tower weights or None, image processor settings); SigLIP preprocessing is
     resize to a square + mean/std 0.5 (the family set crop size = size)."""
     name = str(orig.get("mm_vision_tower") or "")
-    local = any(p.is_dir() for p in (Path(name).expanduser(), source_dir / name)) if name else False
+    local = any(p.is_dir() for p in tower_candidates(name, source_dir))
     known = KNOWN_FAMILY_TOWERS.get(Path(name).name)
     if override is None and known is not None and not local and not need_weights:
         vision_config, folder = SiglipVisionConfig(**known), None

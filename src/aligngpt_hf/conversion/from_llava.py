@@ -21,16 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligngpt_hf.conversion.convert import DTYPES, resolve_folder
 from aligngpt_hf.conversion.mapping import ConversionError
+from aligngpt_hf.conversion.steps import loading_problems, read_json_object
 from aligngpt_hf.models.llava_aligngpt import config_from_llava
+from aligngpt_hf.paths import check_apart, check_writable
 
 SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 ALIGNMENT_TOKEN = "<align>"
+# What LlavaProcessor.from_pretrained reads: the tokenizer, and the image settings (in their own file or, as
+# transformers 5 saves them, inside processor_config.json).
+PROCESSOR_PARTS = {
+    "tokenizer (tokenizer.json or tokenizer.model)": ("tokenizer.json", "tokenizer.model"),
+    "image processor settings (preprocessor_config.json or processor_config.json)": ("preprocessor_config.json",
+                                                                                      "processor_config.json"),
+}
 IMAGE_SETTINGS = ("size", "crop_size", "image_mean", "image_std", "do_center_crop", "do_resize", "do_normalize",
                   "do_rescale", "rescale_factor", "resample", "do_convert_rgb")
 
@@ -50,7 +58,7 @@ def check_llava_source(folder: Path, source) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ConversionError(f"{source} has no config.json: it is not a saved transformers LLaVA checkpoint.")
-    config = json.loads(path.read_text())
+    config = read_json_object(path, "config")
     model_type = config.get("model_type")
     if model_type == "llava":
         return config
@@ -104,6 +112,26 @@ def _check_image_tokens(llava_processor, image_seq_length: int, source) -> None:
             f"{source}/processor_config.json to match the model.")
 
 
+def load_llava_weights(folder: Path, source):
+    """SOURCE's `LlavaForConditionalGeneration`, refused when its weights do not fill the model exactly: transformers
+    would initialise missing tensors randomly and drop unknown ones, and OUTPUT would silently hold another model."""
+    from safetensors import SafetensorError
+    from transformers import LlavaForConditionalGeneration
+
+    try:
+        llava, info = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto", output_loading_info=True,
+                                                                    ignore_mismatched_sizes=True)
+    except SafetensorError as error:  # transformers names neither the file nor the fix
+        names = ", ".join(p.name for p in sorted(folder.glob("*.safetensors"))) or "its weights"
+        raise ConversionError(f"{source}: weight file(s) {names} are truncated or corrupt ({error}); re-download or "
+                              "re-copy them.") from None
+    problems = loading_problems(info)
+    if problems:
+        raise ConversionError(f"{source}: the LLaVA weights do not match its config.json: {'; '.join(problems)}. "
+                              "Re-download or re-save the checkpoint whole.")
+    return llava
+
+
 def convert_llava(source, output, *, alignment_mode: str | None = None, num_alignment_levels: int | None = None,
                   image_aspect_ratio: str | None = None, dtype: str | None = None,
                   reuse_alignment_token: bool = False, overwrite: bool = False) -> FromLlavaResult:
@@ -116,14 +144,22 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise ConversionError(f"OUTPUT {output} exists and is not empty; pass --overwrite or another folder.")
+        what = "is a file" if not output.is_dir() else "exists and is not empty"
+        raise ConversionError(f"OUTPUT {output} {what}; pass --overwrite or another folder.")
     folder = resolve_folder(source, SOURCE_PATTERNS, "LLaVA checkpoint")
+    check_apart(output, folder)
+    check_writable(output.parent, "OUTPUT's parent folder")
     check_llava_source(folder, source)
+    missing = [part for part, names in PROCESSOR_PARTS.items() if not any((folder / n).is_file() for n in names)]
+    if missing:
+        raise ConversionError(f"{source} has no usable LlavaProcessor: no {' and no '.join(missing)}; save the "
+                              "checkpoint's processor into it (`processor.save_pretrained(SOURCE)`).")
     try:
         llava_processor = LlavaProcessor.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as error:
-        raise ConversionError(f"{source} has no usable LlavaProcessor ({error}); save the checkpoint's processor "
-                              "into it (`processor.save_pretrained(SOURCE)`).") from None
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ConversionError(f"{source} has no usable LlavaProcessor ({type(error).__name__}: {reason}); save the "
+                              "checkpoint's processor into it (`processor.save_pretrained(SOURCE)`).") from None
     tokenizer, notes = llava_processor.tokenizer, []
     alignment_token_id = add_alignment_token(tokenizer, reuse_alignment_token)
     if tokenizer.pad_token is None:
@@ -135,9 +171,15 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
         llava_config = AutoConfig.from_pretrained(folder)
         config = config_from_llava(llava_config, alignment_token_id, **kwargs)
         _check_image_tokens(llava_processor, config.image_seq_length, source)
-        model = AlignGPTForConditionalGeneration.from_llava(folder, alignment_token_id=alignment_token_id, **kwargs)
+        llava = load_llava_weights(folder, source)
+        model = AlignGPTForConditionalGeneration.from_llava(llava, alignment_token_id=alignment_token_id, **kwargs)
     except ValueError as error:
         raise ConversionError(str(error)) from None
+    except (MemoryError, RuntimeError) as error:  # e.g. a level table of --num-alignment-levels rows does not fit
+        if "alloc" not in str(error).lower() and not isinstance(error, MemoryError):
+            raise
+        raise ConversionError(f"Building the AlignGPT model ran out of memory ({str(error).splitlines()[0][:160]}); "
+                              f"check --num-alignment-levels ({num_alignment_levels}) and the free memory.") from None
     if dtype not in (None, "auto"):
         model = model.to(DTYPES[dtype])
     image_processor = llava_image_processor(llava_processor.image_processor, image_aspect_ratio)
@@ -171,15 +213,12 @@ def _write_folder(output: Path, model, processor) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    try:
-        result = convert_llava(
-            args.source, args.output, alignment_mode=args.alignment_mode,
-            num_alignment_levels=args.num_alignment_levels, image_aspect_ratio=args.image_aspect_ratio,
-            dtype=args.dtype, reuse_alignment_token=args.reuse_alignment_token, overwrite=args.overwrite,
-        )
-    except ConversionError as error:
-        print(f"aligngpt-hf from-llava: error: {error}", file=sys.stderr)
-        return 1
+    # a ConversionError (a ValueError) becomes the one-line `aligngpt-hf from-llava: error: ...` in aligngpt_hf.cli
+    result = convert_llava(
+        args.source, args.output, alignment_mode=args.alignment_mode,
+        num_alignment_levels=args.num_alignment_levels, image_aspect_ratio=args.image_aspect_ratio,
+        dtype=args.dtype, reuse_alignment_token=args.reuse_alignment_token, overwrite=args.overwrite,
+    )
     before, after = result.vocab_sizes
     print(f"Wrote an AlignGPT model into {result.output}: `{ALIGNMENT_TOKEN}` = id {result.alignment_token_id}, "
           f"vocabulary {before} -> {after} rows (LLaVA's rows unchanged).")

@@ -145,7 +145,21 @@ def map_keys(
     if duplicates:
         raise ConversionError(f"Several {origin} keys map to the same target:{_listing(duplicates)}")
     _check_shapes(source_shapes, mapping, expected_shapes, origin)
+    _check_dtypes(source_shapes, mapping, origin)
     return mapping, dropped
+
+
+def _check_dtypes(source_shapes, mapping, origin) -> None:
+    """Every converted weight is floating point: an integer or boolean tensor would be written as is and break the
+    model (or be cast silently by a loader)."""
+    dtypes = getattr(source_shapes, "dtypes", {})
+    bad = [f"{source} ({str(dtypes[source]).replace('torch.', '')})" for source in mapping.values()
+           if source in dtypes and not dtypes[source].is_floating_point]
+    if bad:
+        raise ConversionError(
+            f"Non-floating tensor(s) in the {origin} where weights are expected:{_listing(bad)}\nThe file is not "
+            "an AlignGPT checkpoint as released (weights are float32/float16/bfloat16); re-download or re-export it."
+        )
 
 
 def check_filled(filled: set[str], expected_shapes: dict[str, tuple[int, ...]], hint: str) -> None:
@@ -215,7 +229,7 @@ def weight_files_in(folder: Path) -> list[Path]:
     for index_name in INDEX_NAMES:
         index = folder / index_name
         if index.is_file():
-            shards = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+            shards = _index_shards(index)
             missing = [name for name in shards if not (folder / name).is_file()]
             if missing:
                 raise ConversionError(f"{index} lists shard(s) that are not in {folder}: {', '.join(missing)}.")
@@ -227,6 +241,28 @@ def weight_files_in(folder: Path) -> list[Path]:
     raise ConversionError(
         f"No weights found in {folder}: expected one of {', '.join(INDEX_NAMES + WEIGHT_FILE_NAMES)}; it holds {present}."
     )
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard names of an index file: plain file names in the checkpoint's own folder, each listed once."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f":{error.lineno}:{error.colno}" if isinstance(error, json.JSONDecodeError) else ""
+        raise ConversionError(f"{index}{where}: not valid JSON ({getattr(error, 'msg', error)}); restore the index "
+                              "file of the checkpoint.") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index} has no `weight_map` object ({{tensor name: shard file}}); restore the index "
+                              "file of the checkpoint.")
+    shards = list(dict.fromkeys(weight_map.values()))
+    bad = [repr(name) for name in shards if not isinstance(name, str) or not name or Path(name).name != name
+           or name in (".", "..")]
+    if bad:
+        raise ConversionError(f"{index}: `weight_map` names shard(s) {', '.join(bad[:5])} that are not plain file "
+                              "names in the checkpoint folder (a path, or outside the folder); shards are read only "
+                              "from the folder itself. Put the shards next to the index and list their names.")
+    return shards
 
 
 class KeyIndex(dict):
@@ -358,7 +394,11 @@ class _SafetensorsFile:
 
 def parse_size(size: int | str | None) -> int | None:
     """'5GB' / '500MB' / '2GiB' / bytes -> bytes; None = one file."""
-    if size is None or isinstance(size, int):
+    if size is None:
+        return size
+    if isinstance(size, int):
+        if size < 1:
+            raise ConversionError(f"The shard size {size!r} is not positive; write it like 5GB or 500MB.")
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), flags=re.IGNORECASE)
     if match is None:
@@ -366,7 +406,10 @@ def parse_size(size: int | str | None) -> int | None:
     unit = (match.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3}[unit[0]]
-    return int(float(match.group(1)) * base**power)
+    parsed = int(float(match.group(1)) * base**power)
+    if parsed < 1:
+        raise ConversionError(f"The shard size {size!r} is not positive; write it like 5GB or 500MB.")
+    return parsed
 
 
 def plan_and_write(sources, expected, config, output: Path, max_shard_size, progress: bool, file_name=None):

@@ -45,6 +45,7 @@ KNOWN_VISION_TOWERS = {
 }
 CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
                 projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+VISION_TOWER_TYPES = ("clip", "siglip", "siglip2")  # dual encoders whose vision half is the tower
 VISION_PATTERNS = ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"]
 
 
@@ -72,7 +73,77 @@ def resolve_folder(name: str | Path, allow_patterns: list[str], what: str) -> Pa
         raise ConversionError(f"The {what} {name!r} is neither an existing folder nor a Hub repo id (owner/name).")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(name), allow_patterns=allow_patterns))
+    try:
+        return Path(snapshot_download(str(name), allow_patterns=allow_patterns))
+    except OSError as error:  # offline and not cached, no such repo, gated, no network (the Hub's errors are OSErrors)
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConversionError(f"Cannot get the {what} {name!r} from the Hub ({reason}). Pass a local folder instead, "
+                              "or rerun online (or with the repo in the Hugging Face cache).") from None
+
+
+def read_json_object(path: Path, what: str = "file") -> dict:
+    """A JSON file that must hold one object; a broken or wrongly shaped file is named with its line and column."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ConversionError(f"{path} is not UTF-8 text; restore the {what} file of the checkpoint.") from None
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); restore the "
+                              f"{what} file of the checkpoint.") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, not the {what} object it should be; "
+                              f"restore the {what} file of the checkpoint.")
+    return data
+
+
+# The checks `--push-to-hub` and from-llava share with `aligngpt-hf push` (conversion does not import the hub package).
+
+
+def check_repo_id(repo_id: str, option: str, owner_required: bool = True) -> str:
+    """`owner/name` as the Hub accepts it, checked before any work (the Hub would refuse it only at upload); ids that
+    are only cited (a card's base models, data sets) may be legacy names without an owner."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        slashes = repo_id.count("/") if isinstance(repo_id, str) else -1
+        if slashes != 1 and (owner_required or slashes not in (0, 1)):
+            raise HFValidationError("it needs exactly one '/' between owner and name")
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(f"{option} {repo_id!r} is not a Hub repo id ({reason}); write it as 'owner/name' "
+                         "with letters, digits, '-', '_' and '.'.") from None
+    return repo_id
+
+
+def check_private_repo(api, repo_id: str) -> None:
+    """`--private` creates a private repository, but cannot make an existing public one private: uploading there
+    would publish what the user meant to keep private."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = api.repo_info(repo_id, repo_type="model")
+    except RepositoryNotFoundError:
+        return
+    if getattr(info, "private", None) is False:
+        raise ValueError(f"--private was given, but {repo_id} already exists and is public: --private does not change "
+                         "an existing repository. Make it private on the Hub first (Settings), or push to a new "
+                         "repository.")
+
+
+def loading_problems(info: dict) -> list[str]:
+    """What `from_pretrained(..., output_loading_info=True)` left out: weights missing (transformers initialises them
+    randomly), not in the model (dropped) or of the wrong shape, each counted with up to five names."""
+    problems = []
+    for kind, keys in (("missing (would be random)", info.get("missing_keys")),
+                       ("not in the model (would be dropped)", info.get("unexpected_keys")),
+                       ("of the wrong shape", [f"{k} {list(a)} vs {list(b)}" for k, a, b in
+                                               info.get("mismatched_keys") or ()])):
+        if keys:
+            listed = sorted(map(str, keys))
+            problems.append(f"{len(listed)} weight(s) {kind}: {', '.join(listed[:5])}")
+    return problems
 
 
 def read_weights(source_dir: Path, source, kind: str | None, vision_tower):
@@ -94,7 +165,7 @@ def resolve_vision(orig: dict, source_dir: Path, override, need_weights: bool):
         folder = resolve_folder(override, VISION_PATTERNS, "vision tower")
         return _vision_config_from(folder), (folder if need_weights else None), _processor_settings(folder)
     name = str(orig.get("mm_vision_tower") or "")
-    local = [p for p in (Path(name).expanduser(), source_dir / name) if name and p.is_dir()]
+    local = [p for p in tower_candidates(name, source_dir) if p.is_dir()]
     if local:
         folder = local[0]
         return _vision_config_from(folder), (folder if need_weights else None), _processor_settings(folder)
@@ -106,15 +177,32 @@ def resolve_vision(orig: dict, source_dir: Path, override, need_weights: bool):
         folder = resolve_folder(name, VISION_PATTERNS, "vision tower")
         return _vision_config_from(folder), (folder if need_weights else None), _processor_settings(folder)
     raise ConversionError(
-        f"Missing vision tower: config.json names `mm_vision_tower` = {name!r}, which is not a folder here (also "
-        f"tried relative to {source_dir})"
+        f"Missing vision tower: config.json names `mm_vision_tower` = {name!r}, which is neither a folder inside "
+        f"{source_dir} nor an absolute path to a folder on this machine"
         + (" and the checkpoint has no embedded tower weights" if need_weights else "")
         + ". Pass `--vision-tower openai/clip-vit-large-patch14-336` (or the tower's local folder)."
     )
 
 
+def tower_candidates(name: str, source_dir: Path) -> list[Path]:
+    """Where `mm_vision_tower` may point: inside SOURCE, or an absolute path (the training machine's, when it exists
+    here). Never relative to the working directory, which would read whatever folder happens to share the name."""
+    if not name:
+        return []
+    path = Path(name).expanduser()
+    return [path] if path.is_absolute() else [source_dir / name]
+
+
 def _vision_config_from(folder: Path):
+    """The vision config of a CLIP/SigLIP folder (a full dual encoder or its vision half); any other model is named."""
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"The vision tower folder {folder} has no config.json; pass a CLIP or SigLIP model "
+                              "folder (e.g. a download of openai/clip-vit-large-patch14-336).")
     config = AutoConfig.from_pretrained(folder)
+    model_type = str(getattr(config, "model_type", ""))
+    if not (model_type in VISION_TOWER_TYPES or model_type.endswith("_vision_model")):
+        raise ConversionError(f"The vision tower folder {folder} holds a {model_type!r} model, not a CLIP or SigLIP "
+                              "vision tower; pass the tower's own folder (e.g. openai/clip-vit-large-patch14-336).")
     return getattr(config, "vision_config", None) or config
 
 
@@ -219,5 +307,6 @@ def _generation_config(source_dir: Path, orig: dict, vocab: int, padded: int) ->
     return GenerationConfig(**found, suppress_tokens=list(range(vocab, padded)))
 
 
-__all__ = ["STAGE_FILE", "ConversionResult", "convert_pretrain", "expected_shapes", "read_weights", "resolve_folder",
+__all__ = ["STAGE_FILE", "ConversionResult", "check_private_repo", "check_repo_id", "loading_problems",
+           "read_json_object", "convert_pretrain", "expected_shapes", "read_weights", "resolve_folder",
            "resolve_vision", "vision_folder_source", "write_side_files"]

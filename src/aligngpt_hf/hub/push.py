@@ -17,6 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aligngpt_hf.hub.checks import (
+    check_card_options,
+    check_model_type,
+    check_not_partial,
+    check_private_repo,
+    check_repo_id,
+    check_revision,
+    check_shard_size,
+    loading_problems,
+)
 from aligngpt_hf.hub.model_card import (
     DEFAULT_BASE_MODELS,
     DEFAULT_DATASETS,
@@ -24,7 +34,7 @@ from aligngpt_hf.hub.model_card import (
     base_models_from_config,
     render_model_card,
 )
-from aligngpt_hf.paths import TEMP_MARKER, atomic_path, atomic_write_text, check_writable
+from aligngpt_hf.paths import TEMP_MARKER, atomic_path, atomic_write_text, check_apart, check_writable
 
 GENERATION_CLASS = "modeling_aligngpt.AlignGPTForConditionalGeneration"
 TOKENIZER_SHIM_FILE = "tokenization_aligngpt.py"
@@ -101,11 +111,21 @@ def load_for_publishing(folder: str | Path):
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
     folder = Path(folder)
+    if folder.is_dir():
+        check_not_partial(folder)
+    if folder.is_file():
+        raise NotADirectoryError(f"the model folder {folder} is a file; pass the folder written by save_pretrained, "
+                                 "a training run or convert.")
     if not folder.is_dir():
         raise FileNotFoundError(f"the model folder {folder} does not exist; pass the folder written by "
                                 "save_pretrained, a training run or convert.")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; pass a folder written by save_pretrained or convert.")
+    check_model_type(folder)
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        present = ", ".join(sorted(p.name for p in folder.iterdir())[:8])
+        raise FileNotFoundError(f"{folder} has no weights (model.safetensors or its shards; it holds {present}); "
+                                "save the model into it first (`model.save_pretrained(FOLDER)`).")
     if not (folder / "processor_config.json").is_file():
         raise FileNotFoundError(
             f"{folder} has no processor (processor_config.json). Harnesses load the processor and tokenizer from the "
@@ -114,7 +134,12 @@ def load_for_publishing(folder: str | Path):
             "(or `aligngpt-hf convert ... --tokenizer SRC`)."
         )
     model = _load_weights(AlignGPTForConditionalGeneration, folder)
-    processor = AlignGPTProcessor.from_pretrained(folder)
+    try:
+        processor = AlignGPTProcessor.from_pretrained(folder)
+    except (KeyError, ValueError, TypeError, AttributeError, OSError) as error:  # a damaged tokenizer/processor file
+        raise ValueError(f"{folder}: its processor cannot be loaded ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:200]}); re-save it (`processor.save_pretrained(FOLDER)`)."
+                         ) from None
     _check_model_matches_processor(model.config, processor)
     return model.eval(), processor
 
@@ -127,7 +152,8 @@ def _load_weights(model_class, folder: Path):
     from safetensors import SafetensorError
 
     try:
-        return model_class.from_pretrained(folder, dtype="auto")
+        model, info = model_class.from_pretrained(folder, dtype="auto", output_loading_info=True,
+                                                  ignore_mismatched_sizes=True)
     except pickle.UnpicklingError:
         names = ", ".join(p.name for p in sorted(folder.glob("*.bin")))
         raise ValueError(
@@ -142,6 +168,24 @@ def _load_weights(model_class, folder: Path):
             f"{folder}: weight file(s) {', '.join(broken)} are truncated or corrupt ({error}); re-download or "
             "re-save them (`model.save_pretrained(FOLDER)`)."
         ) from None
+    _check_loaded(folder, model, info)
+    return model
+
+
+def _check_loaded(folder: Path, model, info: dict) -> None:
+    """Refuse weights that do not fill the model exactly (transformers would initialise the gaps randomly, or drop
+    the extras, and the repository would hold a different model), and weights that are NaN or infinite."""
+    import torch
+
+    problems = loading_problems(info)
+    if problems:
+        raise ValueError(f"{folder}: the weights do not match its config.json: {'; '.join(problems)}. Publish the "
+                         "folder the model was saved to whole (`model.save_pretrained(FOLDER)`).")
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ValueError(f"{folder}: {len(broken)} weight(s) hold NaN or infinite values ({', '.join(broken[:5])}); "
+                         "the run diverged or the file is damaged: publish an earlier checkpoint.")
 
 
 def _safetensors_problem(path: Path) -> bool:
@@ -258,6 +302,7 @@ def _check_output_dir(output_dir: Path, source: Path) -> None:
     unwritable place, before the model is loaded. Temporary files of an interrupted run of ours do not count."""
     if output_dir.resolve() == source.resolve():
         raise ValueError(f"The publish folder must differ from the source folder {source}.")
+    check_apart(output_dir, source, "The publish folder", "the source folder")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} is a file; choose another `--out` folder.")
     entries = list(output_dir.iterdir()) if output_dir.is_dir() else []
@@ -328,6 +373,8 @@ def upload_publish_folder(
     folder = Path(folder)
     files = check_publish_folder(folder)
     api = HfApi(token=token)
+    if private:
+        check_private_repo(api, repo_id)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
@@ -369,6 +416,13 @@ def push_to_hub(
     `<folder>/../<repo name>-publish`) and uploads nothing; a push stages in `output_dir` or a temporary folder."""
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"`repo_id` must look like 'user/name', got {repo_id!r}.")
+    check_repo_id(repo_id, "REPO_ID")
+    check_revision(revision)
+    check_shard_size(max_shard_size)
+    check_card_options(base_models, datasets, license)
+    if dry_run and private:
+        raise ValueError("--private applies to the repository an upload creates, but --dry-run uploads nothing; drop "
+                         "--private, or drop --dry-run to push.")
     options = dict(max_shard_size=max_shard_size, base_models=base_models, datasets=datasets, license=license,
                    auto_model=auto_model)
     if dry_run or output_dir is not None:
@@ -420,6 +474,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 __all__ = [
     "PublishResult",
+    "check_repo_id",
     "check_publish_folder",
     "default_dry_run_folder",
     "ensure_generation_config",

@@ -55,6 +55,10 @@ def assign_levels(scores, num_levels: int = 8, binning: str = "quantile", tie_to
     groups = tie_groups(sorted_scores, tie_tolerance)
     starts = np.searchsorted(groups, groups, side="left")
     ends = np.searchsorted(groups, groups, side="right") - 1
+    if binning == "quantile" and groups[-1] == 0:  # one tie group: every pair in one level, the others empty
+        raise ValueError(f"all {scores.size} scores are equal within tie_tolerance={tie_tolerance} "
+                         f"({sorted_scores[0]}..{sorted_scores[-1]}): every pair would get the same level; the scorer "
+                         "gives no signal on this data (check --scorer), or lower --tie-tolerance")
     if binning == "quantile":
         positional = np.arange(scores.size, dtype=np.int64) * num_levels // scores.size
         sorted_levels = ((starts + ends) // 2) * num_levels // scores.size

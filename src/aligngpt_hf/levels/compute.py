@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import math
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +41,16 @@ import numpy as np
 import torch
 
 from aligngpt_hf.levels.binning import BINNINGS, DEFAULT_TIE_TOLERANCE, assign_levels  # noqa: F401 (public here)
+from aligngpt_hf.levels.inputs import (  # noqa: F401 (public here)
+    RECORD_PROBLEM,
+    _open_image,
+    caption_from_conversations,
+    load_input,
+    pairs_from_llava_json,
+    record_problem,
+)
 from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, load_scorer
-from aligngpt_hf.models.image_processing_utils_aligngpt import to_rgb, upright
-from aligngpt_hf.paths import atomic_path, atomic_write_text, check_writable, resolve_image_path
+from aligngpt_hf.paths import atomic_path, atomic_write_text, check_apart, check_writable
 
 SKIP_HINT = "pass --skip-bad (skip_bad=True) to skip such records; they are counted and listed in the report"
 _CACHE_VERSION = "levels-v1"
@@ -53,66 +60,6 @@ _SCORE_FEATURES = {
     "alignment_image_mode": "string",
     "alignment_truncated": "bool",
 }
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-
-
-def caption_from_conversations(conversations) -> str | None:
-    """The caption of a LLaVA pre-training record is its first `gpt` turn."""
-    for turn in conversations or []:
-        if isinstance(turn, dict) and turn.get("from") == "gpt":
-            value = turn.get("value")
-            return value if isinstance(value, str) else None
-    return None
-
-
-def pairs_from_llava_json(path: str | os.PathLike) -> tuple[list[dict], Any]:
-    """Read a LLaVA-format JSON list; return the records and a Dataset of `id`, `image`, `caption`."""
-    from datasets import Dataset
-
-    data = Path(path).read_bytes()
-    try:
-        records = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 (byte {error.start}); re-save the file as UTF-8.") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}).") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of LLaVA records, got {type(records).__name__}")
-    ids = [str(r.get("id", f"row {i}")) if isinstance(r, dict) else f"row {i}" for i, r in enumerate(records)]
-    images = [r.get("image") if isinstance(r, dict) else None for r in records]
-    images = [image[0] if isinstance(image, list) and len(image) == 1 else image for image in images]
-    images = [image if isinstance(image, str) else None for image in images]
-    captions = [caption_from_conversations(r.get("conversations")) if isinstance(r, dict) else None for r in records]
-    table = {"id": ids, "image": images, "caption": captions}
-    return records, Dataset.from_dict(table)
-
-
-def _open_image(value, image_folder: str | None, allow_outside: bool = False):
-    """Decode one image to RGB with the package's one loader; return (image, original mode) or raise ValueError.
-
-    Paths resolve inside `image_folder`; one outside it is refused unless `allow_outside` (a hostile JSON could
-    otherwise make the scorer read any file)."""
-    from PIL import Image
-
-    if value is None:
-        raise ValueError("no image")
-    if isinstance(value, dict):  # datasets.Image(decode=False)
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, str) and image_folder:
-        value = resolve_image_path(value, image_folder, allow_outside, "`image`")
-    if isinstance(value, str) and not os.path.isfile(value):
-        raise ValueError(f"image file not found: {value}")
-    try:
-        if isinstance(value, Image.Image):
-            return to_rgb(upright(value), "image"), value.mode
-        with Image.open(io.BytesIO(value) if isinstance(value, bytes) else value) as image:
-            image.load()
-            return to_rgb(upright(image), "image"), image.mode
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"corrupt or unreadable image ({type(error).__name__}: {error})") from None
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -146,7 +93,8 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
             for row, value in zip(ahead, source[ahead.start:ahead.stop][image_column]):
                 pending[row] = pool.submit(prepare, value)
         prepared = [future.result() for future in futures]
-        errors = [error for _, _, error in prepared]
+        problems = batch.get(RECORD_PROBLEM) or [""] * len(captions)
+        errors = [problem or error for problem, (_, _, error) in zip(problems, prepared)]
         for i, caption in enumerate(captions):
             if not errors[i] and (not isinstance(caption, str) or not caption.strip()):
                 errors[i] = "caption missing or empty"
@@ -154,7 +102,8 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
         for i, error in enumerate(errors):
             if error and not skip_bad:
                 record = batch[id_column][i] if id_column else f"row {indices[i]}"
-                raise ValueError(f"record {record!r} (row {indices[i]}): {error}. Fix the record or {SKIP_HINT}.")
+                raise ValueError(f"record {record!r} (row {indices[i]}): {error.rstrip('.')}. Fix the record or "
+                                 f"{SKIP_HINT}.")
         good = [i for i, error in enumerate(errors) if not error]
         truncated = [False] * len(captions)
         if good:
@@ -162,6 +111,12 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
             good_captions = [captions[i] for i in good]
             for i, value, cut in zip(good, scorer.score(pixels, good_captions), scorer.count_truncated(good_captions)):
                 scores[i], truncated[i] = float(value), cut
+                if not math.isfinite(scores[i]):  # NaN/inf weights, or an overflow in half precision
+                    errors[i] = (f"the scorer gave a non-finite score ({scores[i]}); check the scorer's weights, or "
+                                 "score in float32 (--device cpu)")
+                    if not skip_bad:
+                        record = batch[id_column][i] if id_column else f"row {indices[i]}"
+                        raise ValueError(f"record {record!r} (row {indices[i]}): {errors[i]}.")
         modes = [mode for _, mode, _ in prepared]
         return {"alignment_score": scores, "alignment_error": errors, "alignment_image_mode": modes,
                 "alignment_truncated": truncated}
@@ -192,6 +147,20 @@ def _score_chunk(source, rows: range, fn, batch_size: int, features, cache_file:
     )
 
 
+def _check_run_options(batch_size, chunk_size, num_workers, num_shards, shard_index) -> None:
+    """Sizes, threads and shards, refused before the scorer is loaded (a full-size CLIP takes a while)."""
+    if int(chunk_size) != chunk_size or chunk_size < 1 or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"chunk_size and batch_size must be integers >= 1, got {chunk_size} and {batch_size}")
+    if num_workers is not None and (int(num_workers) != num_workers or num_workers < 1):
+        raise ValueError(f"num_workers (--num-workers, image decoding threads) must be an integer >= 1, got "
+                         f"{num_workers}")
+    if int(num_shards) != num_shards or num_shards < 1:
+        raise ValueError(f"num_shards (--num-shards) must be an integer >= 1, got {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in 0..{num_shards - 1}, got {shard_index}"
+                         + ("; pass --num-shards with --shard-index" if num_shards == 1 else ""))
+
+
 def _files_signature(source, rows: range, image_column: str, image_folder: str | None) -> str:
     """A short hash of the size and modification time of every image file of `rows`: replacing a file under the
     same name changes it, so the chunk's cached scores are not reused. Embedded image bytes are covered by the
@@ -205,7 +174,7 @@ def _files_signature(source, rows: range, image_column: str, image_folder: str |
             try:
                 stat = os.stat(path)
                 value = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-            except OSError:
+            except (OSError, ValueError):  # missing, or not a valid path (NUL byte): the scorer names it
                 value = f"{path}:missing"
         digest.update(f"{value}\n".encode())
     return digest.hexdigest()[:12]
@@ -251,10 +220,7 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
             raise ValueError(f"column {column!r} not in dataset columns {dataset.column_names}; "
                              "pass --image-column/--text-column")
     id_column = id_column if id_column in dataset.column_names else None
-    if int(chunk_size) != chunk_size or chunk_size < 1 or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"chunk_size and batch_size must be integers >= 1, got {chunk_size} and {batch_size}")
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index must be in 0..{num_shards - 1}, got {shard_index}")
+    _check_run_options(batch_size, chunk_size, num_workers, num_shards, shard_index)
     features = Features({name: Value(kind) for name, kind in _SCORE_FEATURES.items()})
     source = dataset
     if isinstance(dataset.features[image_column], Image):  # decode in our worker threads, not in datasets
@@ -309,25 +275,6 @@ class LevelsResult:
     complete: bool = True
 
 
-def _load_input(input: Any, split: str | None):
-    """LLaVA JSON -> (records, pairs dataset); saved dataset folder or Dataset -> (None, dataset)."""
-    if not isinstance(input, (str, os.PathLike)):
-        return None, input
-    path = Path(input)
-    if path.is_dir():
-        from datasets import DatasetDict, load_from_disk
-
-        dataset = load_from_disk(str(path))
-        if isinstance(dataset, DatasetDict):
-            if split is None and len(dataset) != 1:
-                raise ValueError(f"{path} holds splits {list(dataset)}: pass --split")
-            dataset = dataset[split or next(iter(dataset))]
-        return None, dataset
-    if not path.exists():
-        raise ValueError(f"input {path} does not exist (expected a LLaVA JSON file or a save_to_disk folder)")
-    return pairs_from_llava_json(path)
-
-
 def _distributed_shard(num_shards: int | None, shard_index: int | None, device: str | None = None):
     """Under `accelerate launch` (WORLD_SIZE > 1) shard by process; otherwise use the given options.
 
@@ -345,7 +292,7 @@ def _distributed_shard(num_shards: int | None, shard_index: int | None, device: 
                                f"(distributed type {state.distributed_type}); pass --device cpu, or split by hand "
                                "with --num-shards/--shard-index")
         return state, state.num_processes, state.process_index, state.device
-    return None, num_shards or 1, shard_index or 0, None
+    return None, 1 if num_shards is None else num_shards, shard_index or 0, None
 
 
 def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder: str | None = None,
@@ -373,10 +320,26 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
         raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
     if plot:
         levels_report.require_matplotlib()
+    if not math.isfinite(tie_tolerance):
+        raise ValueError(f"tie_tolerance (--tie-tolerance) must be a finite number >= 0, got {tie_tolerance}")
     output = Path(output)
+    _check_output(output, input)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(output)
+    _check_cache_dir(cache_dir, output, input)
     check_writable(output.parent, "output folder")
-    records, dataset = _load_input(input, split)
+    if image_folder is not None and not Path(image_folder).is_dir():
+        what = "is a file" if Path(image_folder).exists() else "does not exist"
+        raise ValueError(f"--image-folder {image_folder} {what}; pass the folder the records' `image` paths are "
+                         "relative to")
+    records, dataset = load_input(input, split)
     if records is not None:
+        dataset_options = {"--image-column": (image_column, "image"), "--text-column": (text_column, "caption"),
+                           "--id-column": (id_column, "id"), "--split": (split, None)}
+        ignored = [name for name, (value, default) in dataset_options.items() if value != default]
+        if ignored:
+            verb, them = ("applies", "it") if len(ignored) == 1 else ("apply", "them")
+            raise ValueError(f"{', '.join(ignored)} {verb} to a saved dataset, but {input} is LLaVA JSON (its records "
+                             f"always hold `id`, `image` and the caption in `conversations`); drop {them}")
         image_column, text_column, id_column = "image", "caption", "id"
         if image_folder is None:
             raise ValueError("LLaVA JSON input needs --image-folder (image_folder=...): its `image` paths are relative")
@@ -386,8 +349,8 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
         raise ValueError(f"num_levels={num_levels} is larger than the number of pairs ({len(dataset)}); "
                          "lower --num-levels or add data")
     state, num_shards, shard_index, state_device = _distributed_shard(num_shards, shard_index, device)
+    _check_run_options(batch_size, chunk_size, num_workers, num_shards, shard_index)
     scorer = load_scorer(scorer, device=device or state_device)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(output)
     check_writable(cache_dir, "cache folder")
     options = dict(image_column=image_column, text_column=text_column, id_column=id_column, image_folder=image_folder,
                    batch_size=batch_size, num_workers=num_workers, chunk_size=chunk_size, cache_dir=cache_dir,
@@ -405,6 +368,33 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
     seconds = time.perf_counter() - start
     return _finish(scored, records, output, scorer, num_levels, binning, skip_bad, id_column, text_column,
                    image_column, plot, examples_per_level, seconds, levels_report, tie_tolerance)
+
+
+def _check_output(output: Path, input: Any) -> None:
+    """OUTPUT is a JSON file path: not a folder, not INPUT itself, not inside a saved-dataset INPUT."""
+    if output.is_dir():
+        raise ValueError(f"OUTPUT {output} is a folder; give the path of the JSON file to write, e.g. "
+                         f"{output / 'levels.json'}")
+    if isinstance(input, (str, os.PathLike)) and Path(input).exists():
+        check_apart(output, input, "OUTPUT", "INPUT")
+        written = [output.with_name(output.stem + suffix) for suffix in (".report.json", ".report.md", ".scores.png",
+                                                                         ".dataset")]
+        for path in written:
+            if os.path.realpath(path) == os.path.realpath(input):
+                raise ValueError(f"INPUT {input} would be overwritten by the file {path.name} that OUTPUT {output} "
+                                 "writes next to it; give OUTPUT another name.")
+
+
+def _check_cache_dir(cache_dir: Path, output: Path, input: Any) -> None:
+    """The score cache is a folder of its own: not OUTPUT (which is written at the end), not inside a saved-dataset
+    INPUT (which it would change)."""
+    if os.path.realpath(cache_dir) == os.path.realpath(output):
+        raise ValueError(f"--cache-dir {cache_dir} is OUTPUT itself; choose another folder (default: "
+                         f"{default_cache_dir(output)})")
+    if cache_dir.is_file():
+        raise ValueError(f"--cache-dir {cache_dir} is a file; choose a folder")
+    if isinstance(input, (str, os.PathLike)) and Path(input).is_dir():
+        check_apart(cache_dir, input, "--cache-dir", "INPUT")
 
 
 def _first_error(scored, id_column: str | None) -> ValueError:
@@ -425,7 +415,10 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
     if len(good) < len(errors) and not skip_bad:
         raise _first_error(scored, id_column)
     if not good:
-        raise ValueError(f"every one of the {len(errors)} records was skipped; see the reasons with --skip-bad")
+        reasons = Counter(error.split(":")[0].split(" (")[0] for error in errors).most_common(3)
+        listed = "; ".join(f"{reason} ({count})" for reason, count in reasons)
+        raise ValueError(f"every one of the {len(errors)} records was skipped, nothing to bucket: {listed}. Fix the "
+                         "records (or the --image-folder / --scorer they need) and rerun.")
     kept = scored.select(good)
     levels, edges, ties = assign_levels(kept["alignment_score"], num_levels, binning, tie_tolerance, return_ties=True)
     kept = kept.add_column("alignment_level", levels.tolist())
@@ -459,6 +452,8 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from aligngpt_hf.levels import report as levels_report
+
     result = compute_alignment_levels(
         args.input, args.output, image_folder=args.image_folder, scorer=args.scorer, num_levels=args.num_levels,
         binning=args.binning, skip_bad=args.skip_bad, image_column=args.image_column, text_column=args.text_column,
@@ -474,6 +469,9 @@ def run_cli(args: argparse.Namespace) -> int:
     report = result.report
     print(f"{report['num_scored']} pairs in {report['num_levels']} levels ({report['binning']}), "
           f"{report['num_skipped']} skipped, {report['num_truncated']} captions truncated")
+    for line in levels_report.warning_lines(report):
+        print(f"  note: {line}")
     for name, path in result.files.items():
         print(f"  {name}: {path}")
     return 0
+

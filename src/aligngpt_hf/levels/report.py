@@ -58,6 +58,7 @@ def build_report(*, scores, levels, edges, num_levels, binning, scorer, captions
     good = [i for i, error in enumerate(errors) if not error]
     conversions = Counter(modes[i] for i in good if modes[i] != "RGB")
     truncated_ids = [ids[i] for i in good if truncated[i]]
+    repeated = [name for name, count in Counter(map(str, ids)).items() if count > 1]
     return {
         "num_records": len(errors),
         "num_scored": len(good),
@@ -66,6 +67,9 @@ def build_report(*, scores, levels, edges, num_levels, binning, scorer, captions
         "skipped_by_reason": dict(Counter(s["reason"].split(":")[0].split(" (")[0] for s in skipped)),
         "num_converted_to_rgb": int(sum(conversions.values())),
         "converted_from_mode": dict(conversions),
+        "num_duplicate_ids": len(repeated),
+        "duplicate_ids": repeated[:DUPLICATES_LISTED],
+        "empty_levels": [entry["level"] for entry in per_level if entry["count"] == 0],
         "num_truncated": len(truncated_ids),
         "truncated_ids": truncated_ids,
         "text_max_length": max_length,
@@ -86,6 +90,9 @@ def build_report(*, scores, levels, edges, num_levels, binning, scorer, captions
     }
 
 
+DUPLICATES_LISTED = 20  # the report names this many repeated ids (all are counted)
+
+
 def report_markdown(report: dict) -> str:
     lines = [
         "# Alignment levels", "",
@@ -98,7 +105,7 @@ def report_markdown(report: dict) -> str:
         f"* scores: min {report['score_min']:.4f}, median {report['score_median']:.4f}, "
         f"mean {report['score_mean']:.4f}, max {report['score_max']:.4f}",
         f"* edges: {', '.join(f'{e:.4f}' for e in report['edges'])}",
-        *_ties_line(report.get("ties") or {}), "",
+        *_ties_line(report.get("ties") or {}), *_warning_lines(report), "",
         "| level | count | min score | max score | examples |", "|---|---|---|---|---|",
     ]
     for level in report["levels"]:
@@ -110,6 +117,28 @@ def report_markdown(report: dict) -> str:
         lines += ["", "## Skipped records", ""]
         lines += [f"* `{s['id']}` (row {s['row']}): {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def _warning_lines(report: dict) -> list[str]:
+    """What the user should look at: ids used by several records (all records are kept) and levels left empty."""
+    lines = []
+    if report.get("num_duplicate_ids"):
+        lines.append(f"* ids used by more than one record (all records kept): {report['num_duplicate_ids']} "
+                     f"(e.g. {', '.join(report['duplicate_ids'][:5])})")
+    if report.get("empty_levels"):
+        lines.append(f"* empty levels (ties or too few distinct scores): {report['empty_levels']}")
+    return lines
+
+
+def warning_lines(report: dict) -> list[str]:
+    """The report's warnings as short lines for the command's summary."""
+    lines = []
+    if report.get("num_duplicate_ids"):
+        lines.append(f"{report['num_duplicate_ids']} id(s) are used by more than one record (all kept), e.g. "
+                     f"{report['duplicate_ids'][0]!r}; see the report")
+    if report.get("empty_levels"):
+        lines.append(f"level(s) {report['empty_levels']} are empty (ties or too few distinct scores)")
+    return lines
 
 
 def _ties_line(ties: dict) -> list[str]:
@@ -144,8 +173,8 @@ def plot_scores(report: dict, scores, edges, path) -> str:
     rows = []
     for level in report["levels"]:
         captions = " | ".join(_short(e["caption"], 36) for e in level["examples"][:3])
-        rows.append(f"level {level['level']:>2} n={level['count']:<7} {level['min_score']:+.3f}..{level['max_score']:+.3f}"
-                    f"  {captions}")
+        span = ("empty" if level["count"] == 0 else f"{level['min_score']:+.3f}..{level['max_score']:+.3f}")
+        rows.append(f"level {level['level']:>2} n={level['count']:<7} {span}  {captions}")
     text_ax.text(0, 1, "\n".join(rows), va="top", ha="left", family="monospace", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as temp:

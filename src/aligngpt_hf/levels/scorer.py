@@ -90,10 +90,26 @@ def _hash_model(model, processor) -> str:
     return "model-" + digest.hexdigest()[:16]
 
 
+def _device(device) -> torch.device:
+    """The device to score on (default: CUDA when present); a name torch does not know, or an accelerator this
+    machine lacks, is refused here instead of failing deep inside `model.to`."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {device!r} is not a torch device ({error}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"--device {device} is not available on this machine ({found}); use cpu or another device")
+    return device
+
+
 def load_scorer(scorer: Any = DEFAULT_SCORER, device: str | torch.device | None = None,
                 dtype: torch.dtype | None = None) -> Scorer:
     """Accept a Hub id / local path, a `(model, processor)` pair or a `Scorer`; GPU + bf16 when present."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if isinstance(scorer, Scorer):
         model, processor, name = scorer.model, scorer.processor, scorer.name
@@ -104,6 +120,9 @@ def load_scorer(scorer: Any = DEFAULT_SCORER, device: str | torch.device | None 
         from transformers import AutoModel, AutoProcessor
 
         name = check_local_or_hub(scorer, "scorer")
+        if os.path.isfile(name):
+            raise ScorerLoadError(f"the scorer {name!r} is a file; pass --scorer a CLIP or SigLIP model folder or Hub "
+                                  "id (AutoModel + AutoProcessor)")
         try:
             model = AutoModel.from_pretrained(name, dtype=dtype)
             processor = AutoProcessor.from_pretrained(name)
