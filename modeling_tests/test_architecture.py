@@ -15,7 +15,7 @@ CAPABILITY_IMPORTS = {
     # conversion: load_stage1_artefact / is_stage1_artefact only; hub: the published configs a dry run plans from
     "training": {"models", "tiny", "conversion", "hub"},
     "levels": {"models", "tiny"},
-    "conversion": {"models"},
+    "conversion": {"models", "hub"},  # hub.checks: the repo-id, --private and loading-report checks push uses too
     "hub": {"models", "tiny"},
     "evaluation": {"models"},
     "demo": {"models", "tiny", "training", "levels", "evaluation"},

@@ -52,8 +52,6 @@ from aligngpt_hf.conversion.steps import (
     STAGE_FILE,
     VOCAB_MULTIPLE,
     ConversionResult,
-    check_private_repo,
-    check_repo_id,
     convert_pretrain,
     expected_shapes,
     read_json_object,
@@ -63,6 +61,7 @@ from aligngpt_hf.conversion.steps import (
     vision_folder_source,
     write_side_files,
 )
+from aligngpt_hf.hub.checks import check_private_repo, check_repo_id
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.paths import atomic_path, check_apart, check_writable
 

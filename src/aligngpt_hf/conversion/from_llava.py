@@ -26,7 +26,8 @@ from pathlib import Path
 
 from aligngpt_hf.conversion.convert import DTYPES, resolve_folder
 from aligngpt_hf.conversion.mapping import ConversionError
-from aligngpt_hf.conversion.steps import loading_problems, read_json_object
+from aligngpt_hf.conversion.steps import read_json_object
+from aligngpt_hf.hub.checks import loading_problems
 from aligngpt_hf.models.llava_aligngpt import config_from_llava
 from aligngpt_hf.paths import check_apart, check_writable
 

@@ -96,56 +96,6 @@ def read_json_object(path: Path, what: str = "file") -> dict:
     return data
 
 
-# The checks `--push-to-hub` and from-llava share with `aligngpt-hf push` (conversion does not import the hub package).
-
-
-def check_repo_id(repo_id: str, option: str, owner_required: bool = True) -> str:
-    """`owner/name` as the Hub accepts it, checked before any work (the Hub would refuse it only at upload); ids that
-    are only cited (a card's base models, data sets) may be legacy names without an owner."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        slashes = repo_id.count("/") if isinstance(repo_id, str) else -1
-        if slashes != 1 and (owner_required or slashes not in (0, 1)):
-            raise HFValidationError("it needs exactly one '/' between owner and name")
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        reason = " ".join(str(error).split())
-        raise ValueError(f"{option} {repo_id!r} is not a Hub repo id ({reason}); write it as 'owner/name' "
-                         "with letters, digits, '-', '_' and '.'.") from None
-    return repo_id
-
-
-def check_private_repo(api, repo_id: str) -> None:
-    """`--private` creates a private repository, but cannot make an existing public one private: uploading there
-    would publish what the user meant to keep private."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        info = api.repo_info(repo_id, repo_type="model")
-    except RepositoryNotFoundError:
-        return
-    if getattr(info, "private", None) is False:
-        raise ValueError(f"--private was given, but {repo_id} already exists and is public: --private does not change "
-                         "an existing repository. Make it private on the Hub first (Settings), or push to a new "
-                         "repository.")
-
-
-def loading_problems(info: dict) -> list[str]:
-    """What `from_pretrained(..., output_loading_info=True)` left out: weights missing (transformers initialises them
-    randomly), not in the model (dropped) or of the wrong shape, each counted with up to five names."""
-    problems = []
-    for kind, keys in (("missing (would be random)", info.get("missing_keys")),
-                       ("not in the model (would be dropped)", info.get("unexpected_keys")),
-                       ("of the wrong shape", [f"{k} {list(a)} vs {list(b)}" for k, a, b in
-                                               info.get("mismatched_keys") or ()])):
-        if keys:
-            listed = sorted(map(str, keys))
-            problems.append(f"{len(listed)} weight(s) {kind}: {', '.join(listed[:5])}")
-    return problems
-
-
 def read_weights(source_dir: Path, source, kind: str | None, vision_tower):
     """(weight files, their shapes, detected kind, whether the tower's weights must be found): the kind is read off
     the keys and must match `kind` when one is asked for; a full checkpoint without an embedded tower (or with
@@ -307,6 +257,6 @@ def _generation_config(source_dir: Path, orig: dict, vocab: int, padded: int) ->
     return GenerationConfig(**found, suppress_tokens=list(range(vocab, padded)))
 
 
-__all__ = ["STAGE_FILE", "ConversionResult", "check_private_repo", "check_repo_id", "loading_problems",
+__all__ = ["STAGE_FILE", "ConversionResult",
            "read_json_object", "convert_pretrain", "expected_shapes", "read_weights", "resolve_folder",
            "resolve_vision", "vision_folder_source", "write_side_files"]

@@ -1,6 +1,6 @@
 """Checks of what `aligngpt-hf push` is given, made before any work: the repo id, the branch, the shard size, the card
-fields, the kind of model in the folder and whether `--private` can hold. (`conversion/steps.py` keeps its own copy of
-the repo-id, `--private` and loading-report checks: the conversion package does not import this one.)
+fields, the kind of model in the folder and whether `--private` can hold. `convert --push-to-hub` and `from-llava` use
+the repo-id, `--private` and loading-report checks too.
 
 Why up front: the Hub refuses a bad name only at upload, after minutes of loading and re-saving; a LLaVA folder would
 otherwise fail with a message about token ids; and `--private` onto an existing public repository would publish.
@@ -129,6 +129,5 @@ def loading_problems(info: dict) -> list[str]:
     return problems
 
 
-__all__ = ["check_card_options", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id", "check_revision",
-           "check_shard_size",
-           "loading_problems"]
+__all__ = ["check_card_options", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id",
+           "check_revision", "check_shard_size", "loading_problems"]

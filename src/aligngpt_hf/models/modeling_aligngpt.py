@@ -5,12 +5,12 @@ The classes subclass LLaVA's and override what AlignGPT changes: the `<align>` m
 The alignment logic lives in `AlignGPTModel.forward`, because TRL's SFTTrainer trains through the base model.
 """
 
+import json
 import math
 from pathlib import Path
 from shutil import copyfile
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel
 from transformers import initialization as init
@@ -92,9 +92,11 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
         """transformers' loader; a weights file cut short (an interrupted download or copy) is named, with the fix."""
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except SafetensorError as error:
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors' own class, named without importing it here
+                raise
             folder = Path(str(pretrained_model_name_or_path))
-            broken = [path.name for path in sorted(folder.glob("*.safetensors")) if not _opens(path)] or ["a weights file"]
+            broken = [path.name for path in sorted(folder.glob("*.safetensors")) if _cut_short(path)] or ["a weights file"]
             raise OSError(f"{folder}: {broken[0]} is cut short or corrupt ({error}); download it again or save the "
                           "model again.") from None
 
@@ -109,12 +111,16 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
                 copyfile(path, Path(save_directory) / Path(path).name)
 
 
-def _opens(path: Path) -> bool:
-    try:
-        with safe_open(str(path), framework="pt"):
+def _cut_short(path: Path) -> bool:
+    """Whether a safetensors file is shorter than its header says, or has no readable header."""
+    with open(path, "rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        try:
+            header = json.loads(file.read(header_size))
+        except ValueError:
             return True
-    except SafetensorError:
-        return False
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    return path.stat().st_size < 8 + header_size + max(ends, default=0)
 
 
 class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
