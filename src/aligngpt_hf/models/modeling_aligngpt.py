@@ -5,7 +5,6 @@ The classes subclass LLaVA's and override what AlignGPT changes: the `<align>` m
 The alignment logic lives in `AlignGPTModel.forward`, because TRL's SFTTrainer trains through the base model.
 """
 
-import json
 import math
 from pathlib import Path
 from shutil import copyfile
@@ -30,6 +29,7 @@ from transformers.utils.generic import can_return_tuple
 from .abstractor_aligngpt import AlignGPTVisualAbstractor
 from .alignment_aligngpt import AlignGPTAlignment
 from .configuration_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTConfig
+from .llava_aligngpt import aligngpt_from_llava
 from .outputs_aligngpt import AlignGPTCausalLMOutputWithPast, AlignGPTModelOutputWithPast
 from .packing_aligngpt import packed_call, placeholder_counts, positions_from_mask
 from .placeholders_aligngpt import (
@@ -77,9 +77,8 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
 
     @classmethod
     def is_custom_code(cls) -> bool:
-        """False, as for transformers' own models: `_init_weights` uses `transformers.initialization` (loaded tensors
-        stay). Needed: with True, transformers' guard for remote code skips modules that own no parameter (CLIP's
-        attention/MLP), so the tower's missing weights would get std 0.02 instead of CLIP's init."""
+        """False, as for transformers' own models (our `_init_weights` keeps loaded tensors): with True, transformers
+        skips modules that own no parameter (CLIP's attention/MLP), and the tower's missing weights get std 0.02."""
         return False
 
     def _linears_with_torch_init(self) -> set[int]:
@@ -96,9 +95,9 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
             if type(error).__name__ != "SafetensorError":  # safetensors' own class, named without importing it here
                 raise
             folder = Path(str(pretrained_model_name_or_path))
-            broken = [path.name for path in sorted(folder.glob("*.safetensors")) if _cut_short(path)] or ["a weights file"]
-            raise OSError(f"{folder}: {broken[0]} is cut short or corrupt ({error}); download it again or save the "
-                          "model again.") from None
+            files = ", ".join(sorted(path.name for path in folder.glob("*.safetensors"))) or "the weights"
+            raise OSError(f"{folder}: a weights file ({files}) is cut short or corrupt ({error}); download it again or "
+                          "save the model again.") from None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also write the full `auto_map` and the processor's remote-code file next to the weights."""
@@ -109,18 +108,6 @@ class AlignGPTPreTrainedModel(LlavaPreTrainedModel):
         if processing_file.is_file():
             for path in [str(processing_file), *get_relative_import_files(str(processing_file))]:
                 copyfile(path, Path(save_directory) / Path(path).name)
-
-
-def _cut_short(path: Path) -> bool:
-    """Whether a safetensors file is shorter than its header says, or has no readable header."""
-    with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        try:
-            header = json.loads(file.read(header_size))
-        except ValueError:
-            return True
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    return path.stat().st_size < 8 + header_size + max(ends, default=0)
 
 
 class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
@@ -142,8 +129,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.FloatTensor, vision_feature_layer: int | None = None,
                            vision_feature_select_strategy: str | None = None, **kwargs: Unpack[TransformersKwargs]):
-        """LLaVA's, with the pixels cast to the tower's dtype; with `vision_feature_post_layernorm` (mPLUG-Owl) the
-        tower's `post_layernorm` runs on every selected token."""
+        """LLaVA's, pixels cast to the tower's dtype; `vision_feature_post_layernorm` (mPLUG-Owl) norms every token."""
         pixel_values = pixel_values.to(self.vision_tower.get_input_embeddings().weight.dtype)
         if not self.config.vision_feature_post_layernorm:
             return super().get_image_features(pixel_values, vision_feature_layer=vision_feature_layer,
@@ -223,10 +209,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
 
     def _merge_multimodal(self, input_ids, word_embeds, image_features, attention_mask, alignment_levels, gate_mask,
                           segments=None):
-        """Scatter image features into `<image>` slots (as LLaVA) and alignment vectors into `<align>` slots. All
-        placeholder checks share one device-to-host copy (LLaVA makes one too), so a GPU step waits once.
-        `segments` (packed rows, see packing_aligngpt.py): counts, levels and the gate run per sample, not per row.
-        """
+        """Image features into `<image>` slots (as LLaVA), alignment vectors into `<align>` slots; the checks share one
+        device-to-host copy (as LLaVA's). With `segments` (packed rows) counts, levels and gate run per sample."""
         image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
         vocab_size = self.get_input_embeddings().num_embeddings
         if image_features is None:
@@ -235,8 +219,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
             return word_embeds, None
         image_mask, align_mask = input_ids == image_id, input_ids == align_id
         image_features = image_features.to(word_embeds.device, word_embeds.dtype)
-        levels = None if alignment_levels is None else torch.as_tensor(alignment_levels, device=input_ids.device)
-        levels = None if levels is None else levels.long().reshape(-1)
+        levels = None if alignment_levels is None else torch.as_tensor(alignment_levels, device=input_ids.device).long()
+        levels = None if levels is None else levels.reshape(-1)
         image_tokens_per_row, align_per_row = placeholder_counts(image_mask, align_mask, segments)
         check_placeholders(image_tokens_per_row, align_per_row, image_features, self.config.uses_alignment_token,
                            levels, self.config.num_alignment_levels, input_ids, vocab_size)
@@ -357,15 +341,9 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
 
     @classmethod
     def from_llava(cls, model_or_path, alignment_token_id: int | None = None, **config_kwargs):
-        """AlignGPT from a transformers LLaVA (`LlavaForConditionalGeneration` or its folder/Hub id): LLaVA's weights
-        bit for bit, a fresh level table and gate (this class's init), a vocabulary row for `<align>`.
-
-        `alignment_token_id`: the id the tokenizer gives `<align>` (default: a new row after LLaVA's vocabulary).
-        `config_kwargs` set the alignment fields (`alignment_mode`, `num_alignment_levels`, ...); with
-        `alignment_mode="none"` the model computes LLaVA's logits. For the processor too: `aligngpt-hf from-llava`.
-        """
-        from .llava_aligngpt import aligngpt_from_llava
-
+        """AlignGPT from a transformers LLaVA (model, folder or Hub id): its weights bit for bit, a fresh level table and
+        gate, a vocabulary row for `<align>` (`alignment_token_id`, default: a new row). `config_kwargs` set alignment
+        fields; `alignment_mode="none"` gives LLaVA's logits. With the processor: `aligngpt-hf from-llava`."""
         return aligngpt_from_llava(cls, model_or_path, alignment_token_id, **config_kwargs)
 
 
