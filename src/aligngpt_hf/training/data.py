@@ -8,6 +8,7 @@ and everything that can go wrong with a sample (overlong, no supervised token, m
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,12 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from aligngpt_hf.models.image_processing_utils_aligngpt import check_conversation, load_image
 from aligngpt_hf.paths import resolve_image_path
 
+logger = logging.getLogger(__name__)
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
+ALIGNMENT_PLACEHOLDER = "<align>"
+_INT64_LIMIT = 2**63  # levels are stored as int64
 LEVEL_COLUMN = "alignment_level"
 
 # Stage 1 (LLaVA's "plain" template, as AlignGPT pre-trains): BOS, one <image> per image of the user turns (their text is dropped), then
@@ -72,6 +77,11 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
         for index, record in enumerate(records)
     ]
     _check_supervised(rows, path)
+    _report_duplicate_ids(rows, path)
+    if any(row["images"] for row in rows) and not folder.is_dir():
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise NotADirectoryError(f"{path}: the image folder {folder} {state}, but the records name images. Pass the "
+                                 "folder the `image` paths are relative to (`image_folder`, CLI: --image_folder).")
     if check_images:
         _check_image_files(rows, path)
     has_level = any(row[LEVEL_COLUMN] is not None for row in rows)
@@ -96,6 +106,8 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
 
 def _read_records(path: Path) -> list[dict]:
     """JSON list or JSONL -> records; errors name the file and the line (JSONL) or line:column (JSON)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; `data_path` names the LLaVA JSON/JSONL file itself.")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such LLaVA JSON/JSONL file.")
     data = path.read_bytes()
@@ -134,12 +146,15 @@ def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_ou
     """One LLaVA record -> one TRL vision row; errors name the file, the record and the field."""
     if not isinstance(record, dict):
         raise ValueError(f"{path}: record #{index} is a {type(record).__name__}, not a JSON object.")
-    name = str(record.get("id", index))
+    name = _record_id(record.get("id"), index, path)
     where = f"{path}: record {name!r} (#{index})"
     images = record.get("image") or []
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
         raise ValueError(f"{where} has `image`={record.get('image')!r}; expected a path or a list of paths.")
+    if not all(image.strip() for image in images):
+        raise ValueError(f"{where} has an empty path in `image`={record.get('image')!r}; name the image file, or "
+                         "drop the field (and its `<image>` tag) for a text-only record.")
     turns = record.get("conversations")
     if not turns:
         raise ValueError(f"{where} has no `conversations`.")
@@ -150,12 +165,18 @@ def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_ou
     for turn_index, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise ValueError(f"{where}: `conversations[{turn_index}]` is a {type(turn).__name__}, not an object.")
-        role = ROLES.get(turn.get("from"))
+        speaker = turn.get("from")
+        role = ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
-            raise ValueError(f"{where} has a turn from {turn.get('from')!r}; expected one of {sorted(ROLES)}.")
+            raise ValueError(f"{where}: `conversations[{turn_index}].from` is {speaker!r}; expected one of "
+                             f"{sorted(ROLES)}.")
         value = turn.get("value")
         if not isinstance(value, str):
             raise ValueError(f"{where}: `conversations[{turn_index}].value` is {value!r}; expected a string.")
+        if ALIGNMENT_PLACEHOLDER in value:
+            raise ValueError(f"{where}: `conversations[{turn_index}].value` holds `<align>`, the token the processor "
+                             "places after BOS of every image sample; as text it would move the alignment vector. "
+                             "Remove it from the data.")
         count = value.count(IMAGE_PLACEHOLDER)
         _check_turn(where, turn_index, role, count, messages[-1]["role"] if messages else None)
         placeholders += count
@@ -187,6 +208,31 @@ def _check_turn(where: str, turn_index: int, role: str, images: int, previous: s
     if role == "user" and previous == "user":
         raise ValueError(f"{where}: {field} is a second human turn in a row; merge it into the turn before or add "
                          "the `gpt` answer between them.")
+    if role == "system" and turn_index > 0:
+        raise ValueError(f"{where}: {field} is a `system` turn after the start; only the first turn may be one. Move "
+                         "it to the front or drop it.")
+
+
+def _record_id(value, index: int, path: Path) -> str:
+    """The record's `id` as a string; a missing or null id is the record's position."""
+    if value is None:
+        return str(index)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{path}: record #{index} has `id`={value!r}; expected a string or an integer.")
+    return str(value)
+
+
+def _report_duplicate_ids(rows: list[dict], path: Path) -> None:
+    """Shared ids are kept (LLaVA's instruction mix reuses image ids across its sources) but reported: errors then
+    name a record by its position (#index) as well."""
+    seen, repeated = set(), []
+    for index, row in enumerate(rows):
+        if row["id"] in seen:
+            repeated.append(f"{row['id']!r} (#{index})")
+        seen.add(row["id"])
+    if repeated:
+        logger.warning("%s: %d record(s) repeat the `id` of an earlier record (first: %s); all are kept. Messages "
+                       "name records by id and position (#index).", path, len(repeated), ", ".join(repeated[:5]))
 
 
 def _record_level(level, where: str, num_levels: int | None) -> int | None:
@@ -199,7 +245,7 @@ def _record_level(level, where: str, num_levels: int | None) -> int | None:
             f"{where} has `similarity`={level!r}; AlignGPT's pre-training JSON stores the integer alignment level "
             "there (never rounded). Compute levels with `aligngpt-hf levels`."
         )
-    if level < 0 or (num_levels is not None and level >= num_levels):
+    if level < 0 or level >= _INT64_LIMIT or (num_levels is not None and level >= num_levels):
         top = "N-1" if num_levels is None else num_levels - 1
         raise ValueError(
             f"{where} has `similarity`={level!r}, outside the levels 0..{top}. Recompute levels with "
@@ -209,22 +255,72 @@ def _record_level(level, where: str, num_levels: int | None) -> int | None:
 
 
 def _check_supervised(rows: list[dict], path: Path) -> None:
-    """A record without an assistant turn would train on zero tokens: refuse them all at once, listed."""
+    """A record without an assistant turn would train on zero tokens, an empty answer on the end token alone
+    (stage 1: an image captioned by "\\n"): refuse them all at once, listed."""
     empty = [row["id"] for row in rows if not any(m["role"] == "assistant" for m in row["messages"])]
     if empty:
         raise ValueError(
             f"{path}: {len(empty)} record(s) have no assistant (`gpt`) turn and would train on nothing (first: "
             f"{', '.join(map(repr, empty[:5]))}). Add the answer or caption, or remove them."
         )
+    blank = [f"{row['id']!r} (#{index}) `conversations[{turn}].value`" for index, row in enumerate(rows)
+             for turn, message in enumerate(row["messages"])
+             if message["role"] == "assistant" and not message["content"][-1]["text"].strip()]
+    if blank:
+        raise ValueError(
+            f"{path}: {len(blank)} `gpt` answer(s) are empty and would teach the model to answer with the end token "
+            f"alone (first: {', '.join(blank[:5])}). Fill in the answer or caption, or remove the turn."
+        )
 
 
 def _check_image_files(rows: list[dict], path: Path | None = None) -> None:
+    folders = [(row["id"], image) for row in rows for image in row["images"] if os.path.isdir(image)]
+    if folders:
+        shown = ", ".join(f"{name!r}: {image}" for name, image in folders[:3])
+        raise IsADirectoryError(f"{path or 'dataset'}: {len(folders)} `image` path(s) name a folder, not an image "
+                                f"file (first: {shown}). Name the image file inside it.")
     missing = [(row["id"], image) for row in rows for image in row["images"] if not os.path.isfile(image)]
     if missing:
         shown = ", ".join(f"{name!r}: {image}" for name, image in missing[:3])
         raise FileNotFoundError(
             f"{path or 'dataset'}: {len(missing)} image file(s) not found (first: {shown}). Check `image_folder`, or "
             "pass `check_images=False` to defer the error to the first access."
+        )
+
+
+def check_dataset_levels(dataset, level_column: str = LEVEL_COLUMN, num_levels: int | None = None) -> None:
+    """Stage 1 feeds each image row's level to the model: the whole column is checked before training (integers in
+    0..N-1, none missing where there is an image), not at the batch that lacks one hours into the run. Streaming
+    datasets are left to the collator, which checks every batch."""
+    names = getattr(dataset, "column_names", None)
+    if names is None or not hasattr(dataset, "__len__"):
+        return
+    ids = dataset["id"] if "id" in names else None
+    label = (lambda index: f"{ids[index]!r} (#{index})") if ids is not None else (lambda index: f"#{index}")
+    levels = dataset[level_column] if level_column in names else [None] * len(dataset)
+    missing = [index for index, level in enumerate(levels) if level is None]
+    if missing:
+        rows = undecoded(dataset)
+        missing = [index for index in missing if image_count(rows[index])]
+    if missing:
+        where = "" if level_column in names else f"(the data has no `{level_column}` column) "
+        raise ValueError(
+            f"Stage 1: {len(missing)} row(s) with an image {where}have no `{level_column}` (first: "
+            f"{', '.join(label(i) for i in missing[:5])}). Stage 1 feeds each pair's alignment level to the model; "
+            "add levels with `aligngpt-hf levels` (LLaVA JSON field `similarity`)."
+        )
+    top = num_levels - 1 if num_levels is not None else None
+    wrong = [
+        index for index, level in enumerate(levels) if level is not None and (
+            isinstance(level, bool) or not (isinstance(level, int) or (isinstance(level, float) and level.is_integer()))
+            or level < 0 or (top is not None and level > top))
+    ]
+    if wrong:
+        allowed = f"integers in 0..{top}" if top is not None else "integers >= 0"
+        shown = ", ".join(f"{label(i)}={levels[i]!r}" for i in wrong[:5])
+        raise ValueError(
+            f"Stage 1: {len(wrong)} row(s) have a `{level_column}` that is not a level of this model ({allowed}; "
+            f"first: {shown}). Recompute levels with `aligngpt-hf levels --num-levels N` for the model's N."
         )
 
 

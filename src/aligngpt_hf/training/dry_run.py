@@ -24,7 +24,7 @@ import yaml
 
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
-from aligngpt_hf.paths import atomic_write_text
+from aligngpt_hf.paths import atomic_write_text, check_writable
 from aligngpt_hf.training.configs import AlignGPTScriptArguments
 from aligngpt_hf.training.memory import STRATEGIES, TrainingShape, estimate_memory
 from aligngpt_hf.training.model_setup import (
@@ -367,7 +367,9 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def dry_run(stage: str, script_args: AlignGPTScriptArguments, training_args, precision: dict | None = None) -> dict:
-    """Plan the run, write OUTPUT_DIR/dry_run.json, print the summary; returns the report."""
+    """Plan the run, write OUTPUT_DIR/dry_run.json, print the summary; returns the report. An output folder that
+    cannot be written is refused before the planning."""
+    check_writable(training_args.output_dir, "output_dir")
     report = plan(stage, script_args, training_args, precision)
     write_json(Path(training_args.output_dir) / "dry_run.json", report)
     print(summary(report))

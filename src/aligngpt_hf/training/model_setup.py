@@ -215,18 +215,29 @@ def lora_config(stage: str, script_args: AlignGPTScriptArguments):
     from aligngpt_hf.training.trainers import aligngpt_lora_config
 
     targets = script_args.lora_target_modules
+    if targets not in (None, "mplug-owl"):
+        import re
+
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise ValueError(f"`lora_target_modules` {targets!r} is not a valid regular expression ({error}); it "
+                             "names the language-model modules to adapt, e.g. '.*language_model.*\\.(q_proj|v_proj)'."
+                             ) from None
     extra = {} if targets is None else {"target_modules": MPLUG_OWL_LORA_TARGETS if targets == "mplug-owl" else targets}
     return aligngpt_lora_config(script_args.lora_r, script_args.lora_alpha, script_args.lora_dropout,
                                 modules_to_save=[], **extra)
 
 
-def load_training_data(stage: str, script_args: AlignGPTScriptArguments):
-    """The training rows: LLaVA JSON, a datasets id/folder, or the synthetic smoke set."""
+def load_training_data(stage: str, script_args: AlignGPTScriptArguments, num_alignment_levels: int | None = None):
+    """The training rows: LLaVA JSON, a datasets id/folder, or the synthetic smoke set. With the model's
+    `num_alignment_levels`, a LLaVA JSON level outside 0..N-1 is refused at load, naming its record."""
     from aligngpt_hf.training.data import load_llava_json, synthetic_dataset
 
     if script_args.data_path is not None:
         return load_llava_json(script_args.data_path, script_args.image_folder,
-                               allow_outside_image_folder=script_args.allow_outside_image_folder)
+                               allow_outside_image_folder=script_args.allow_outside_image_folder,
+                               num_alignment_levels=num_alignment_levels)
     name = script_args.dataset_name
     if name == "synthetic":
         return synthetic_dataset(script_args.synthetic_samples, stage, text_only_every=4 if stage == "instruct" else 0)

@@ -24,6 +24,7 @@ from aligngpt_hf.training.data import (
     LEVEL_COLUMN,
     PLAIN_CHAT_TEMPLATE,
     AlignGPTDataCollator,
+    check_dataset_levels,
     sample_token_lengths,
     undecoded,
 )
@@ -151,6 +152,7 @@ class _AlignGPTTrainer(SFTTrainer):
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("`train_dataset` is empty (0 rows): there is nothing to train on. Check the data file "
                              "and any filtering before the trainer.")
+        self._check_data(train_dataset, model, args)
         self.num_skipped_samples = 0
         self.modality_batching_counts = None  # `modality_batching='separate'`: repeated/unused samples per modality
         if args.skip_overlong_samples and args.max_length is not None and train_dataset is not None:
@@ -191,6 +193,9 @@ class _AlignGPTTrainer(SFTTrainer):
 
     def _check_start(self, model, args, peft_config) -> None:
         """Stage-specific preconditions (overridden)."""
+
+    def _check_data(self, train_dataset, model, args) -> None:
+        """Stage-specific checks of the whole dataset before training (overridden)."""
 
     def _freeze(self, model, args) -> None:
         raise NotImplementedError
@@ -355,6 +360,10 @@ class AlignGPTPretrainTrainer(_AlignGPTTrainer):
         if peft_config is not None:
             raise ValueError("Stage 1 trains the projector and level table in full; LoRA (`peft_config`) is a "
                              "stage-2 option (AlignGPTInstructTrainer).")
+
+    def _check_data(self, train_dataset, model, args) -> None:
+        if train_dataset is not None and model.config.uses_alignment_token:
+            check_dataset_levels(train_dataset, args.level_column, model.config.num_alignment_levels)
 
     def _freeze(self, model, args) -> None:
         freeze_for_pretrain(model, args.train_vision_tower, args.train_level_table, args.train_projector)
