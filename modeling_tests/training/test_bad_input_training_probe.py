@@ -362,3 +362,36 @@ def test_resume_from_a_path_that_is_not_a_folder(tmp_path, kind):
     with pytest.raises(FileNotFoundError, match=rf"^Cannot resume from .*checkpoint-7: it {state}\. Pass a "
                                                 r"checkpoint-N folder the run saved"):
         resolve_resume(str(target), tmp_path)
+
+
+def test_stage1_data_without_any_image_is_refused(make_model, processor, tmp_path):
+    from datasets import Dataset
+
+    rows = [{"id": f"t{i}", "images": [], "alignment_level": 1,
+             "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A caption."}]}
+            for i in range(3)]
+    with pytest.raises(ValueError, match=r"^Stage 1 trains the projector and level table on image-caption pairs, but "
+                                         r"none of the 3 rows has an image\."):
+        pretrain_trainer(make_model, processor, tmp_path, Dataset.from_list(rows))
+
+
+def test_message_that_is_not_an_object_names_the_row_when_grouping_by_modality():
+    from datasets import Dataset
+
+    from aligngpt_hf.training.sampler import modality_lengths
+
+    rows = Dataset.from_list([{"id": "ok", "images": [], "messages": ["Hi", "Hello."]}])
+    with pytest.raises(ValueError, match=r"^Row 'ok' \(#0\) of the training data has a message 'Hi'; expected "
+                                         r"\{'role': \.\.\., 'content'"):
+        modality_lengths(rows)
+
+
+def test_data_path_beside_dataset_name_says_which_is_used(folder, caplog):
+    from aligngpt_hf.training.model_setup import load_training_data
+
+    path = write(folder, [record()])
+    script_args = AlignGPTScriptArguments(data_path=str(path), image_folder=str(folder / "images"),
+                                          dataset_name="synthetic")
+    with caplog.at_level(logging.WARNING, logger="aligngpt_hf.training.model_setup"):
+        assert load_training_data("instruct", script_args)["id"] == ["r1"]
+    assert f"Training on data_path {path}; dataset_name 'synthetic' is not used." in caplog.text

@@ -288,12 +288,18 @@ def _check_image_files(rows: list[dict], path: Path | None = None) -> None:
         )
 
 
-def check_dataset_levels(dataset, level_column: str = LEVEL_COLUMN, num_levels: int | None = None) -> None:
-    """Stage 1 feeds each image row's level to the model: the whole column is checked before training (integers in
-    0..N-1, none missing where there is an image), not at the batch that lacks one hours into the run. Streaming
-    datasets are left to the collator, which checks every batch."""
+def check_stage1_data(dataset, level_column: str | None = LEVEL_COLUMN, num_levels: int | None = None) -> None:
+    """Stage 1 learns from image-caption pairs and feeds each image row's level to the model: the data is checked
+    before training (some row has an image; with `level_column`, levels are integers in 0..N-1, none missing where
+    there is an image), not at the batch that lacks one hours into the run. Streaming datasets are left to the
+    collator, which checks every batch."""
     names = getattr(dataset, "column_names", None)
     if names is None or not hasattr(dataset, "__len__"):
+        return
+    if not any(image_count(row) for row in undecoded(dataset)):  # stops at the first image row
+        raise ValueError(f"Stage 1 trains the projector and level table on image-caption pairs, but none of the "
+                         f"{len(dataset)} rows has an image. Check the data's `images` (LLaVA JSON: `image`) field.")
+    if level_column is None:
         return
     ids = dataset["id"] if "id" in names else None
     label = (lambda index: f"{ids[index]!r} (#{index})") if ids is not None else (lambda index: f"#{index}")

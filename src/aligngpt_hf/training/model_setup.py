@@ -8,6 +8,7 @@ plus a vision encoder (`build_from_components`); stage 2 from a stage-1 output f
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
 from aligngpt_hf.training.configs import AlignGPTScriptArguments
 
+logger = logging.getLogger(__name__)
 EMBEDDING_MULTIPLE = 64  # the original stage 1 pads the resized vocabulary to a multiple of 64
 
 
@@ -235,6 +237,9 @@ def load_training_data(stage: str, script_args: AlignGPTScriptArguments, num_ali
     from aligngpt_hf.training.data import load_llava_json, synthetic_dataset
 
     if script_args.data_path is not None:
+        if script_args.dataset_name is not None:
+            logger.warning("Training on data_path %s; dataset_name %r is not used.",
+                                                script_args.data_path, script_args.dataset_name)
         return load_llava_json(script_args.data_path, script_args.image_folder,
                                allow_outside_image_folder=script_args.allow_outside_image_folder,
                                num_alignment_levels=num_alignment_levels)

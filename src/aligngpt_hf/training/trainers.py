@@ -24,7 +24,7 @@ from aligngpt_hf.training.data import (
     LEVEL_COLUMN,
     PLAIN_CHAT_TEMPLATE,
     AlignGPTDataCollator,
-    check_dataset_levels,
+    check_stage1_data,
     sample_token_lengths,
     undecoded,
 )
@@ -362,8 +362,9 @@ class AlignGPTPretrainTrainer(_AlignGPTTrainer):
                              "stage-2 option (AlignGPTInstructTrainer).")
 
     def _check_data(self, train_dataset, model, args) -> None:
-        if train_dataset is not None and model.config.uses_alignment_token:
-            check_dataset_levels(train_dataset, args.level_column, model.config.num_alignment_levels)
+        if train_dataset is not None:
+            level_column = args.level_column if model.config.uses_alignment_token else None
+            check_stage1_data(train_dataset, level_column, model.config.num_alignment_levels)
 
     def _freeze(self, model, args) -> None:
         freeze_for_pretrain(model, args.train_vision_tower, args.train_level_table, args.train_projector)
