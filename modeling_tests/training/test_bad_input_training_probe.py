@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -395,3 +396,32 @@ def test_data_path_beside_dataset_name_says_which_is_used(folder, caplog):
     with caplog.at_level(logging.WARNING, logger="aligngpt_hf.training.model_setup"):
         assert load_training_data("instruct", script_args)["id"] == ["r1"]
     assert f"Training on data_path {path}; dataset_name 'synthetic' is not used." in caplog.text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"must hold a JSON list of LLaVA records, got an empty file\."),
+    ('{"data": [1]}', r"must hold a JSON list of LLaVA records, got an object\."),
+    ("[]", r"holds no records: there is nothing to train on\."),
+    ('[{"id": 1,', r"data\.json:1:11: not valid JSON \(Expecting property name"),
+])
+def test_dry_run_names_a_data_file_that_is_not_a_llava_list(tmp_path, capsys, text, message):
+    (tmp_path / "data.json").write_text(text)
+    code, err = run_cli(["pretrain", "pretrain_7b", "--dry-run", "--output_dir", str(tmp_path / "plan"),
+                         "--data_path", str(tmp_path / "data.json")], capsys)
+    assert code == 1 and err.startswith(f"aligngpt-hf pretrain: error: {tmp_path}/data.json")
+    assert re.search(message, err), err
+    assert not (tmp_path / "plan" / "dry_run.json").exists()
+
+
+def test_resuming_with_other_model_settings_names_the_checkpoint(make_model, processor, tmp_path):
+    options = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, report_to="none",
+                   activation_checkpointing=False, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                   save_strategy="steps", save_steps=1, max_steps=1)
+    AlignGPTPretrainTrainer(model=make_model(seed=0), args=AlignGPTPretrainConfig(**options),
+                            train_dataset=synthetic_dataset(4), processing_class=processor).train()
+    other = make_model(seed=0, gate_hidden_size=8)
+    trainer = AlignGPTPretrainTrainer(model=other, args=AlignGPTPretrainConfig(**{**options, "max_steps": 2}),
+                                      train_dataset=synthetic_dataset(4), processing_class=processor)
+    with pytest.raises(ValueError, match=r"checkpoint-1 does not fit this model \(size mismatch for .*\): it was saved "
+                                         r"by a run with other model settings\. Resume with the settings that run used"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))

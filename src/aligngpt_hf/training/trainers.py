@@ -285,7 +285,15 @@ class _AlignGPTTrainer(SFTTrainer):
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
             check_resumable(resume_from_checkpoint, self.args, self._stage)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except RuntimeError as error:
+            if not resume_from_checkpoint or "Error(s) in loading state_dict" not in str(error):
+                raise
+            detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
+            raise ValueError(f"{resume_from_checkpoint} does not fit this model ({detail}): it was saved by a run with "
+                             "other model settings. Resume with the settings that run used (its config.json), or "
+                             "train in a new output_dir.") from None
 
     def _save(self, output_dir=None, state_dict=None):
         """A full disk or read-only folder while saving names the folder (safetensors says only "File too large")."""
