@@ -425,3 +425,21 @@ def test_resuming_with_other_model_settings_names_the_checkpoint(make_model, pro
     with pytest.raises(ValueError, match=r"checkpoint-1 does not fit this model \(size mismatch for .*\): it was saved "
                                          r"by a run with other model settings\. Resume with the settings that run used"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"image": None, "images": ["a.png"]}, r"record 'r1' \(#0\) has `images`; LLaVA JSON names the field `image` \(a "
+                                           r"path or a list of paths\)\. Rename it\.$"),
+    ({"image": "a\x00.png"}, r"record 'r1' \(#0\) has `image`='a\\x00\.png', a path holding a NUL character\.$"),
+    ({"conversations": [{"role": "user", "content": "<image>\nx"}, {"role": "assistant", "content": "y"}]},
+     r"`conversations\[0\]\.from` is None; expected one of .* LLaVA JSON turns are \{\"from\": \.\.\., \"value\": "
+     r"\.\.\.\}, not \{\"role\": \.\.\., \"content\": \.\.\.\}\.$"),
+    ({"conversations": None, "messages": []}, r"record 'r1' \(#0\) has no `conversations`\. It has `messages`: rows in "
+                                              r"TRL's `messages` format load with `datasets`"),
+], ids=["images-field", "nul-in-path", "role-content-turns", "messages-field"])
+def test_records_in_a_neighbouring_format_are_named(folder, fields, message):
+    item = record(**fields)
+    if item["image"] is None:
+        del item["image"]
+    with pytest.raises(ValueError, match=message):
+        load_llava_json(write(folder, [item]), folder / "images")

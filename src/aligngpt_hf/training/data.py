@@ -148,16 +148,23 @@ def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_ou
         raise ValueError(f"{path}: record #{index} is a {type(record).__name__}, not a JSON object.")
     name = _record_id(record.get("id"), index, path)
     where = f"{path}: record {name!r} (#{index})"
+    if "images" in record and "image" not in record:  # would be read as a text-only record, its images unused
+        raise ValueError(f"{where} has `images`; LLaVA JSON names the field `image` (a path or a list of paths). "
+                         "Rename it.")
     images = record.get("image") or []
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
         raise ValueError(f"{where} has `image`={record.get('image')!r}; expected a path or a list of paths.")
+    if any("\x00" in image for image in images):
+        raise ValueError(f"{where} has `image`={record.get('image')!r}, a path holding a NUL character.")
     if not all(image.strip() for image in images):
         raise ValueError(f"{where} has an empty path in `image`={record.get('image')!r}; name the image file, or "
                          "drop the field (and its `<image>` tag) for a text-only record.")
     turns = record.get("conversations")
     if not turns:
-        raise ValueError(f"{where} has no `conversations`.")
+        hint = (" It has `messages`: rows in TRL's `messages` format load with `datasets` (CLI: --dataset_name), not "
+                "as LLaVA JSON." if "messages" in record else "")
+        raise ValueError(f"{where} has no `conversations`.{hint}")
     if not isinstance(turns, list):
         raise ValueError(f"{where} has `conversations` of type {type(turns).__name__}; expected a list of turns "
                          '({"from": "human"|"gpt", "value": ...}).')
@@ -168,8 +175,10 @@ def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_ou
         speaker = turn.get("from")
         role = ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
+            shape = (' LLaVA JSON turns are {"from": ..., "value": ...}, not {"role": ..., "content": ...}.'
+                     if "from" not in turn and "role" in turn else "")
             raise ValueError(f"{where}: `conversations[{turn_index}].from` is {speaker!r}; expected one of "
-                             f"{sorted(ROLES)}.")
+                             f"{sorted(ROLES)}.{shape}")
         value = turn.get("value")
         if not isinstance(value, str):
             raise ValueError(f"{where}: `conversations[{turn_index}].value` is {value!r}; expected a string.")
