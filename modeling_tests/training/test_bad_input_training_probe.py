@@ -443,3 +443,28 @@ def test_records_in_a_neighbouring_format_are_named(folder, fields, message):
         del item["image"]
     with pytest.raises(ValueError, match=message):
         load_llava_json(write(folder, [item]), folder / "images")
+
+
+def stage2_collator(processor):
+    from aligngpt_hf.training.data import AlignGPTDataCollator
+
+    return AlignGPTDataCollator(processor=processor, max_length=256, assistant_only_loss=True)
+
+
+def test_image_text_in_a_trl_row_that_also_has_images_is_named(processor):
+    row = {"id": "x", "images": [Image.new("RGB", (24, 24))],
+           "messages": [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "Red."}]}
+    with pytest.raises(ValueError, match=r"^Sample 'x': message 0 holds the text `<image>` while the row's images come "
+                                         r"in `images`"):
+        stage2_collator(processor)([row])
+
+
+def test_one_bare_image_path_is_one_image_not_its_characters(processor, folder):
+    messages = [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Red."}]
+    batch = stage2_collator(processor)([{"id": "x", "images": str(folder / "images" / "a.png"), "messages": messages}])
+    assert batch["pixel_values"].shape[0] == 1
+
+
+def test_messages_that_are_not_a_list_name_the_sample(processor):
+    with pytest.raises(ValueError, match=r"^Sample 'x' has `messages`=None; expected a list of"):
+        stage2_collator(processor)([{"id": "x", "images": [], "messages": None}])

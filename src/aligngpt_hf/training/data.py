@@ -360,8 +360,28 @@ def as_messages_example(example: dict) -> dict:
                 f"messages) with `images`; got keys {sorted(example)}. Convert LLaVA JSON with `load_llava_json`."
             )
     name = f"sample {example['id']!r}" if example.get("id") is not None else "sample"
-    example["images"] = [open_image(image, f"{name} image {i}") for i, image in enumerate(example.get("images") or [])]
+    if not isinstance(example["messages"], (list, tuple)):
+        raise ValueError(f"{name[0].upper()}{name[1:]} has `messages`={example['messages']!r}; expected a list of "
+                         "{'role': ..., 'content': ...} messages.")
+    images = example.get("images") or []
+    if not isinstance(images, (list, tuple)):  # one image given bare (a path or a PIL image), not a list of them
+        images = [images]
+    example["images"] = [open_image(image, f"{name} image {i}") for i, image in enumerate(images)]
     return example
+
+
+def _check_no_image_text(example: dict, index: int) -> None:
+    """TRL's vision format gives each image as an `{"type": "image"}` part and adds them to the first user message
+    when its content is a string; an `<image>` written in that string as well would count every image twice."""
+    if not example["images"]:
+        return
+    for number, message in enumerate(example["messages"]):
+        if isinstance(message.get("content"), str) and IMAGE_PLACEHOLDER in message["content"]:
+            raise ValueError(
+                f"Sample {sample_name(example, index)}: message {number} holds the text `<image>` while the row's "
+                "images come in `images`; in TRL's format the images become `{'type': 'image'}` parts of the first "
+                "user message. Remove `<image>` from the text (or load LLaVA JSON with `load_llava_json`)."
+            )
 
 
 def sample_name(example: dict, index: int) -> str:
@@ -403,6 +423,8 @@ class AlignGPTDataCollator(DataCollatorForVisionLanguageModeling):
                 check_conversation(example["messages"])
             except (TypeError, ValueError) as error:
                 raise type(error)(f"Sample {sample_name(example, index)}: {error}") from None
+            if self.chat_template != PLAIN_CHAT_TEMPLATE:  # the plain template drops the user's text
+                _check_no_image_text(example, index)
         messages = [prepare_multimodal_messages(ex["messages"], images=ex["images"]) for ex in examples]
         output = self.processor.apply_chat_template(
             messages,
