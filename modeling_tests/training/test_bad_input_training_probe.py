@@ -468,3 +468,8 @@ def test_one_bare_image_path_is_one_image_not_its_characters(processor, folder):
 def test_messages_that_are_not_a_list_name_the_sample(processor):
     with pytest.raises(ValueError, match=r"^Sample 'x' has `messages`=None; expected a list of"):
         stage2_collator(processor)([{"id": "x", "images": [], "messages": None}])
+
+
+def test_missing_image_folder_is_deferred_with_check_images_false(folder):
+    dataset = load_llava_json(write(folder, [record()]), folder / "nowhere", check_images=False)
+    assert dataset.features["images"].feature.decode and len(dataset) == 1

@@ -56,8 +56,9 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
     (`<image>` placeholders become `{"type": "image"}` parts at the front of their turn) and, when the file has the
     `similarity` field (the integer level 0..N-1 of the AlignGPT pre-training JSON), `alignment_level`.
     `image_folder` defaults to the JSON's folder; an `image` path that resolves outside it (`../x.png`, an absolute
-    path) is refused unless `allow_outside_image_folder=True`. With `check_images`, missing image files raise here,
-    not mid-run; with `num_alignment_levels`, levels outside 0..N-1 too. Every error names the file and the record.
+    path) is refused unless `allow_outside_image_folder=True`. With `check_images`, missing image files (or a missing
+    image folder) raise here, not mid-run; with `num_alignment_levels`, levels outside 0..N-1 too. Every error names
+    the file and the record; repeated ids are kept and counted in one warning.
 
     Example:
 
@@ -78,7 +79,7 @@ def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | N
     ]
     _check_supervised(rows, path)
     _report_duplicate_ids(rows, path)
-    if any(row["images"] for row in rows) and not folder.is_dir():
+    if check_images and any(row["images"] for row in rows) and not folder.is_dir():
         state = "is not a folder" if folder.exists() else "does not exist"
         raise NotADirectoryError(f"{path}: the image folder {folder} {state}, but the records name images. Pass the "
                                  "folder the `image` paths are relative to (`image_folder`, CLI: --image_folder).")
