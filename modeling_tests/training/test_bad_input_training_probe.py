@@ -473,3 +473,22 @@ def test_messages_that_are_not_a_list_name_the_sample(processor):
 def test_missing_image_folder_is_deferred_with_check_images_false(folder):
     dataset = load_llava_json(write(folder, [record()]), folder / "nowhere", check_images=False)
     assert dataset.features["images"].feature.decode and len(dataset) == 1
+
+
+def test_missing_base_language_model_folder_is_named(tmp_path, capsys):
+    start = tmp_path / "stage1"
+    start.mkdir()
+    code, err = run_cli(["instruct", "instruct_tiny", "--model_name_or_path", str(start), "--language_model",
+                         str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")], capsys)
+    assert (code, err) == (1, f"aligngpt-hf instruct: error: the language_model folder {tmp_path}/nowhere does not "
+                              "exist (and it is not a Hub repo id like 'owner/name'); check the path")
+
+
+def test_a_file_where_the_merged_lora_model_goes_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "merged").write_text("x")
+    code, err = run_cli(["instruct", "instruct_tiny", "--model_name_or_path", str(tmp_path / "nowhere"), "--use_lora",
+                         "true", "--output_dir", str(tmp_path / "out")], capsys)
+    assert (code, err) == (1, f"aligngpt-hf instruct: error: {tmp_path}/out/merged is a file, but the merged LoRA model "
+                              "is saved in a folder of that name after training; move the file, or set `merge_lora` to "
+                              "false.")

@@ -150,12 +150,17 @@ def run_cli(args) -> int:
 
 
 def check_output_dir(script_args: AlignGPTScriptArguments, training_args) -> None:
-    """The run must not save over the model folder it starts from (a failed run would leave neither)."""
+    """The run must not save over the model folder it starts from (a failed run would leave neither), nor find a
+    file where it saves the merged LoRA model, after all the training."""
     start = script_args.model_name_or_path
     if start and start != "tiny" and Path(start).is_dir() and Path(start).resolve() == Path(
             training_args.output_dir).resolve():
         raise ValueError(f"`output_dir` {training_args.output_dir} is the `model_name_or_path` folder this run starts "
                          "from; saving there would overwrite it. Choose another `output_dir`.")
+    merged = Path(training_args.output_dir) / "merged"
+    if script_args.use_lora and script_args.merge_lora and merged.exists() and not merged.is_dir():
+        raise NotADirectoryError(f"{merged} is a file, but the merged LoRA model is saved in a folder of that name "
+                                 "after training; move the file, or set `merge_lora` to false.")
 
 
 def train(stage: str, script_args: AlignGPTScriptArguments, training_args):

@@ -70,11 +70,14 @@ def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training
     """(model, processor) to start `stage` from, as the script arguments say."""
     from transformers import AutoProcessor
 
+    from aligngpt_hf.paths import check_local_or_hub
+
     name = script_args.model_name_or_path
     if name not in (None, "tiny"):
-        from aligngpt_hf.paths import check_local_or_hub
-
         check_local_or_hub(name, "model_name_or_path")  # a missing local folder is named as one, not as a Hub id
+    for part in ("language_model", "vision_tower"):
+        if getattr(script_args, part) is not None:
+            check_local_or_hub(getattr(script_args, part), part)
     if stage == "instruct":
         return _instruct_start(script_args, training_args)
     check_fresh_model_options(script_args)
