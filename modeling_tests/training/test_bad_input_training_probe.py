@@ -423,8 +423,15 @@ def test_resuming_with_other_model_settings_names_the_checkpoint(make_model, pro
     trainer = AlignGPTPretrainTrainer(model=other, args=AlignGPTPretrainConfig(**{**options, "max_steps": 2}),
                                       train_dataset=synthetic_dataset(4), processing_class=processor)
     with pytest.raises(ValueError, match=r"checkpoint-1 does not fit this model \(size mismatch for .*\): it was saved "
-                                         r"by a run with other model settings\. Resume with the settings that run used"):
+                                         r"by a run with other model settings \(its config\.json\)\. Resume with the "
+                                         r"settings that run used"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    other_modules = AlignGPTPretrainTrainer(
+        model=make_model(seed=0), args=AlignGPTPretrainConfig(**{**options, "max_steps": 2, "train_vision_tower": True}),
+        train_dataset=synthetic_dataset(4), processing_class=processor)
+    with pytest.raises(ValueError, match=r"checkpoint-1's optimizer state does not fit this run \(loaded state dict "
+                                         r"contains a parameter group .*\): the run that saved it trained other modules"):
+        other_modules.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
 
 
 @pytest.mark.parametrize("fields, message", [

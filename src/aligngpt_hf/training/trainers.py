@@ -287,13 +287,10 @@ class _AlignGPTTrainer(SFTTrainer):
             check_resumable(resume_from_checkpoint, self.args, self._stage)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
-        except RuntimeError as error:
-            if not resume_from_checkpoint or "Error(s) in loading state_dict" not in str(error):
-                raise
-            detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
-            raise ValueError(f"{resume_from_checkpoint} does not fit this model ({detail}): it was saved by a run with "
-                             "other model settings. Resume with the settings that run used (its config.json), or "
-                             "train in a new output_dir.") from None
+        except (RuntimeError, ValueError) as error:
+            if resume_from_checkpoint:
+                _explain_resume_mismatch(error, resume_from_checkpoint)
+            raise
 
     def _save(self, output_dir=None, state_dict=None):
         """A full disk or read-only folder while saving names the folder (safetensors says only "File too large")."""
@@ -332,6 +329,20 @@ class _AlignGPTTrainer(SFTTrainer):
                                           seed=self.args.seed, on_exhausted=self.args.modality_batching_on_exhausted)
         self.modality_batching_counts = sampler.counts
         return sampler
+
+
+def _explain_resume_mismatch(error: Exception, checkpoint) -> None:
+    """torch's words for a checkpoint saved by a run with other settings, as one error naming it and the fix."""
+    message = str(error)
+    fix = "Resume with the settings that run used, or train in a new output_dir."
+    if isinstance(error, RuntimeError) and "Error(s) in loading state_dict" in message:
+        detail = next((line.strip() for line in message.splitlines()[1:] if line.strip()), "")
+        raise ValueError(f"{checkpoint} does not fit this model ({detail}): it was saved by a run with other model "
+                         f"settings (its config.json). {fix}") from None
+    if isinstance(error, ValueError) and "parameter group" in message:
+        raise ValueError(f"{checkpoint}'s optimizer state does not fit this run ({message}): the run that saved it "
+                         "trained other modules or gave them other learning rates (train_projector, "
+                         f"train_level_table, train_vision_tower, projector_lr, vision_lr_multiplier). {fix}") from None
 
 
 class AlignGPTPretrainTrainer(_AlignGPTTrainer):
