@@ -499,3 +499,10 @@ def test_a_file_where_the_merged_lora_model_goes_is_refused_before_training(tmp_
     assert (code, err) == (1, f"aligngpt-hf instruct: error: {tmp_path}/out/merged is a file, but the merged LoRA model "
                               "is saved in a folder of that name after training; move the file, or set `merge_lora` to "
                               "false.")
+
+
+def test_recipe_that_sets_a_field_twice_is_refused(tmp_path, capsys):
+    path = recipe(tmp_path, "model_name_or_path: tiny\nmax_steps: 4\ndataset_name: synthetic\nmax_steps: 2\n")
+    code, err = run_cli(["pretrain", path, "--output_dir", str(tmp_path / "out")], capsys)
+    assert (code, err) == (1, f"aligngpt-hf pretrain: error: {path}:4:1: the recipe is not valid YAML (`max_steps` is "
+                              "set twice (first on line 2)).")

@@ -52,12 +52,31 @@ def accelerate_config_path(name: str) -> Path:
     return path
 
 
+def _unique_keys_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently, so a
+    field appended to a recipe that already sets it would win or lose by position)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"`{key}` is set twice (first on line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def read_recipe(path: Path) -> dict:
     """The recipe's `field: value` mapping; a file that is not YAML, or not a mapping, is named with the line."""
     import yaml
 
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 (byte {error.start}); re-save the recipe as UTF-8.") from None
     except yaml.YAMLError as error:
