@@ -73,7 +73,7 @@ def test_id_that_is_an_object_is_refused_and_a_null_id_is_the_position(folder):
 
 def test_duplicate_ids_are_kept_and_reported(folder, caplog):
     path = write(folder, [record(), record(id="r2"), record(), record(id="r2")])
-    with caplog.at_level(logging.WARNING, logger="aligngpt_hf.training.data"):
+    with caplog.at_level(logging.WARNING, logger="aligngpt_hf.training.llava_json"):
         dataset = load_llava_json(path, folder / "images")
     assert dataset["id"] == ["r1", "r2", "r1", "r2"]
     assert "data.json: 2 record(s) repeat the `id` of an earlier record (first: 'r1' (#2), 'r2' (#3)); all are " \

@@ -289,7 +289,7 @@ def _json_head(path: Path, handle, count: int) -> list:
 
 def check_data(stage: str, script_args: AlignGPTScriptArguments, num_levels: int) -> dict:
     """What can be checked of the training data without loading it all."""
-    from aligngpt_hf.training.data import _check_image_files, _check_supervised, _convert_record
+    from aligngpt_hf.training.llava_json import _check_image_files, _check_supervised, _convert_record
 
     if script_args.data_path is None:
         name = script_args.dataset_name
