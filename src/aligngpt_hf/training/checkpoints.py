@@ -99,6 +99,11 @@ def resolve_resume(resume_from_checkpoint, output_dir: str | Path):
     """`True` -> the newest complete checkpoint; a folder -> checked, with an error naming the broken file."""
     if resume_from_checkpoint is True:
         return newest_complete_checkpoint(output_dir)
+    if isinstance(resume_from_checkpoint, (str, Path)) and not Path(resume_from_checkpoint).is_dir():
+        state = "is a file" if Path(resume_from_checkpoint).exists() else "does not exist"
+        raise FileNotFoundError(f"Cannot resume from {resume_from_checkpoint}: it {state}. Pass a checkpoint-N folder "
+                                f"the run saved (in {output_dir}), or resume_from_checkpoint=True for the newest "
+                                "complete one.")
     if isinstance(resume_from_checkpoint, (str, Path)) and Path(resume_from_checkpoint).is_dir():
         problem = checkpoint_problem(resume_from_checkpoint)
         if problem:

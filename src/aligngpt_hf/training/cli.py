@@ -31,6 +31,9 @@ def resolve_recipe(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise IsADirectoryError(f"The recipe {name} is a folder; pass the recipe's YAML file (or a shipped recipe's "
+                                "name).")
     stem = name.removesuffix(".yaml")
     for candidate in (stem, stem.replace("_", "-"), stem.replace("-", "_")):
         shipped = RECIPES_DIR / f"{candidate}.yaml"
@@ -49,15 +52,81 @@ def accelerate_config_path(name: str) -> Path:
     return path
 
 
+def _unique_keys_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently, so a
+    field appended to a recipe that already sets it would win or lose by position)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"`{key}` is set twice (first on line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def read_recipe(path: Path) -> dict:
+    """The recipe's `field: value` mapping; a file that is not YAML, or not a mapping, is named with the line."""
+    import yaml
+
+    try:
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 (byte {error.start}); re-save the recipe as UTF-8.") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{where}: the recipe is not valid YAML ({problem}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping of `field: value` lines, got "
+                         f"{type(config).__name__ if config is not None else 'an empty file'}.")
+    return config
+
+
+def check_recipe_types(parser, config: dict, path: Path) -> None:
+    """Values YAML already typed skip argparse's conversion: a list, a float or a bool where a number is due, or the
+    bool YAML makes of a bare `no` for a choice (`save_strategy: no`), would reach the trainer as they are."""
+    for action in parser._actions:
+        if action.dest not in config or config[action.dest] is None or isinstance(config[action.dest], str):
+            continue
+        value = config[action.dest]
+        if action.choices is not None and isinstance(value, bool):
+            raise ValueError(f"{path}: `{action.dest}: {value}`: YAML reads a bare yes/no/on/off as true/false; quote "
+                             f"the choice, e.g. `{action.dest}: \"no\"` (one of {', '.join(map(str, action.choices))}).")
+        numeric = (int,) if action.type is int else (int, float) if action.type is float else None
+        if numeric is not None and (isinstance(value, bool) or not isinstance(value, numeric)):
+            kind = "an integer" if action.type is int else "a number"
+            raise ValueError(f"{path}: `{action.dest}` is {value!r}; it must be {kind}.")
+
+
 def parse_recipe(stage: str, recipe: str, overrides: list[str] | None = None):
     """(script arguments, trainer config) from a recipe plus `--field value` overrides."""
-    from trl import TrlParser
-
     from aligngpt_hf.training.configs import AlignGPTInstructConfig, AlignGPTPretrainConfig
 
     config_class = AlignGPTPretrainConfig if stage == "pretrain" else AlignGPTInstructConfig
-    parser = TrlParser((AlignGPTScriptArguments, config_class))
-    return parser.parse_args_and_config(args=["--config", str(resolve_recipe(recipe)), *(overrides or [])])
+    return _parse((AlignGPTScriptArguments, config_class), recipe, overrides or [])
+
+
+def _parse(dataclass_types, recipe: str, overrides: list[str], **options):
+    """TrlParser on a checked recipe; a bad `--field value` is one error naming it, not argparse's usage text."""
+    import argparse
+
+    from trl import TrlParser
+
+    path = resolve_recipe(recipe)
+    parser = TrlParser(dataclass_types, exit_on_error=False)
+    check_recipe_types(parser, read_recipe(path), path)
+    try:
+        return parser.parse_args_and_config(args=["--config", str(path), *overrides], **options)
+    except argparse.ArgumentError as error:
+        raise ValueError(f"{error} (recipe {path} and its command-line overrides).") from None
 
 
 @dataclass
@@ -75,11 +144,8 @@ PLAN_ANYWHERE = ["--bf16", "false", "--fp16", "false", "--tf32", "false"]
 
 def planned_precision(recipe: str, overrides: list[str]) -> dict | None:
     """The precision flags a dry run plans with (None: not a dry run)."""
-    from trl import TrlParser
-
-    parser = TrlParser((AlignGPTScriptArguments, _RecipePrecision))
-    script_args, precision, _ = parser.parse_args_and_config(
-        args=["--config", str(resolve_recipe(recipe)), *overrides], return_remaining_strings=True)
+    script_args, precision, _ = _parse((AlignGPTScriptArguments, _RecipePrecision), recipe, overrides,
+                                       return_remaining_strings=True)
     return asdict(precision) if script_args.dry_run else None
 
 
@@ -96,9 +162,24 @@ def run_cli(args) -> int:
         dry_run(stage, script_args, training_args, precision)
         return 0
     script_args, training_args = parse_recipe(stage, args.recipe, overrides)
+    check_output_dir(script_args, training_args)
     if train(stage, script_args, training_args).args.should_save:  # the run's last line: where the model is
         print(f"aligngpt-hf {stage}: model saved to {os.path.abspath(training_args.output_dir)}", flush=True)
     return 0
+
+
+def check_output_dir(script_args: AlignGPTScriptArguments, training_args) -> None:
+    """The run must not save over the model folder it starts from (a failed run would leave neither), nor find a
+    file where it saves the merged LoRA model, after all the training."""
+    start = script_args.model_name_or_path
+    if start and start != "tiny" and Path(start).is_dir() and Path(start).resolve() == Path(
+            training_args.output_dir).resolve():
+        raise ValueError(f"`output_dir` {training_args.output_dir} is the `model_name_or_path` folder this run starts "
+                         "from; saving there would overwrite it. Choose another `output_dir`.")
+    merged = Path(training_args.output_dir) / "merged"
+    if script_args.use_lora and script_args.merge_lora and merged.exists() and not merged.is_dir():
+        raise NotADirectoryError(f"{merged} is a file, but the merged LoRA model is saved in a folder of that name "
+                                 "after training; move the file, or set `merge_lora` to false.")
 
 
 def train(stage: str, script_args: AlignGPTScriptArguments, training_args):
@@ -111,7 +192,7 @@ def train(stage: str, script_args: AlignGPTScriptArguments, training_args):
     model, processor = build_stage_model(stage, script_args, training_args)
     if script_args.image_aspect_ratio is not None:
         processor.image_processor.do_pad = script_args.image_aspect_ratio == "pad"
-    dataset = load_training_data(stage, script_args)
+    dataset = load_training_data(stage, script_args, num_alignment_levels=model.config.num_alignment_levels)
     trainer_class = AlignGPTPretrainTrainer if stage == "pretrain" else AlignGPTInstructTrainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=dataset, processing_class=processor,
                             peft_config=peft_config)

@@ -7,6 +7,7 @@ and `aligngpt-hf pretrain --help` can list the fields without building a trainer
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,44 @@ from aligngpt_hf.training.data import LEVEL_COLUMN
 from aligngpt_hf.training.sampler import EXHAUSTION_MODES
 
 MODALITY_BATCHING = ("mixed", "separate")
+IMAGE_ASPECT_RATIOS = (None, "pad", "square")
 MODALITY_GROUPING_HELP = "LLaVA's sampler: batches of one modality (image or text-only), grouped by length."
+
+
+def _number_problem(value, positive: bool) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "must be a finite number"
+    if positive and value <= 0:
+        return "must be > 0"
+    if value < 0:
+        return "must be >= 0"
+    return None
+
+
+def check_training_numbers(config) -> None:
+    """Refuse settings that would train nothing, diverge or crash deep inside the Trainer: a negative, NaN or infinite
+    learning rate trains silently on garbage, `num_train_epochs <= 0` saves an untrained model, zero accumulation
+    steps divide by zero."""
+    checks = [("learning_rate", config.learning_rate, True), ("weight_decay", config.weight_decay, False),
+              ("warmup_steps", config.warmup_steps, False)]
+    optional = [("projector_lr", config.projector_lr, True), ("max_grad_norm", config.max_grad_norm, False),
+                ("vision_lr_multiplier", getattr(config, "vision_lr_multiplier", None), True)]
+    checks += [check for check in optional if check[1] is not None]
+    if config.max_steps is None or config.max_steps <= 0:  # the epochs decide the run's length
+        checks.append(("num_train_epochs", config.num_train_epochs, True))
+    for name, value, positive in checks:
+        problem = _number_problem(value, positive)
+        if problem:
+            raise ValueError(f"`{name}` is {value!r}; it {problem}.")
+    for name in ("gradient_accumulation_steps", "per_device_train_batch_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` is {value!r}; it must be an integer >= 1.")
+    if config.max_length is not None and (isinstance(config.max_length, bool) or config.max_length < 1):
+        raise ValueError(f"`max_length` is {config.max_length!r}; it must be >= 1 (tokens per sample, image tokens "
+                         "included), or None for no limit.")
+    if str(getattr(config.save_strategy, "value", config.save_strategy)) == "steps" and not config.save_steps > 0:
+        raise ValueError(f"`save_steps` is {config.save_steps!r} with save_strategy='steps'; it must be > 0.")
 
 
 def _bf16_default(config) -> bool:
@@ -107,6 +145,18 @@ class AlignGPTScriptArguments:
                   "count from its launcher). None: 1 with `use_cpu`, else 8 as in the paper's runs."},
     )
 
+    def __post_init__(self):
+        if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"`image_aspect_ratio` is {self.image_aspect_ratio!r}; use `pad` or `square`, or leave it "
+                             "unset to keep the processor's setting.")
+        if self.num_gpus is not None and (isinstance(self.num_gpus, bool) or self.num_gpus < 1):
+            raise ValueError(f"`num_gpus` is {self.num_gpus!r}; it must be an integer >= 1, or unset.")
+        if self.synthetic_samples < 1:
+            raise ValueError(f"`synthetic_samples` is {self.synthetic_samples!r}; it must be >= 1.")
+        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"`lora_alpha` is {self.lora_alpha!r}; it must be > 0 (LoRA scales its update by "
+                             "lora_alpha / lora_r: 0 trains nothing, a negative value flips it).")
+
 
 @dataclass
 class _AlignGPTTrainingConfig(SFTConfig):
@@ -149,6 +199,7 @@ class _AlignGPTTrainingConfig(SFTConfig):
     padding_free: bool = packing_support.padding_free_field()
 
     def __post_init__(self):
+        check_training_numbers(self)
         if self.bf16 is None:
             self.bf16 = _bf16_default(self)
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:

@@ -1,4 +1,5 @@
-"""Training data for AlignGPT: LLaVA JSON adapter, the stage-1 "plain" template and the batch collator.
+"""Training data for AlignGPT: the stage-1 "plain" template, the stage-1 data check and the batch collator (the
+LLaVA JSON adapter, `load_llava_json`, lives in `llava_json.py` and is re-exported here).
 
 Rows follow TRL's vision format, `{"images": [...], "messages": [...]}`, so the same data works with the stock
 `SFTTrainer`. Images are decoded lazily (a `datasets.Image` feature holding paths, or paths decoded in the collator),
@@ -7,10 +8,7 @@ and everything that can go wrong with a sample (overlong, no supervised token, m
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,11 +16,7 @@ from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from aligngpt_hf.models.image_processing_utils_aligngpt import check_conversation, load_image
-from aligngpt_hf.paths import resolve_image_path
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-IMAGE_PLACEHOLDER = "<image>"
-LEVEL_COLUMN = "alignment_level"
+from aligngpt_hf.training.llava_json import IMAGE_PLACEHOLDER, LEVEL_COLUMN, load_llava_json
 
 # Stage 1 (LLaVA's "plain" template, as AlignGPT pre-trains): BOS, one <image> per image of the user turns (their text is dropped), then
 # each assistant text followed by "\n" inside {% generation %}: labels = caption + "\n", no EOS. The processor inserts
@@ -43,188 +37,45 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, check_images: bool = True,
-                    allow_outside_image_folder: bool = False, num_alignment_levels: int | None = None):
-    """Load a LLaVA-format JSON/JSONL file as a `datasets.Dataset` in TRL's vision format, images decoded lazily.
-
-    Columns: `id`, `images` (a `List(Image())` feature holding paths; files are opened on row access), `messages`
-    (`<image>` placeholders become `{"type": "image"}` parts at the front of their turn) and, when the file has the
-    `similarity` field (the integer level 0..N-1 of the AlignGPT pre-training JSON), `alignment_level`.
-    `image_folder` defaults to the JSON's folder; an `image` path that resolves outside it (`../x.png`, an absolute
-    path) is refused unless `allow_outside_image_folder=True`. With `check_images`, missing image files raise here,
-    not mid-run; with `num_alignment_levels`, levels outside 0..N-1 too. Every error names the file and the record.
-
-    Example:
-
-    ```python
-    >>> from aligngpt_hf import load_llava_json
-    >>> ds = load_llava_json("blip_laion_cc_sbu_558k_with_similarity_number.json", "LLaVA-Pretrain/images")  # doctest: +SKIP
-    >>> ds[0]["alignment_level"], ds[0]["images"][0].size  # doctest: +SKIP
-    ```
-    """
-    import datasets
-
-    path = Path(path)
-    records = _read_records(path)
-    folder = Path(image_folder) if image_folder is not None else path.parent
-    rows = [
-        _convert_record(record, index, folder, path, allow_outside_image_folder, num_alignment_levels)
-        for index, record in enumerate(records)
-    ]
-    _check_supervised(rows, path)
-    if check_images:
-        _check_image_files(rows, path)
-    has_level = any(row[LEVEL_COLUMN] is not None for row in rows)
-    features = datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "images": datasets.List(datasets.Image()),
-            "messages": datasets.List(
-                {
-                    "role": datasets.Value("string"),
-                    "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")}),
-                }
-            ),
-            **({LEVEL_COLUMN: datasets.Value("int64")} if has_level else {}),
-        }
-    )
-    if not has_level:
-        for row in rows:
-            row.pop(LEVEL_COLUMN)
-    return datasets.Dataset.from_list(rows, features=features)
-
-
-def _read_records(path: Path) -> list[dict]:
-    """JSON list or JSONL -> records; errors name the file and the line (JSONL) or line:column (JSON)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such LLaVA JSON/JSONL file.")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 (byte {error.start}); re-save the file as UTF-8.") from None
-    if not text.strip():
-        raise ValueError(f"{path} is empty: it holds no LLaVA records.")
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}).") from None
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}). A file with one record per line "
-                "must be named *.jsonl."
-            ) from None
-        if not isinstance(records, list):
-            raise ValueError(f"{path} must hold a JSON list of LLaVA records, got {type(records).__name__}.")
-    if not records:
-        raise ValueError(f"{path} holds no records (an empty list): there is nothing to train on.")
-    return records
-
-
-def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_outside: bool = False,
-                    num_levels: int | None = None) -> dict:
-    """One LLaVA record -> one TRL vision row; errors name the file, the record and the field."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: record #{index} is a {type(record).__name__}, not a JSON object.")
-    name = str(record.get("id", index))
-    where = f"{path}: record {name!r} (#{index})"
-    images = record.get("image") or []
-    images = [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
-        raise ValueError(f"{where} has `image`={record.get('image')!r}; expected a path or a list of paths.")
-    turns = record.get("conversations")
-    if not turns:
-        raise ValueError(f"{where} has no `conversations`.")
-    if not isinstance(turns, list):
-        raise ValueError(f"{where} has `conversations` of type {type(turns).__name__}; expected a list of turns "
-                         '({"from": "human"|"gpt", "value": ...}).')
-    messages, placeholders = [], 0
-    for turn_index, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise ValueError(f"{where}: `conversations[{turn_index}]` is a {type(turn).__name__}, not an object.")
-        role = ROLES.get(turn.get("from"))
-        if role is None:
-            raise ValueError(f"{where} has a turn from {turn.get('from')!r}; expected one of {sorted(ROLES)}.")
-        value = turn.get("value")
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: `conversations[{turn_index}].value` is {value!r}; expected a string.")
-        count = value.count(IMAGE_PLACEHOLDER)
-        _check_turn(where, turn_index, role, count, messages[-1]["role"] if messages else None)
-        placeholders += count
-        text = value.replace(IMAGE_PLACEHOLDER, "").strip("\n") if count else value
-        content = [{"type": "image", "text": None}] * count + [{"type": "text", "text": text}]
-        messages.append({"role": role, "content": content})
-    if placeholders == 0 and images:  # LLaVA puts the image at the front of the first human turn
-        first_user = next((m for m in messages if m["role"] == "user"), None)
-        if first_user is not None:
-            first_user["content"] = [{"type": "image", "text": None}] * len(images) + first_user["content"]
-            placeholders = len(images)
-    if placeholders != len(images):
-        raise ValueError(f"{where} has {placeholders} `<image>` placeholder(s) for {len(images)} image(s).")
-    return {
-        "id": name,
-        "images": [resolve_image_path(image, folder, allow_outside, f"{where} `image`") for image in images],
-        "messages": messages,
-        LEVEL_COLUMN: _record_level(record.get("similarity"), where, num_levels),
-    }
-
-
-def _check_turn(where: str, turn_index: int, role: str, images: int, previous: str | None) -> None:
-    """An `<image>` in an answer would be trained as part of the answer's text; two human turns in a row would be
-    glued into one prompt by the chat template."""
-    field = f"`conversations[{turn_index}].value`"
-    if role == "assistant" and images:
-        raise ValueError(f"{where}: {field} is a `gpt` turn holding `<image>`; images belong to a human turn. Move "
-                         "the `<image>` tag into the question before it.")
-    if role == "user" and previous == "user":
-        raise ValueError(f"{where}: {field} is a second human turn in a row; merge it into the turn before or add "
-                         "the `gpt` answer between them.")
-
-
-def _record_level(level, where: str, num_levels: int | None) -> int | None:
-    """The `similarity` field: an integer level; floats, strings and negative or too-large values are refused."""
-    if level is None:
-        return None
-    integral = isinstance(level, int) or (isinstance(level, float) and level.is_integer())
-    if isinstance(level, bool) or not integral:
-        raise ValueError(
-            f"{where} has `similarity`={level!r}; AlignGPT's pre-training JSON stores the integer alignment level "
-            "there (never rounded). Compute levels with `aligngpt-hf levels`."
-        )
-    if level < 0 or (num_levels is not None and level >= num_levels):
-        top = "N-1" if num_levels is None else num_levels - 1
-        raise ValueError(
-            f"{where} has `similarity`={level!r}, outside the levels 0..{top}. Recompute levels with "
-            f"`aligngpt-hf levels --num-levels N` for the model's N."
-        )
-    return int(level)
-
-
-def _check_supervised(rows: list[dict], path: Path) -> None:
-    """A record without an assistant turn would train on zero tokens: refuse them all at once, listed."""
-    empty = [row["id"] for row in rows if not any(m["role"] == "assistant" for m in row["messages"])]
-    if empty:
-        raise ValueError(
-            f"{path}: {len(empty)} record(s) have no assistant (`gpt`) turn and would train on nothing (first: "
-            f"{', '.join(map(repr, empty[:5]))}). Add the answer or caption, or remove them."
-        )
-
-
-def _check_image_files(rows: list[dict], path: Path | None = None) -> None:
-    missing = [(row["id"], image) for row in rows for image in row["images"] if not os.path.isfile(image)]
+def check_stage1_data(dataset, level_column: str | None = LEVEL_COLUMN, num_levels: int | None = None) -> None:
+    """Stage 1 learns from image-caption pairs and feeds each image row's level to the model: the data is checked
+    before training (some row has an image; with `level_column`, levels are integers in 0..N-1, none missing where
+    there is an image), not at the batch that lacks one hours into the run. Streaming datasets are left to the
+    collator, which checks every batch."""
+    names = getattr(dataset, "column_names", None)
+    if names is None or not hasattr(dataset, "__len__"):
+        return
+    if not any(image_count(row) for row in undecoded(dataset)):  # stops at the first image row
+        raise ValueError(f"Stage 1 trains the projector and level table on image-caption pairs, but none of the "
+                         f"{len(dataset)} rows has an image. Check the data's `images` (LLaVA JSON: `image`) field.")
+    if level_column is None:
+        return
+    ids = dataset["id"] if "id" in names else None
+    label = (lambda index: f"{ids[index]!r} (#{index})") if ids is not None else (lambda index: f"#{index}")
+    levels = dataset[level_column] if level_column in names else [None] * len(dataset)
+    missing = [index for index, level in enumerate(levels) if level is None]
     if missing:
-        shown = ", ".join(f"{name!r}: {image}" for name, image in missing[:3])
-        raise FileNotFoundError(
-            f"{path or 'dataset'}: {len(missing)} image file(s) not found (first: {shown}). Check `image_folder`, or "
-            "pass `check_images=False` to defer the error to the first access."
+        rows = undecoded(dataset)
+        missing = [index for index in missing if image_count(rows[index])]
+    if missing:
+        where = "" if level_column in names else f"(the data has no `{level_column}` column) "
+        raise ValueError(
+            f"Stage 1: {len(missing)} row(s) with an image {where}have no `{level_column}` (first: "
+            f"{', '.join(label(i) for i in missing[:5])}). Stage 1 feeds each pair's alignment level to the model; "
+            "add levels with `aligngpt-hf levels` (LLaVA JSON field `similarity`)."
+        )
+    top = num_levels - 1 if num_levels is not None else None
+    wrong = [
+        index for index, level in enumerate(levels) if level is not None and (
+            isinstance(level, bool) or not (isinstance(level, int) or (isinstance(level, float) and level.is_integer()))
+            or level < 0 or (top is not None and level > top))
+    ]
+    if wrong:
+        allowed = f"integers in 0..{top}" if top is not None else "integers >= 0"
+        shown = ", ".join(f"{label(i)}={levels[i]!r}" for i in wrong[:5])
+        raise ValueError(
+            f"Stage 1: {len(wrong)} row(s) have a `{level_column}` that is not a level of this model ({allowed}; "
+            f"first: {shown}). Recompute levels with `aligngpt-hf levels --num-levels N` for the model's N."
         )
 
 
@@ -249,8 +100,28 @@ def as_messages_example(example: dict) -> dict:
                 f"messages) with `images`; got keys {sorted(example)}. Convert LLaVA JSON with `load_llava_json`."
             )
     name = f"sample {example['id']!r}" if example.get("id") is not None else "sample"
-    example["images"] = [open_image(image, f"{name} image {i}") for i, image in enumerate(example.get("images") or [])]
+    if not isinstance(example["messages"], (list, tuple)):
+        raise ValueError(f"{name[0].upper()}{name[1:]} has `messages`={example['messages']!r}; expected a list of "
+                         "{'role': ..., 'content': ...} messages.")
+    images = example.get("images") or []
+    if not isinstance(images, (list, tuple)):  # one image given bare (a path or a PIL image), not a list of them
+        images = [images]
+    example["images"] = [open_image(image, f"{name} image {i}") for i, image in enumerate(images)]
     return example
+
+
+def _check_no_image_text(example: dict, index: int) -> None:
+    """TRL's vision format gives each image as an `{"type": "image"}` part and adds them to the first user message
+    when its content is a string; an `<image>` written in that string as well would count every image twice."""
+    if not example["images"]:
+        return
+    for number, message in enumerate(example["messages"]):
+        if isinstance(message.get("content"), str) and IMAGE_PLACEHOLDER in message["content"]:
+            raise ValueError(
+                f"Sample {sample_name(example, index)}: message {number} holds the text `<image>` while the row's "
+                "images come in `images`; in TRL's format the images become `{'type': 'image'}` parts of the first "
+                "user message. Remove `<image>` from the text (or load LLaVA JSON with `load_llava_json`)."
+            )
 
 
 def sample_name(example: dict, index: int) -> str:
@@ -292,6 +163,8 @@ class AlignGPTDataCollator(DataCollatorForVisionLanguageModeling):
                 check_conversation(example["messages"])
             except (TypeError, ValueError) as error:
                 raise type(error)(f"Sample {sample_name(example, index)}: {error}") from None
+            if self.chat_template != PLAIN_CHAT_TEMPLATE:  # the plain template drops the user's text
+                _check_no_image_text(example, index)
         messages = [prepare_multimodal_messages(ex["messages"], images=ex["images"]) for ex in examples]
         output = self.processor.apply_chat_template(
             messages,
@@ -456,6 +329,7 @@ __all__ = [
     "LEVEL_COLUMN",
     "PLAIN_CHAT_TEMPLATE",
     "AlignGPTDataCollator",
+    "check_stage1_data",
     "load_llava_json",
     "sample_token_lengths",
     "synthetic_dataset",

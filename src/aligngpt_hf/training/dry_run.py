@@ -24,7 +24,7 @@ import yaml
 
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
-from aligngpt_hf.paths import atomic_write_text
+from aligngpt_hf.paths import atomic_write_text, check_writable
 from aligngpt_hf.training.configs import AlignGPTScriptArguments
 from aligngpt_hf.training.memory import STRATEGIES, TrainingShape, estimate_memory
 from aligngpt_hf.training.model_setup import (
@@ -237,33 +237,59 @@ def build_planned_model(stage: str, script_args: AlignGPTScriptArguments, traini
 
 
 def _first_records(path: Path, count: int) -> list:
-    """The first `count` records of a LLaVA JSON list or JSONL file, without reading the whole file."""
-    with path.open(encoding="utf-8-sig") as handle:
-        if path.suffix == ".jsonl":
-            lines = (line for line in handle if line.strip())
-            return [json.loads(line) for _, line in zip(range(count), lines)]
-        decoder, text, records = json.JSONDecoder(), handle.read(1 << 20), []
-        position = text.index("[") + 1
-        while len(records) < count:
-            while position < len(text) and text[position] in " \t\r\n,":
-                position += 1
-            if position < len(text) and text[position] == "]":
-                break
+    """The first `count` records of a LLaVA JSON list or JSONL file, without reading the whole file; a file that is
+    empty, not UTF-8, not a list or not JSON is named with the place, as `load_llava_json` names it."""
+    try:
+        with path.open(encoding="utf-8-sig") as handle:
+            records = _jsonl_head(path, handle, count) if path.suffix == ".jsonl" else _json_head(path, handle, count)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 (byte {error.start}); re-save the file as UTF-8.") from None
+    if not records:
+        raise ValueError(f"{path} holds no records: there is nothing to train on.")
+    return records
+
+
+def _jsonl_head(path: Path, handle, count: int) -> list:
+    records = []
+    for number, line in enumerate(handle, start=1):
+        if len(records) == count:
+            break
+        if line.strip():
             try:
-                record, position = decoder.raw_decode(text, position)
-            except json.JSONDecodeError:
-                more = handle.read(1 << 20)
-                if not more:
-                    raise
-                text += more
-                continue
-            records.append(record)
-        return records
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}).") from None
+    return records
+
+
+def _json_head(path: Path, handle, count: int) -> list:
+    decoder, text, records = json.JSONDecoder(), handle.read(1 << 20), []
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        kind = "an empty file" if not stripped else "an object" if stripped.startswith("{") else "no list"
+        raise ValueError(f"{path} must hold a JSON list of LLaVA records, got {kind}. A file with one record per "
+                         "line must be named *.jsonl.")
+    position = len(text) - len(stripped) + 1
+    while len(records) < count:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position < len(text) and text[position] == "]":
+            break
+        try:
+            record, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            more = handle.read(1 << 20)
+            if not more:
+                raise ValueError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}).") from None
+            text += more
+            continue
+        records.append(record)
+    return records
 
 
 def check_data(stage: str, script_args: AlignGPTScriptArguments, num_levels: int) -> dict:
     """What can be checked of the training data without loading it all."""
-    from aligngpt_hf.training.data import _check_image_files, _check_supervised, _convert_record
+    from aligngpt_hf.training.llava_json import _check_image_files, _check_supervised, _convert_record
 
     if script_args.data_path is None:
         name = script_args.dataset_name
@@ -367,7 +393,9 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def dry_run(stage: str, script_args: AlignGPTScriptArguments, training_args, precision: dict | None = None) -> dict:
-    """Plan the run, write OUTPUT_DIR/dry_run.json, print the summary; returns the report."""
+    """Plan the run, write OUTPUT_DIR/dry_run.json, print the summary; returns the report. An output folder that
+    cannot be written is refused before the planning."""
+    check_writable(training_args.output_dir, "output_dir")
     report = plan(stage, script_args, training_args, precision)
     write_json(Path(training_args.output_dir) / "dry_run.json", report)
     print(summary(report))

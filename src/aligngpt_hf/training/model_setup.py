@@ -8,6 +8,7 @@ plus a vision encoder (`build_from_components`); stage 2 from a stage-1 output f
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
 from aligngpt_hf.training.configs import AlignGPTScriptArguments
 
+logger = logging.getLogger(__name__)
 EMBEDDING_MULTIPLE = 64  # the original stage 1 pads the resized vocabulary to a multiple of 64
 
 
@@ -68,11 +70,14 @@ def build_stage_model(stage: str, script_args: AlignGPTScriptArguments, training
     """(model, processor) to start `stage` from, as the script arguments say."""
     from transformers import AutoProcessor
 
+    from aligngpt_hf.paths import check_local_or_hub
+
     name = script_args.model_name_or_path
     if name not in (None, "tiny"):
-        from aligngpt_hf.paths import check_local_or_hub
-
         check_local_or_hub(name, "model_name_or_path")  # a missing local folder is named as one, not as a Hub id
+    for part in ("language_model", "vision_tower"):
+        if getattr(script_args, part) is not None:
+            check_local_or_hub(getattr(script_args, part), part)
     if stage == "instruct":
         return _instruct_start(script_args, training_args)
     check_fresh_model_options(script_args)
@@ -215,18 +220,32 @@ def lora_config(stage: str, script_args: AlignGPTScriptArguments):
     from aligngpt_hf.training.trainers import aligngpt_lora_config
 
     targets = script_args.lora_target_modules
+    if targets not in (None, "mplug-owl"):
+        import re
+
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise ValueError(f"`lora_target_modules` {targets!r} is not a valid regular expression ({error}); it "
+                             "names the language-model modules to adapt, e.g. '.*language_model.*\\.(q_proj|v_proj)'."
+                             ) from None
     extra = {} if targets is None else {"target_modules": MPLUG_OWL_LORA_TARGETS if targets == "mplug-owl" else targets}
     return aligngpt_lora_config(script_args.lora_r, script_args.lora_alpha, script_args.lora_dropout,
                                 modules_to_save=[], **extra)
 
 
-def load_training_data(stage: str, script_args: AlignGPTScriptArguments):
-    """The training rows: LLaVA JSON, a datasets id/folder, or the synthetic smoke set."""
+def load_training_data(stage: str, script_args: AlignGPTScriptArguments, num_alignment_levels: int | None = None):
+    """The training rows: LLaVA JSON, a datasets id/folder, or the synthetic smoke set. With the model's
+    `num_alignment_levels`, a LLaVA JSON level outside 0..N-1 is refused at load, naming its record."""
     from aligngpt_hf.training.data import load_llava_json, synthetic_dataset
 
     if script_args.data_path is not None:
+        if script_args.dataset_name is not None:
+            logger.warning("Training on data_path %s; dataset_name %r is not used.",
+                                                script_args.data_path, script_args.dataset_name)
         return load_llava_json(script_args.data_path, script_args.image_folder,
-                               allow_outside_image_folder=script_args.allow_outside_image_folder)
+                               allow_outside_image_folder=script_args.allow_outside_image_folder,
+                               num_alignment_levels=num_alignment_levels)
     name = script_args.dataset_name
     if name == "synthetic":
         return synthetic_dataset(script_args.synthetic_samples, stage, text_only_every=4 if stage == "instruct" else 0)

@@ -25,13 +25,17 @@ logger = logging.getLogger(__name__)
 def modality_lengths(dataset) -> list[int]:
     """Whitespace words over all turns, positive for rows with an image, negative for text-only (never 0)."""
     lengths = []
-    for row in undecoded(dataset):
+    for index, row in enumerate(undecoded(dataset)):
         words = 0
         for message in row.get("messages") or list(row.get("prompt") or []) + list(row.get("completion") or []):
-            content = message.get("content") or ""
-            if not isinstance(content, str):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list) and all(isinstance(part, dict) for part in content):
                 content = " ".join(part.get("text") or "" for part in content if part.get("type") == "text")
-            words += len(content.split())
+            if not isinstance(content, str | None) or not isinstance(message, dict):
+                name = f"{row['id']!r} (#{index})" if row.get("id") is not None else f"#{index}"
+                raise ValueError(f"Row {name} of the training data has a message {message!r}; expected "
+                                 "{'role': ..., 'content': text or a list of {'type': ..., 'text': ...} parts}.")
+            words += len((content or "").split())
         words = max(words, 1)
         lengths.append(words if image_count(row) else -words)
     return lengths

@@ -26,8 +26,9 @@ def check_alignment_trained(config, allow_untrained: bool = False) -> None:
         return
     stage = getattr(config, STAGE_ATTRIBUTE, None)
     if stage not in ("pretrain", "instruct"):
+        found = "no" if stage is None else f"an unknown ({stage!r}, not 'pretrain' or 'instruct')"
         raise ValueError(
-            f"This model's projector and level table were never trained by stage 1 (its config has no "
+            f"This model's projector and level table were never trained by stage 1 (its config has {found} "
             f"`{STAGE_ATTRIBUTE}` marker). Start stage 2 from a stage-1 output folder (`aligngpt-hf pretrain`, or "
             "`load_for_instruct(stage1_folder)`), or pass `allow_untrained_alignment=True` if the weights are "
             "trained (e.g. a converted checkpoint)."
@@ -59,11 +60,49 @@ def load_for_instruct(stage1_folder, base_language_model=None, allow_untrained_a
     kwargs.setdefault("dtype", torch.float32)
     if _is_stage1_artefact(stage1_folder):
         return _from_stage1_artefact(stage1_folder, base_language_model, vision_tower, kwargs)
+    check_stage1_folder(stage1_folder)
     model = AlignGPTForConditionalGeneration.from_pretrained(stage1_folder, **kwargs)
     check_alignment_trained(model.config, allow_untrained_alignment)
     if base_language_model is not None:
         _copy_language_model(_causal_lm(base_language_model, kwargs), model)
     return model
+
+
+FROM_STAGE_1 = ("Start stage 2 from the folder `aligngpt-hf pretrain` saved (its output_dir), or from a converted "
+                "stage-1 artefact plus the base LLM (--language_model).")
+
+
+def check_stage1_folder(folder) -> None:
+    """A local folder stage 2 starts from must hold an AlignGPT config and readable weights: anything else (a file,
+    an empty folder, a plain LLM or LLaVA checkpoint, weights cut short) is named here, not deep in the loader."""
+    from aligngpt_hf.training.checkpoints import weight_file_problem
+
+    path = Path(folder)
+    if not path.exists():
+        return  # a Hub id: the loader resolves it
+    if not path.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a stage-1 output folder. {FROM_STAGE_1}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: it is not a stage-1 output folder. {FROM_STAGE_1}")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{config_file} is cut short or not a JSON object. {FROM_STAGE_1}") from None
+    if model_type != "aligngpt":
+        if model_type is None:
+            raise ValueError(f"{config_file} names no `model_type`: it is not an AlignGPT stage-1 output. {FROM_STAGE_1}")
+        hint = " For a LLaVA checkpoint, run `aligngpt-hf from-llava` first." if model_type == "llava" else ""
+        raise ValueError(f"{folder} holds a {model_type!r} model, not an AlignGPT stage-1 output. {FROM_STAGE_1}{hint}")
+    weights = sorted({*path.glob("model*.safetensors"), *path.glob("pytorch_model*.bin")})
+    if not weights:
+        raise FileNotFoundError(f"{folder} holds no model weights (model.safetensors): the stage-1 save did not "
+                                f"finish. {FROM_STAGE_1}")
+    for weight in weights:
+        problem = weight_file_problem(weight)
+        if problem:
+            raise ValueError(f"{folder}: {problem}; the stage-1 save did not finish. Rerun stage 1, or start from one "
+                             "of its complete checkpoints.")
 
 
 def _is_stage1_artefact(folder) -> bool:
@@ -78,7 +117,15 @@ def _causal_lm(model_or_name, kwargs):
 
 def _from_stage1_artefact(folder, base_language_model, vision_tower, kwargs):
     """Base LLM + vision tower + the artefact's projector and level table, every artefact tensor matched."""
-    marker = json.loads((Path(folder) / "aligngpt_stage.json").read_text())
+    marker_file = Path(folder) / "aligngpt_stage.json"
+    try:
+        marker = json.loads(marker_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{marker_file} is cut short or not JSON; convert the stage-1 artefact again "
+                         "(`aligngpt-hf convert`).") from None
+    if not isinstance(marker, dict):
+        raise ValueError(f"{marker_file} must hold a JSON object; convert the stage-1 artefact again "
+                         "(`aligngpt-hf convert`).")
     if base_language_model is None:
         raise ValueError(f"{folder} is a converted stage-1 artefact (projector + level table only): pass "
                          "`base_language_model` (e.g. lmsys/vicuna-7b-v1.5; CLI: --language_model).")

@@ -24,6 +24,7 @@ from aligngpt_hf.training.data import (
     LEVEL_COLUMN,
     PLAIN_CHAT_TEMPLATE,
     AlignGPTDataCollator,
+    check_stage1_data,
     sample_token_lengths,
     undecoded,
 )
@@ -151,6 +152,7 @@ class _AlignGPTTrainer(SFTTrainer):
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("`train_dataset` is empty (0 rows): there is nothing to train on. Check the data file "
                              "and any filtering before the trainer.")
+        self._check_data(train_dataset, model, args)
         self.num_skipped_samples = 0
         self.modality_batching_counts = None  # `modality_batching='separate'`: repeated/unused samples per modality
         if args.skip_overlong_samples and args.max_length is not None and train_dataset is not None:
@@ -191,6 +193,9 @@ class _AlignGPTTrainer(SFTTrainer):
 
     def _check_start(self, model, args, peft_config) -> None:
         """Stage-specific preconditions (overridden)."""
+
+    def _check_data(self, train_dataset, model, args) -> None:
+        """Stage-specific checks of the whole dataset before training (overridden)."""
 
     def _freeze(self, model, args) -> None:
         raise NotImplementedError
@@ -280,7 +285,12 @@ class _AlignGPTTrainer(SFTTrainer):
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
             check_resumable(resume_from_checkpoint, self.args, self._stage)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except (RuntimeError, ValueError) as error:
+            if resume_from_checkpoint:
+                _explain_resume_mismatch(error, resume_from_checkpoint)
+            raise
 
     def _save(self, output_dir=None, state_dict=None):
         """A full disk or read-only folder while saving names the folder (safetensors says only "File too large")."""
@@ -321,6 +331,20 @@ class _AlignGPTTrainer(SFTTrainer):
         return sampler
 
 
+def _explain_resume_mismatch(error: Exception, checkpoint) -> None:
+    """torch's words for a checkpoint saved by a run with other settings, as one error naming it and the fix."""
+    message = str(error)
+    fix = "Resume with the settings that run used, or train in a new output_dir."
+    if isinstance(error, RuntimeError) and "Error(s) in loading state_dict" in message:
+        detail = next((line.strip() for line in message.splitlines()[1:] if line.strip()), "")
+        raise ValueError(f"{checkpoint} does not fit this model ({detail}): it was saved by a run with other model "
+                         f"settings (its config.json). {fix}") from None
+    if isinstance(error, ValueError) and "parameter group" in message:
+        raise ValueError(f"{checkpoint}'s optimizer state does not fit this run ({message}): the run that saved it "
+                         "trained other modules or gave them other learning rates (train_projector, "
+                         f"train_level_table, train_vision_tower, projector_lr, vision_lr_multiplier). {fix}") from None
+
+
 class AlignGPTPretrainTrainer(_AlignGPTTrainer):
     """Stage 1 (paper §4.1): `[BOS][ALIGN][IMG x K] caption \\n`, loss on the caption and "\\n" only, each pair's level
     fed as `alignment_levels`; trains the projector and the level table (and the vision tower with
@@ -355,6 +379,11 @@ class AlignGPTPretrainTrainer(_AlignGPTTrainer):
         if peft_config is not None:
             raise ValueError("Stage 1 trains the projector and level table in full; LoRA (`peft_config`) is a "
                              "stage-2 option (AlignGPTInstructTrainer).")
+
+    def _check_data(self, train_dataset, model, args) -> None:
+        if train_dataset is not None:
+            level_column = args.level_column if model.config.uses_alignment_token else None
+            check_stage1_data(train_dataset, level_column, model.config.num_alignment_levels)
 
     def _freeze(self, model, args) -> None:
         freeze_for_pretrain(model, args.train_vision_tower, args.train_level_table, args.train_projector)
