@@ -109,6 +109,28 @@ def atomic_path(target: str | os.PathLike, directory: bool = False, *, sweep: bo
     _keep_default_permissions(target, directory)
 
 
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike, drop: tuple[str, ...] = ()):
+    """Yield an empty staging folder inside `folder`; on success every entry written there is renamed into `folder`
+    (one rename each: a crash or a full disk while writing leaves the previous files whole), except the names in
+    `drop`; the staging folder is removed in any case. For writers that fill a folder holding other outputs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder / "staged")
+    staging = Path(tempfile.mkdtemp(prefix=temp_name(folder / "staged"), dir=folder))
+    try:
+        yield staging
+        for entry in sorted(staging.iterdir()):
+            destination = folder / entry.name
+            if entry.name in drop:
+                continue
+            if entry.is_dir() and destination.is_dir():
+                shutil.rmtree(destination)
+            os.replace(entry, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _discard(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)

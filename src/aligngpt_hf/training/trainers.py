@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from aligngpt_hf.paths import check_writable, saving_to
+from aligngpt_hf.paths import check_writable, saving_to, staged_files
 from aligngpt_hf.training import packing as packing_support
 from aligngpt_hf.training.checkpoints import check_finite_loss, check_resumable, resolve_resume
 from aligngpt_hf.training.configs import AlignGPTInstructConfig, AlignGPTPretrainConfig, _AlignGPTTrainingConfig
@@ -293,9 +293,16 @@ class _AlignGPTTrainer(SFTTrainer):
             raise
 
     def _save(self, output_dir=None, state_dict=None):
-        """A full disk or read-only folder while saving names the folder (safetensors says only "File too large")."""
-        with saving_to(output_dir or self.args.output_dir, "save the model to"):
+        """transformers' save, staged: files are written in a folder inside `output_dir`, then renamed into place one
+        by one, so a crash or a full disk mid-write leaves the previous model whole (and the error names the folder);
+        the arguments go to `training_args.json` instead of transformers' `training_args.bin` pickle."""
+        output_dir = str(output_dir or self.args.output_dir)
+        if not self.args.should_save:  # a rank that only joins the collective gathers of a sharded save
             return super()._save(output_dir, state_dict)
+        pickle = ("training_args.bin",)
+        with saving_to(output_dir, "save the model to"), staged_files(output_dir, drop=pickle) as staged:
+            super()._save(str(staged), state_dict)
+            (staged / "training_args.json").write_text(self.args.to_json_string() + "\n", encoding="utf-8")
 
     def _save_checkpoint(self, model, trial):
         with saving_to(self.args.output_dir, "save a checkpoint to"):
