@@ -150,6 +150,16 @@ def test_unreadable_first_image_leaves_no_empty_answers_file(bench, processor, t
     assert not out.exists()
 
 
+def test_overwrite_run_failing_before_its_first_answer_keeps_the_old_answers(bench, processor, tmp_path):
+    (tmp_path / "bad.png").write_text("not a png")
+    out = tmp_path / "a.jsonl"
+    out.write_text('{"question_id": 7, "text": "old", "model_id": "tiny"}\n')
+    with pytest.raises(ValueError, match=r"^question_id 1: .*bad\.png is not a readable image"):
+        answer_questions(bench["model"], processor, [{"question_id": 1, "image": "bad.png", "text": "C?"}], tmp_path,
+                         out, overwrite=True, progress=False)
+    assert out.read_text() == '{"question_id": 7, "text": "old", "model_id": "tiny"}\n'
+
+
 def test_alignment_level_outside_the_table_is_refused_before_the_answers_file(bench, processor, tmp_path):
     out = tmp_path / "a.jsonl"
     with pytest.raises(ValueError, match=r"^--alignment-level must be an integer in 0\.\.7 \(this model has 8 levels, "

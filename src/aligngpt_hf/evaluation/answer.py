@@ -12,6 +12,7 @@ behind `--batch-size`, which may move scores slightly (fp16/bf16 kernels differ 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -313,33 +314,29 @@ def answer_questions(
     report.text_only = sum(q.get("image") is None for q in todo)
     check_writable(Path(answers_file).parent, "answers folder")
     Path(answers_file).parent.mkdir(parents=True, exist_ok=True)
-    created = not Path(answers_file).exists()
-    try:
-        with (
-            open(answers_file, "a" if resume else "w", encoding="utf-8") as out,
-            tqdm(total=len(todo), disable=not progress, desc="answering", unit="q") as bar,
-        ):
-            for batch in _batches(todo, batch_size):
-                _answer_batch(out, batch, model, processor, image_folder, allow_outside_image_folder, model_id,
-                              alignment_level, decoding)
-                report.answered += len(batch)
-                bar.update(len(batch))
-    except BaseException:
-        if created and report.answered == 0:  # nothing to resume from: leave no empty answers file behind
-            Path(answers_file).unlink(missing_ok=True)
-        raise
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(todo), disable=not progress, desc="answering", unit="q"))
+        out = None  # opened once the first answers exist: a run failing before them leaves the file as it was
+        for batch in _batches(todo, batch_size):
+            records = _answer_batch(batch, model, processor, image_folder, allow_outside_image_folder, model_id,
+                                    alignment_level, decoding)
+            if out is None:
+                out = stack.enter_context(open(answers_file, "a" if resume else "w", encoding="utf-8"))
+            for record in records:  # each line flushed and fsynced: a crash tears at most the last one
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            report.answered += len(batch)
+            bar.update(len(batch))
     return report
 
 
-def _answer_batch(out, batch, model, processor, image_folder, allow_outside, model_id, level, decoding) -> None:
-    """Answer one batch and write its lines, each flushed and fsynced (a crash tears at most the last line)."""
+def _answer_batch(batch, model, processor, image_folder, allow_outside, model_id, level, decoding) -> list[dict]:
+    """The answer records of one batch, in question order."""
     loaded = [(q, load_image(q, image_folder, allow_outside)) for q in batch]
     prompts = [build_prompt(processor, q["text"], image is not None) for q, image in loaded]
     texts = generate_answers(model, processor, prompts, [image for _, image in loaded], level, **decoding)
-    for (question, _), text in zip(loaded, texts):
-        out.write(json.dumps(_answer_record(question, text, model_id)) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
+    return [_answer_record(question, text, model_id) for (question, _), text in zip(loaded, texts)]
 
 
 def _answer_record(question: dict, text: str, model_id: str) -> dict:
