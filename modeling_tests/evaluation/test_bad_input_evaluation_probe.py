@@ -429,6 +429,14 @@ def test_plugin_batch_size_left_unset_is_one(plugin, bench):
     assert plugin.AlignGPT(str(bench["root"] / "model"), device="cpu", batch_size=None).batch_size == 1
 
 
+def test_plugin_cuda_asked_without_cuda_says_it_runs_on_the_cpu(plugin, bench, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger=PLUGIN):
+        model = plugin.AlignGPT(str(bench["root"] / "model"), device="cuda")
+    assert model.model.device.type == "cpu"
+    assert "aligngpt model_args: device=cuda, but CUDA is not available here; running on the CPU" in caplog.text
+
+
 def test_plugin_pretrained_folder_that_does_not_exist(plugin, tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"^the model folder {re.escape(str(tmp_path))}/nope does not exist"):
         plugin.AlignGPT(str(tmp_path / "nope"), device="cpu")

@@ -15,6 +15,7 @@ prompt only (as at generation). This module imports lmms-eval; `import aligngpt_
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 
 try:
@@ -224,6 +225,9 @@ class AlignGPT(lmms):
 
         state = PartialState()
         self._rank, self._world_size = state.process_index, state.num_processes
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            logging.getLogger(__name__).warning("aligngpt model_args: device=%s, but CUDA is not available here; "
+                                                "running on the CPU (slow for a real model).", device)
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if self._world_size > 1 and str(device).startswith("cuda"):
