@@ -200,7 +200,18 @@ def train(stage: str, script_args: AlignGPTScriptArguments, training_args):
     trainer.save_model(training_args.output_dir)
     if peft_config is not None and script_args.merge_lora and trainer.args.should_save:
         merge_lora(trainer.model, os.path.join(training_args.output_dir, "merged"), processor)
+    finish_processes(trainer)
     return trainer
+
+
+def finish_processes(trainer) -> None:
+    """Under a multi-process launch, every rank waits until rank 0 has saved, then the process group is closed: a
+    rank that exits while another still works can abort in the collective library's threads (a failed launch)."""
+    import torch
+
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
