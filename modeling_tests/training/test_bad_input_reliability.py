@@ -189,3 +189,15 @@ def test_resuming_stage_2_from_a_stage_1_checkpoint_names_the_stage(make_model, 
                                          r"\(`instruct`\): a stage resumes only its own checkpoints\. To go on, start "
                                          r"stage 2 FROM the stage-1 output"):
         stage2.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+
+
+def test_resuming_with_another_optimizer_names_both_before_any_step(make_model, processor, tmp_path):
+    """transformers would load the AdamW state into SGD and fail inside its first step (`KeyError: 'momentum'`)."""
+    dataset = synthetic_dataset(8, "instruct")
+    instruct_trainer(make_model, processor, tmp_path, dataset, max_steps=1, save_strategy="steps", save_steps=1).train()
+    again = instruct_trainer(make_model, processor, tmp_path, dataset, max_steps=2, optim="sgd")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/run/checkpoint-1 was saved by a run with optim='adamw_torch\w*' "
+                                         r"\(its training_args\.json\), but this run uses optim='sgd': the optimizer "
+                                         r"state cannot be carried over\. Resume with `--optim adamw_torch\w*`"):
+        again.train(resume_from_checkpoint=True)
+    assert again.state.global_step == 0

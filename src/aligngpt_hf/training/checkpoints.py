@@ -130,6 +130,12 @@ def check_resumable(checkpoint, args, stage: str) -> None:
             f"{folder} is a checkpoint of {names[saved_stage]}, its config.json says aligngpt_stage="
             f"{saved_stage!r}), but this is {names[stage]}): a stage resumes only its own checkpoints. To go on, {fix}."
         )
+    saved_optim, optim = _read_json(folder / "training_args.json").get("optim"), getattr(args, "optim", None)
+    optim = getattr(optim, "value", optim)
+    if saved_optim is not None and optim is not None and saved_optim != optim:  # torch would fail mid-step
+        raise ValueError(f"{folder} was saved by a run with optim={saved_optim!r} (its training_args.json), but this "
+                         f"run uses optim={optim!r}: the optimizer state cannot be carried over. Resume with "
+                         f"`--optim {saved_optim}`, or train in a new output_dir.")
     state = _read_json(folder / "trainer_state.json")
     step, epoch = int(state.get("global_step", 0)), float(state.get("epoch") or 0.0)
     if args.max_steps > 0:
