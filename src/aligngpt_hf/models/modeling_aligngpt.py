@@ -291,8 +291,7 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         """
         if labels is not None:
             check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape[:2],
-                         all_ignored_ok=kwargs.get("num_items_in_batch") is not None,
-                         vocab_size=self.config.text_config.vocab_size)
+                         self.config.text_config.vocab_size, all_ignored_ok=kwargs.get("num_items_in_batch") is not None)
             if gate_text_mask is None and self.config.gate_text_scope == "prompt":
                 gate_text_mask = labels == -100
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,

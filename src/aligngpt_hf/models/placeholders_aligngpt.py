@@ -156,7 +156,7 @@ def raise_out_of_vocabulary(input_ids, vocab_size) -> None:
         "tokens, call `model.resize_token_embeddings(len(tokenizer))`.")
 
 
-def check_labels(labels: torch.Tensor, input_shape=None, all_ignored_ok: bool = False, vocab_size=None) -> None:
+def check_labels(labels: torch.Tensor, input_shape, vocab_size: int, all_ignored_ok: bool = False) -> None:
     """Labels: integer ids shaped like the input. All labels -100 after the causal shift (mean loss 0/0 = NaN) and ids
     outside the vocabulary are clear errors, found with one host sync, only when the loss is a mean over this batch:
     with `num_items_in_batch` (gradient accumulation) the loss is a sum over the accumulated count, 0 for such a
@@ -171,7 +171,7 @@ def check_labels(labels: torch.Tensor, input_shape=None, all_ignored_ok: bool = 
                          "sequence); give one label per input token (-100 where nothing is predicted).")
     if all_ignored_ok or not labels.numel():
         return
-    outside = (labels != -100) & ((labels < 0) | (labels >= (vocab_size or torch.iinfo(labels.dtype).max)))
+    outside = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
     supervised, has_outside = torch.stack([(labels[..., 1:] != -100).any(), outside.any()]).tolist()
     if has_outside:
         raise ValueError(
