@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig
 
 from aligngpt_hf import AlignGPTConfig, AlignGPTForConditionalGeneration
-from aligngpt_hf.hub.hub_configs import family_config, write_hub_configs
+from aligngpt_hf.hub.hub_configs import family_config, main, write_hub_configs
 from conftest import REPO_ROOT
 
 FAMILY = {  # variant -> (text model type, hidden, vocab after <image>/<align> + padding, <image> id, tokens per image)
@@ -33,6 +33,16 @@ def test_hub_configs_are_up_to_date_and_load(tmp_path):
     assert AutoConfig.from_pretrained(tmp_path / "aligngpt-13b").text_config.hidden_size == 5120
     owl = AutoConfig.from_pretrained(tmp_path / "aligngpt-mplug-owl-7b")
     assert (owl.projector_type, owl.image_seq_length, owl.vision_config.image_size) == ("abstractor", 65, 224)
+
+
+def test_generator_refuses_a_file_as_its_folder(tmp_path, capsys):
+    target = tmp_path / "configs.yaml"
+    target.write_text("keep me")
+    with pytest.raises(SystemExit) as raised:
+        main([str(target)])
+    assert raised.value.code == 2
+    assert f"{target} is a file; give the folder" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
 
 
 def test_family_configs_carry_the_published_dimensions(tmp_path):

@@ -156,8 +156,11 @@ def write_hub_configs(directory: str | Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("directory", nargs="?", default="hub_configs")
-    for path in write_hub_configs(parser.parse_args(argv).directory):
+    parser.add_argument("directory", nargs="?", default="hub_configs", help="folder to write (default: hub_configs)")
+    directory = Path(parser.parse_args(argv).directory)
+    if directory.exists() and not directory.is_dir():
+        parser.error(f"{directory} is a file; give the folder to write the variants' config.json files into.")
+    for path in write_hub_configs(directory):
         print(path)
     return 0
 
