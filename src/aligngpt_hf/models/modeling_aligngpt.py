@@ -182,8 +182,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
                            position_ids, gate_text_mask)
         segments, use_cache = packed_call(self.language_model.config, attention_mask, position_ids, use_cache, kwargs)
         if input_ids is not None:  # words first, then images, as LLaVA: one module order for every batch
-            embeddings = self.get_input_embeddings()
-            word_embeds = embeddings(safe_token_ids(input_ids, embeddings.num_embeddings))
+            word_embeds = self.get_input_embeddings()(safe_token_ids(input_ids, self.config.text_config.vocab_size))
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None and pixel_values.shape[0] > 0:
             vision_kwargs = {key: kwargs[key] for key in ("output_attentions", "output_hidden_states") if key in kwargs}
@@ -212,7 +211,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
         """Image features into `<image>` slots (as LLaVA), alignment vectors into `<align>` slots; the checks share one
         device-to-host copy (as LLaVA's). With `segments` (packed rows) counts, levels and gate run per sample."""
         image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
-        vocab_size = self.get_input_embeddings().num_embeddings
+        vocab_size = self.config.text_config.vocab_size  # a PEFT wrapper of the table may not have `num_embeddings`
         if image_features is None:
             if input_ids.shape[1] > 1:  # not on decoding steps: generate suppresses both ids, and a sync stalls a GPU
                 check_no_placeholders(input_ids == image_id, input_ids == align_id, input_ids, vocab_size)
@@ -280,6 +279,8 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> AlignGPTCausalLMOutputWithPast:
         r"""
@@ -297,13 +298,13 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, LlavaForConditio
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                              position_ids=position_ids, inputs_embeds=inputs_embeds, alignment_levels=alignment_levels,
                              gate_text_mask=gate_text_mask, mm_encoder_outputs=mm_encoder_outputs, return_dict=True,
-                             **kwargs)
+                             vision_feature_layer=vision_feature_layer,
+                             vision_feature_select_strategy=vision_feature_select_strategy, **kwargs)
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         cap = getattr(self.config.text_config, "final_logit_softcapping", None)
         if cap is not None:  # Gemma2/Gemma3: as the family's ForCausalLM does after its head (TRL's fused head too)
             logits = torch.tanh(logits / cap) * cap
-        loss = None if labels is None else self.loss_function(logits, labels, self.config.text_config.vocab_size,
-                                                              **kwargs)
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
         others = {key: value for key, value in outputs.items() if key != "last_hidden_state"}  # cache: its own name
         return AlignGPTCausalLMOutputWithPast(loss=loss, logits=logits, **others)
 

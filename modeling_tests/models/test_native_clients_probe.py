@@ -1,0 +1,54 @@
+"""Client calls that work with transformers' LLaVA and must work the same way with AlignGPT.
+
+Each test runs one call that outside code (transformers' `generate`, PEFT) makes with exactly these names, on a tiny
+model, and checks the result against an independent computation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import user_message
+
+
+@pytest.fixture
+def batch(processor, images):
+    prompt = processor.apply_chat_template(user_message("What colour is it?"), add_generation_prompt=True)
+    return processor(text=[prompt], images=images[:1], return_tensors="pt")
+
+
+def test_generate_takes_llavas_vision_feature_arguments(make_model, batch):
+    """`generate(vision_feature_layer=..., vision_feature_select_strategy=...)` reaches the vision tower, as LLaVA's
+    does (generate used to refuse them as unused model kwargs): the first token is the forward's argmax on that layer."""
+    model = make_model(seed=1)
+    with torch.no_grad():
+        logits = model(**batch, vision_feature_layer=-1, vision_feature_select_strategy="default").logits[0, -1]
+        default = model(**batch).logits[0, -1]
+        out = model.generate(**batch, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                             max_new_tokens=1, do_sample=False)
+    logits[model.generation_config.suppress_tokens] = -float("inf")
+    assert not torch.allclose(logits, default)  # the layer choice changes the answer, so the check below is real
+    assert out[0, -1].item() == logits.argmax().item()
+
+
+def test_lora_trainable_token_indices_wraps_the_embedding_table(make_model, batch, tokenizer):
+    """PEFT's `trainable_token_indices` wraps the word-embedding table in a module without `num_embeddings`; the
+    forward used to read that attribute (AttributeError). Now: the base model's logits at start, and a backward pass
+    reaches the chosen row of a prompt word, not the `<align>` row (its slot holds the alignment vector)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model(seed=2)
+    with torch.no_grad():
+        reference = model(**batch).logits
+    word_id, align_id = batch["input_ids"][0, -1].item(), tokenizer.convert_tokens_to_ids("<align>")
+    config = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[word_id, align_id])
+    peft_model = get_peft_model(model, config)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    out = peft_model(**batch, labels=labels)
+    torch.testing.assert_close(out.logits, reference)
+    out.loss.backward()
+    (delta,) = [p for name, p in peft_model.named_parameters() if "trainable_tokens_delta" in name]
+    assert delta.shape == (2, model.config.text_config.hidden_size)
+    assert delta.grad[0].abs().sum() > 0 and delta.grad[1].abs().sum() == 0
+    assert peft_model.generate(**batch, max_new_tokens=2).shape[1] == batch["input_ids"].shape[1] + 2
