@@ -52,3 +52,39 @@ def test_lora_trainable_token_indices_wraps_the_embedding_table(make_model, batc
     assert delta.shape == (2, model.config.text_config.hidden_size)
     assert delta.grad[0].abs().sum() > 0 and delta.grad[1].abs().sum() == 0
     assert peft_model.generate(**batch, max_new_tokens=2).shape[1] == batch["input_ids"].shape[1] + 2
+
+
+def test_trainer_predict_returns_the_logits_for_mixed_batches(make_model, processor, images, tmp_path):
+    """`Trainer.predict`/`evaluate(compute_metrics=...)` gather what the model returns besides the loss; the image
+    outputs (None fields), image features and gate weights (absent in text-only batches) used to break that gathering
+    (a TypeError, then an AssertionError across batches). Predictions are the logits, as for LLaVA's language model."""
+    from transformers import Trainer, TrainingArguments
+
+    model = make_model(seed=4)
+    image_text = processor.apply_chat_template(user_message("What colour is it?"), add_generation_prompt=True) + " Red."
+    encoded = processor(text=[image_text] * 2, images=images[:2], return_tensors="pt")
+    rows = [{"input_ids": encoded["input_ids"][i], "pixel_values": encoded["pixel_values"][i:i + 1]} for i in range(2)]
+    rows += [{"input_ids": processor(text=["USER: How many? ASSISTANT: Two."], return_tensors="pt")["input_ids"][0]} for _ in range(2)]
+    for row in rows:
+        row["labels"] = row["input_ids"].masked_fill(row["input_ids"] == model.config.image_token_id, -100)
+
+    def collate(batch):
+        out = {key: torch.nn.utils.rnn.pad_sequence([row[key] for row in batch], batch_first=True,
+                                                    padding_value=-100 if key == "labels" else 0)
+               for key in ("input_ids", "labels")}
+        out["attention_mask"] = torch.nn.utils.rnn.pad_sequence([torch.ones_like(row["input_ids"]) for row in batch],
+                                                                batch_first=True)
+        if any("pixel_values" in row for row in batch):
+            out["pixel_values"] = torch.cat([row["pixel_values"] for row in batch if "pixel_values" in row])
+        return out
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=True,
+                             remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, data_collator=collate, compute_metrics=lambda _: {"seen": 1.0})
+    predictions = trainer.predict(rows)
+    assert predictions.metrics["test_seen"] == 1.0
+    assert predictions.predictions.shape == (4, len(rows[0]["input_ids"]), model.config.text_config.vocab_size)
+    with torch.no_grad():
+        expected = model(**collate(rows[2:3])).logits[0].numpy()
+    text_length = len(rows[2]["input_ids"])
+    assert abs(predictions.predictions[2, :text_length] - expected).max() < 1e-4

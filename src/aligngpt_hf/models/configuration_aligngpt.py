@@ -85,6 +85,8 @@ class AlignGPTConfig(PreTrainedConfig):
     model_type = "aligngpt"
     _auto_class = "AutoConfig"
     attribute_map = {"image_token_index": "image_token_id"}
+    # Trainer.evaluate/predict: logits only (as LLaVA's); the image outputs and gate weights vary in kind per batch
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "image_outputs", "image_hidden_states", "alignment_weights"]
     sub_configs_defaults = {  # CLIP ViT-L/14-336 and Llama, as LLaVA-1.5
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", init_kwargs={
             "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
