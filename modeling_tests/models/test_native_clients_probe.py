@@ -88,3 +88,24 @@ def test_trainer_predict_returns_the_logits_for_mixed_batches(make_model, proces
         expected = model(**collate(rows[2:3])).logits[0].numpy()
     text_length = len(rows[2]["input_ids"])
     assert abs(predictions.predictions[2, :text_length] - expected).max() < 1e-4
+
+
+def test_forward_with_images_compiles_as_one_graph(make_model, batch):
+    """`torch.compile(model, fullgraph=True)` traces LLaVA's forward with images and labels; ours broke the graph at
+    the placeholder checks' host copy. Traced, the count check stays in the graph (as LLaVA's); the logits, loss and
+    gate weights equal the eager forward's."""
+    model = make_model(seed=5)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    text_only = {"input_ids": batch["input_ids"][:, :1], "attention_mask": batch["attention_mask"][:, :1]}
+    text_only["input_ids"] = torch.cat([text_only["input_ids"], batch["input_ids"][:, -4:]], 1)
+    text_only["attention_mask"] = torch.ones_like(text_only["input_ids"])
+    with torch.no_grad():
+        eager = model(**batch, labels=labels)  # also installs transformers' output hooks before tracing
+        eager_text = model(**text_only).logits
+        compiled_model = torch.compile(model, fullgraph=True, backend="eager")
+        compiled = compiled_model(**batch, labels=labels)
+        compiled_text = compiled_model(**text_only).logits
+    torch.testing.assert_close(compiled.logits, eager.logits)
+    torch.testing.assert_close(compiled.loss, eager.loss)
+    torch.testing.assert_close(compiled.alignment_weights, eager.alignment_weights)
+    torch.testing.assert_close(compiled_text, eager_text)

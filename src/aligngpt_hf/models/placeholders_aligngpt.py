@@ -10,6 +10,8 @@ import torch
 def check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor, input_ids=None, vocab_size=None) -> None:
     """Image-free input (text-only batches, every decoding step): one host sync, details only on failure."""
     bad_ids = out_of_vocabulary(input_ids, vocab_size)
+    if torch.compiler.is_compiling():  # traced (torch.compile, export): an in-graph check and no host copy, as LLaVA's
+        return torch._check_tensor_all(~(image_mask | align_mask | bad_ids).any())
     if not (image_mask | align_mask | bad_ids).any():
         return
     if bad_ids.any():
@@ -28,6 +30,8 @@ def check_placeholders(image_tokens_per_row, align_per_row, image_features, expe
     features, loudly and naming samples. One device-to-host copy of the per-sample counts (the forward's only one).
     """
     num_images, tokens_per_image = image_features.shape[:2]
+    if torch.compiler.is_compiling():  # traced: LLaVA's in-graph count check; the named errors need a host copy
+        return torch._check_tensor_all(image_tokens_per_row.sum() == num_images * tokens_per_image)
     batch_size = image_tokens_per_row.shape[0]
     if levels is not None and levels.numel() != batch_size:
         raise ValueError(f"`alignment_levels` has {levels.numel()} entries for a batch of {batch_size} samples.")
@@ -169,7 +173,7 @@ def check_labels(labels: torch.Tensor, input_shape, vocab_size: int, all_ignored
     if input_shape is not None and tuple(labels.shape) != tuple(input_shape):
         raise ValueError(f"`labels` has shape {tuple(labels.shape)} but the input has {tuple(input_shape)} (batch, "
                          "sequence); give one label per input token (-100 where nothing is predicted).")
-    if all_ignored_ok or not labels.numel():
+    if all_ignored_ok or not labels.numel() or torch.compiler.is_compiling():  # traced: no host copy
         return
     outside = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
     supervised, has_outside = torch.stack([(labels[..., 1:] != -100).any(), outside.any()]).tolist()
