@@ -109,3 +109,16 @@ def test_forward_with_images_compiles_as_one_graph(make_model, batch):
     torch.testing.assert_close(compiled.loss, eager.loss)
     torch.testing.assert_close(compiled.alignment_weights, eager.alignment_weights)
     torch.testing.assert_close(compiled_text, eager_text)
+
+
+def test_loading_a_llava_folder_into_aligngpt_names_from_llava(tmp_path):
+    """`AlignGPTForConditionalGeneration.from_pretrained(<LLaVA folder>)`: transformers only warns about the other model
+    type and builds a default config, which failed on an unrelated default token id. Now the cause and the fix."""
+    from aligngpt_hf import AlignGPTForConditionalGeneration
+    from aligngpt_hf.tiny import build_llava
+
+    llava, _ = build_llava()
+    llava.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model type 'llava', not 'aligngpt': `AlignGPTForConditionalGeneration\."
+                                         r"from_llava\(SOURCE\)` or `aligngpt-hf from-llava SOURCE OUTPUT`"):
+        AlignGPTForConditionalGeneration.from_pretrained(tmp_path)

@@ -124,6 +124,10 @@ class AlignGPTConfig(PreTrainedConfig):
                 f"This is an original-format AlignGPT config (it has {', '.join(original_fields)}), which the "
                 "Hugging Face layout cannot load directly. Convert the checkpoint first: "
                 "`aligngpt-hf convert SOURCE OUTPUT` (see `aligngpt-hf convert --help`), then load OUTPUT.")
+        if kwargs.get("model_type", self.model_type) != self.model_type:  # transformers would only warn, then build
+            fix = ("`AlignGPTForConditionalGeneration.from_llava(SOURCE)` or `aligngpt-hf from-llava SOURCE OUTPUT` "
+                   "make an AlignGPT of it" if kwargs["model_type"] == "llava" else "load it with its own classes")
+            raise ValueError(f"This config is of model type {kwargs['model_type']!r}, not 'aligngpt': {fix}.")
         self._warn_near_misses(kwargs)
         for name in ("vision_config", "text_config"):
             value = getattr(self, name)
