@@ -92,8 +92,8 @@ def test_trainer_predict_returns_the_logits_for_mixed_batches(make_model, proces
 
 def test_forward_with_images_compiles_as_one_graph(make_model, batch):
     """`torch.compile(model, fullgraph=True)` traces LLaVA's forward with images and labels; ours broke the graph at
-    the placeholder checks' host copy. Traced, the count check stays in the graph (as LLaVA's); the logits, loss and
-    gate weights equal the eager forward's."""
+    the placeholder checks' host copy. Traced, the count and token-id checks stay in the graph (as LLaVA's count
+    check); the logits, loss and gate weights equal the eager forward's."""
     model = make_model(seed=5)
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
     text_only = {"input_ids": batch["input_ids"][:, :1], "attention_mask": batch["attention_mask"][:, :1]}
@@ -109,6 +109,10 @@ def test_forward_with_images_compiles_as_one_graph(make_model, batch):
     torch.testing.assert_close(compiled.loss, eager.loss)
     torch.testing.assert_close(compiled.alignment_weights, eager.alignment_weights)
     torch.testing.assert_close(compiled_text, eager_text)
+    out_of_table = batch["input_ids"].clone()
+    out_of_table[0, -1] = model.config.text_config.vocab_size  # eager: a named error; traced: never a clamped id
+    with torch.no_grad(), pytest.raises(RuntimeError, match="assertion"):
+        compiled_model(**{**batch, "input_ids": out_of_table})
 
 
 def test_loading_a_llava_folder_into_aligngpt_names_from_llava(tmp_path):

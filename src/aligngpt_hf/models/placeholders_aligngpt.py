@@ -31,7 +31,8 @@ def check_placeholders(image_tokens_per_row, align_per_row, image_features, expe
     """
     num_images, tokens_per_image = image_features.shape[:2]
     if torch.compiler.is_compiling():  # traced: LLaVA's in-graph count check; the named errors need a host copy
-        return torch._check_tensor_all(image_tokens_per_row.sum() == num_images * tokens_per_image)
+        counts_match = image_tokens_per_row.sum() == num_images * tokens_per_image
+        return torch._check_tensor_all(counts_match & ~out_of_vocabulary(input_ids, vocab_size).any())
     batch_size = image_tokens_per_row.shape[0]
     if levels is not None and levels.numel() != batch_size:
         raise ValueError(f"`alignment_levels` has {levels.numel()} entries for a batch of {batch_size} samples.")
