@@ -126,3 +126,23 @@ def test_loading_a_llava_folder_into_aligngpt_names_from_llava(tmp_path):
     with pytest.raises(ValueError, match=r"model type 'llava', not 'aligngpt': `AlignGPTForConditionalGeneration\."
                                          r"from_llava\(SOURCE\)` or `aligngpt-hf from-llava SOURCE OUTPUT`"):
         AlignGPTForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_base64_images_and_data_uris_load_as_transformers_load_image_does(processor, images):
+    """Chat messages from OpenAI-style clients carry images as `data:image/png;base64,...` URIs or bare base64;
+    transformers' `load_image` (LLaVA's processor) decodes both, ours looked for a file of that name."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    expected = processor(text="<image> hi", images=images[0], return_tensors="pt")["pixel_values"]
+    for source in (encoded, "data:image/png;base64," + encoded):
+        torch.testing.assert_close(processor(text="<image> hi", images=source, return_tensors="pt")["pixel_values"],
+                                   expected)
+        conversation = [{"role": "user", "content": [{"type": "image", "url": source}, {"type": "text", "text": "Hi"}]}]
+        batch = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
+        torch.testing.assert_close(batch["pixel_values"], expected)
+    with pytest.raises(FileNotFoundError, match="image file missing.png not found"):
+        processor(text="<image> hi", images="missing.png")

@@ -5,9 +5,12 @@ Why one path: the same picture must become the same pixels in training, level sc
 is turned upright by its EXIF orientation tag (as `datasets` and transformers' `load_image` do), and every mode becomes
 RGB the same way: transparency is composited on WHITE (as transformers' `convert_to_rgb` does), 16-bit and 32-bit
 integer greyscale is scaled to 8 bits (not clipped), float greyscale in 0..1 is scaled by 255. Empty (0x0) images and
-objects that are not images are refused, naming the input. `http(s)://` URLs are fetched by transformers' `load_image`.
+objects that are not images are refused, naming the input. `http(s)://` URLs are fetched by transformers' `load_image`;
+a string that is no file is read as base64 (or a `data:image/` URI), as `load_image` does.
 """
 
+import base64
+import binascii
 import io
 import math
 import os
@@ -78,7 +81,10 @@ def load_image(image, where: str = "image"):
         source = name = str(image)
         if os.path.isdir(source):
             raise IsADirectoryError(f"{where}: {name} is a folder, not an image file; give the image's own path.")
-        if not os.path.isfile(source):
+        data = None if os.path.isfile(source) else decoded_base64(source)  # as transformers' `load_image` reads it
+        if data is not None:
+            source, name = io.BytesIO(data), f"{name[:40]}... (no such file; decoded as base64)"
+        elif not os.path.isfile(source):
             raise FileNotFoundError(f"{where}: image file {name} not found. Check the path and the image folder.")
     elif isinstance(image, (str, os.PathLike)):
         raise TypeError(f"{where}: expected an image path (string), got {type(image).__name__} {image!r}.")
@@ -96,6 +102,15 @@ def load_image(image, where: str = "image"):
             "you trust it" if isinstance(error, PIL.Image.DecompressionBombError)
             else "; the file is cut short" if "truncated" in str(error) else "")
         raise ValueError(f"{where}: {name} is not a readable image ({why}). Replace or re-download it.") from None
+
+
+def decoded_base64(text: str) -> bytes | None:
+    """The bytes of a base64 image string or `data:image/...;base64,` URI (OpenAI-style messages), else None."""
+    payload = text.split(",", 1)[-1] if text.startswith("data:image/") else text
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True) or None
+    except (binascii.Error, ValueError):
+        return None
 
 
 def check_text(text):
