@@ -219,7 +219,7 @@ def _check_content(content, where: str):
             raise ValueError(
                 f"{where}, content part {part_index} has type {kind!r}; accepted types: {list(CONTENT_TYPES)} and "
                 "'image_url' (an image part is {'type': 'image'} plus the image in `images`, or carries it under "
-                "'image', 'url' or 'path').")
+                "'image', 'url', 'path' or 'base64').")
         if kind == "text" and not isinstance(part.get("text"), str):
             raise TypeError(f"{where}, content part {part_index} is a text part whose `text` is not a string.")
         parts.append(part)
