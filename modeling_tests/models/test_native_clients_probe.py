@@ -146,3 +146,22 @@ def test_base64_images_and_data_uris_load_as_transformers_load_image_does(proces
         torch.testing.assert_close(batch["pixel_values"], expected)
     with pytest.raises(FileNotFoundError, match="image file missing.png not found"):
         processor(text="<image> hi", images="missing.png")
+
+
+def test_a_larger_table_set_without_the_config_keeps_its_rows(make_model, batch):
+    """`set_input_embeddings` with a larger table (the config's vocabulary size unchanged): LLaVA embeds the new ids;
+    the token-id check reads the table's own size, so a new row is used, not refused as outside the table."""
+    model = make_model(seed=6)
+    old = model.get_input_embeddings()
+    table = torch.nn.Embedding(old.num_embeddings + 8, old.embedding_dim)
+    with torch.no_grad():
+        table.weight[: old.num_embeddings] = old.weight
+    model.set_input_embeddings(table)
+    ids = batch["input_ids"].clone()
+    ids[0, -1] = old.num_embeddings + 3
+    with torch.no_grad():
+        logits = model(**{**batch, "input_ids": ids}).logits
+        embeds = model.get_input_embeddings()(ids)
+        expected = model(inputs_embeds=embeds, pixel_values=batch["pixel_values"],
+                         attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(logits, expected)

@@ -39,6 +39,7 @@ from .placeholders_aligngpt import (
     check_placeholders,
     placeholder_ids_from_embeddings,
     safe_token_ids,
+    table_size,
 )
 
 LM_HEAD_BIAS = ("phi",)  # language models whose own ForCausalLM head has a bias (Phi-1/1.5/2)
@@ -182,7 +183,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
                            position_ids, gate_text_mask)
         segments, use_cache = packed_call(self.language_model.config, attention_mask, position_ids, use_cache, kwargs)
         if input_ids is not None:  # words first, then images, as LLaVA: one module order for every batch
-            word_embeds = self.get_input_embeddings()(safe_token_ids(input_ids, self.config.text_config.vocab_size))
+            word_embeds = self.get_input_embeddings()(safe_token_ids(input_ids, table_size(self)))
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None and pixel_values.shape[0] > 0:
             vision_kwargs = {key: kwargs[key] for key in ("output_attentions", "output_hidden_states") if key in kwargs}
@@ -210,8 +211,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel, LlavaModel):
                           segments=None):
         """Image features into `<image>` slots (as LLaVA), alignment vectors into `<align>` slots; the checks share one
         device-to-host copy (as LLaVA's). With `segments` (packed rows) counts, levels and gate run per sample."""
-        image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
-        vocab_size = self.config.text_config.vocab_size  # a PEFT wrapper of the table may not have `num_embeddings`
+        image_id, align_id, vocab_size = self.config.image_token_id, self.config.alignment_token_id, table_size(self)
         if image_features is None:
             if input_ids.shape[1] > 1:  # not on decoding steps: generate suppresses both ids, and a sync stalls a GPU
                 check_no_placeholders(input_ids == image_id, input_ids == align_id, input_ids, vocab_size)

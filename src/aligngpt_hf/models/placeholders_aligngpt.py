@@ -147,6 +147,12 @@ def out_of_vocabulary(input_ids, vocab_size) -> torch.Tensor:
     return (input_ids < 0) | (input_ids >= vocab_size)
 
 
+def table_size(model) -> int:
+    """Rows of the word-embedding table; the config's vocabulary size for a wrapper without `num_embeddings` (PEFT's
+    `trainable_token_indices`)."""
+    return getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.text_config.vocab_size
+
+
 def safe_token_ids(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Ids clamped into the table for the embedding lookup only, so an out-of-range id reaches the placeholder check
     (which names it) instead of a CUDA device-side assert. Decoding steps (one token, from the model) pass as is."""
