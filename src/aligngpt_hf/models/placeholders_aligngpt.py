@@ -5,13 +5,15 @@ They read the device once per forward, so a GPU step waits on the host no more o
 """
 
 import torch
+from transformers.utils import torch_compilable_check
 
 
 def check_no_placeholders(image_mask: torch.Tensor, align_mask: torch.Tensor, input_ids=None, vocab_size=None) -> None:
     """Image-free input (text-only batches, every decoding step): one host sync, details only on failure."""
     bad_ids = out_of_vocabulary(input_ids, vocab_size)
     if torch.compiler.is_compiling():  # traced (torch.compile, export): an in-graph check and no host copy, as LLaVA's
-        return torch._check_tensor_all(~(image_mask | align_mask | bad_ids).any())
+        valid = ~(image_mask | align_mask | bad_ids).any()
+        return torch_compilable_check(valid, "`<image>`/`<align>` without images, or ids outside the embedding table")
     if not (image_mask | align_mask | bad_ids).any():
         return
     if bad_ids.any():
@@ -31,8 +33,8 @@ def check_placeholders(image_tokens_per_row, align_per_row, image_features, expe
     """
     num_images, tokens_per_image = image_features.shape[:2]
     if torch.compiler.is_compiling():  # traced: LLaVA's in-graph count check; the named errors need a host copy
-        counts_match = image_tokens_per_row.sum() == num_images * tokens_per_image
-        return torch._check_tensor_all(counts_match & ~out_of_vocabulary(input_ids, vocab_size).any())
+        valid = (image_tokens_per_row.sum() == num_images * tokens_per_image) & ~out_of_vocabulary(input_ids, vocab_size).any()
+        return torch_compilable_check(valid, "`<image>` tokens and image features disagree, or ids outside the table")
     batch_size = image_tokens_per_row.shape[0]
     if levels is not None and levels.numel() != batch_size:
         raise ValueError(f"`alignment_levels` has {levels.numel()} entries for a batch of {batch_size} samples.")
