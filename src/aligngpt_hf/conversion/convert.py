@@ -47,6 +47,8 @@ from aligngpt_hf.conversion.mapping import (
     map_keys,
     parse_size,
     plan_and_write,
+    unread_weight_files,
+    weight_files_in,
 )
 from aligngpt_hf.conversion.steps import (
     STAGE_FILE,
@@ -96,6 +98,8 @@ def convert_checkpoint(
     if push_to_hub:  # a repo id the Hub would refuse is named before an hour of conversion, not after
         check_repo_id(push_to_hub, "--push-to-hub")
     parse_size(max_shard_size)
+    if not str(output).strip():  # Path("") is the working directory
+        raise ConversionError("OUTPUT is an empty string; give the folder to write the converted checkpoint into.")
     source_dir = resolve_folder(source, SOURCE_PATTERNS, "checkpoint")
     check_apart(output, source_dir)
     output = _prepare_output(Path(output), overwrite)
@@ -103,6 +107,10 @@ def convert_checkpoint(
         result = _convert_into(source, source_dir, staging, vision_tower, tokenizer, kind, dtype, max_shard_size,
                                progress)
     result.output = output
+    unread = unread_weight_files(source_dir)
+    if unread:
+        read = ", ".join(path.name for path in weight_files_in(source_dir))
+        result.notes.append(f"Not read from SOURCE: {', '.join(unread)} (the weights came from {read}).")
     if push_to_hub:
         result.notes.append(f"Pushed to https://huggingface.co/{push_folder(output, push_to_hub, private=private)}")
     return result
@@ -118,6 +126,7 @@ def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenize
                               dtype=target_dtype, max_shard_size=max_shard_size, progress=progress)
     files, shapes, detected, need_vision_weights = read_weights(source_dir, source, kind, vision_tower)
     vision_config, vision_dir, processor_settings = resolve_vision(orig, source_dir, vision_tower, need_vision_weights)
+    _check_clip_tower(vision_config, orig, vision_tower)
     if detected == "pretrain" and tokenizer is not None:  # it would be ignored: the artefact has no vocabulary rows
         raise ConversionError(f"--tokenizer applies to a full checkpoint, but {source} holds a stage-1 projector "
                               "(mm_projector_align.bin, no language model); drop --tokenizer. The stage-2 trainer "
@@ -138,6 +147,18 @@ def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenize
             f"`<image>` must be id {config.image_token_id} and `<align>` id {config.alignment_token_id}."
         )
     return result
+
+
+def _check_clip_tower(vision_config, orig: dict, override) -> None:
+    """The original AlignGPT ran a CLIP tower (SigLIP towers are the family's, converted by `convert_family`): another
+    tower would fail later with a message about CLS tokens that names neither the tower nor the option."""
+    model_type = str(getattr(vision_config, "model_type", ""))
+    if model_type.startswith("clip"):
+        return
+    where = f"--vision-tower {override}" if override is not None else f"`mm_vision_tower` {orig.get('mm_vision_tower')!r}"
+    raise ConversionError(f"{where} is a {model_type!r} model, but this original AlignGPT checkpoint was trained with "
+                          "a CLIP vision tower (its projector reads CLIP features); pass that CLIP tower with "
+                          "--vision-tower (e.g. openai/clip-vit-large-patch14-336 or its folder).")
 
 
 def _convert_full(files, shapes, config, expected, vision_dir, output, max_shard_size, progress) -> ConversionResult:

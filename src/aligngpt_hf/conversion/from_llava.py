@@ -143,6 +143,8 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
+    if not str(output).strip():  # Path("") is the working directory
+        raise ConversionError("OUTPUT is an empty string; give the folder to write the AlignGPT model into.")
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         what = "is a file" if not output.is_dir() else "exists and is not empty"

@@ -9,6 +9,7 @@ code base's layout) both run these steps, so each imports them from here and nei
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -20,13 +21,12 @@ from transformers import AutoConfig, CLIPVisionConfig, GenerationConfig, LlavaIm
 from aligngpt_hf.conversion.mapping import (
     VISION_FOLDER_RULES,
     ConversionError,
-    WeightFiles,
     check_filled,
     detect_kind,
     map_keys,
+    open_weight_files,
     plan_and_write,
     pretrain_rules,
-    weight_files_in,
 )
 from aligngpt_hf.models.configuration_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
@@ -63,6 +63,8 @@ class ConversionResult:
 
 def resolve_folder(name: str | Path, allow_patterns: list[str], what: str) -> Path:
     """A local folder as is; otherwise a Hub repo id, downloaded (only the needed files) to the HF cache."""
+    if not str(name).strip():  # Path("") is the working directory
+        raise ConversionError(f"The {what} is an empty string; give a folder or a Hub repo id.")
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -100,7 +102,7 @@ def read_weights(source_dir: Path, source, kind: str | None, vision_tower):
     """(weight files, their shapes, detected kind, whether the tower's weights must be found): the kind is read off
     the keys and must match `kind` when one is asked for; a full checkpoint without an embedded tower (or with
     `--vision-tower` given) takes the tower's weights from elsewhere."""
-    files = WeightFiles(weight_files_in(source_dir))
+    files = open_weight_files(source_dir)
     shapes = files.shapes()
     detected = detect_kind(shapes)
     if kind not in (None, "auto", detected):
@@ -115,6 +117,11 @@ def resolve_vision(orig: dict, source_dir: Path, override, need_weights: bool):
         folder = resolve_folder(override, VISION_PATTERNS, "vision tower")
         return _vision_config_from(folder), (folder if need_weights else None), _processor_settings(folder)
     name = str(orig.get("mm_vision_tower") or "")
+    if escapes(name, source_dir):
+        raise ConversionError(
+            f"config.json names `mm_vision_tower` = {name!r}, a relative path that leads out of {source_dir}; only "
+            "folders inside SOURCE are read. Pass the tower with `--vision-tower` (its folder or Hub id, e.g. "
+            "openai/clip-vit-large-patch14-336).")
     local = [p for p in tower_candidates(name, source_dir) if p.is_dir()]
     if local:
         folder = local[0]
@@ -137,10 +144,19 @@ def resolve_vision(orig: dict, source_dir: Path, override, need_weights: bool):
 def tower_candidates(name: str, source_dir: Path) -> list[Path]:
     """Where `mm_vision_tower` may point: inside SOURCE, or an absolute path (the training machine's, when it exists
     here). Never relative to the working directory, which would read whatever folder happens to share the name."""
-    if not name:
+    if not name or escapes(name, source_dir):
         return []
     path = Path(name).expanduser()
     return [path] if path.is_absolute() else [source_dir / name]
+
+
+def escapes(name: str, source_dir: Path) -> bool:
+    """A relative `mm_vision_tower` whose `..` parts lead out of SOURCE (it is neither inside SOURCE nor a Hub id)."""
+    path = Path(name).expanduser()
+    if not name or path.is_absolute():
+        return False
+    inside = os.path.normpath(os.path.join(os.path.abspath(source_dir), name))
+    return os.path.commonpath([inside, os.path.abspath(source_dir)]) != os.path.abspath(source_dir)
 
 
 def _vision_config_from(folder: Path):
@@ -148,7 +164,12 @@ def _vision_config_from(folder: Path):
     if not (folder / "config.json").is_file():
         raise ConversionError(f"The vision tower folder {folder} has no config.json; pass a CLIP or SigLIP model "
                               "folder (e.g. a download of openai/clip-vit-large-patch14-336).")
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as error:  # an unknown model_type, a broken or foreign config.json
+        reason = " ".join(str(error).split())[:200]
+        raise ConversionError(f"The vision tower folder {folder} has no readable CLIP or SigLIP config ({reason}); "
+                              "pass the tower's own folder (e.g. openai/clip-vit-large-patch14-336).") from None
     model_type = str(getattr(config, "model_type", ""))
     if not (model_type in VISION_TOWER_TYPES or model_type.endswith("_vision_model")):
         raise ConversionError(f"The vision tower folder {folder} holds a {model_type!r} model, not a CLIP or SigLIP "
@@ -176,7 +197,7 @@ def expected_shapes(config: AlignGPTConfig) -> dict[str, tuple[int, ...]]:
 
 def vision_folder_source(vision_dir: Path, expected: dict) -> tuple[tuple, dict[str, str]]:
     """The tower's weights from their own folder: ((files, {target: source key}), dropped keys named by folder)."""
-    vision_files = WeightFiles(weight_files_in(vision_dir))
+    vision_files = open_weight_files(vision_dir)
     vision_expected = {k: v for k, v in expected.items() if k.startswith("model.vision_tower.")}
     mapping, dropped = map_keys(vision_files.shapes(), VISION_FOLDER_RULES, vision_expected,
                                 f"vision tower {vision_dir}")
