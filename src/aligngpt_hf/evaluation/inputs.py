@@ -39,6 +39,17 @@ def check_decoding(max_new_tokens=128, temperature=0.0, top_p=None, num_beams=1)
                          "temperature > 0 to sample, or drop top_p.")
 
 
+def check_max_new_tokens(max_new_tokens: int, config, option: str = "--max-new-tokens") -> None:
+    """The answer must fit in the language model's positions with its prompt: a larger budget would run until it
+    (a model that never says EOS generates for hours), past the positions the model was trained on."""
+    text_config = getattr(config, "text_config", config)
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_new_tokens >= limit:
+        raise ValueError(f"{option} {max_new_tokens} does not fit in the model's {limit} positions "
+                         "(text_config.max_position_embeddings), which the prompt and the answer share; give at most "
+                         f"{limit - 1} (the original scripts use 128, or 1024 for long answers).")
+
+
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
@@ -120,5 +131,6 @@ def check_output_file(path, option: str, inputs: dict) -> Path:
     return path
 
 
-__all__ = ["DTYPES", "check_decoding", "check_device", "check_dtype", "check_input_file", "check_model_folder",
+__all__ = ["DTYPES", "check_decoding", "check_device", "check_dtype", "check_input_file", "check_max_new_tokens",
+           "check_model_folder",
            "check_output_file", "check_prompt_text", "positive_int", "set_image_aspect_ratio"]

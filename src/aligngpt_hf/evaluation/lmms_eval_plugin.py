@@ -29,7 +29,13 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 import torch
 
-from aligngpt_hf.evaluation.inputs import check_decoding, check_device, positive_int, set_image_aspect_ratio
+from aligngpt_hf.evaluation.inputs import (
+    check_decoding,
+    check_device,
+    check_max_new_tokens,
+    positive_int,
+    set_image_aspect_ratio,
+)
 
 MODEL_ID = "aligngpt"
 IMAGE_PLACEHOLDER = "<image>"
@@ -237,6 +243,7 @@ class AlignGPT(lmms):
         self.model, self.processor = load_for_answering(pretrained, alignment_mode or None, dtype, device, **extra)
         set_image_aspect_ratio(self.processor, image_aspect_ratio, "aligngpt model_args: image_aspect_ratio")
         check_alignment_level(level, self.model.config, "alignment_level")
+        check_max_new_tokens(max_new_tokens, self.model.config, "aligngpt model_args: max_new_tokens")
         self.tokenizer = self.processor.tokenizer
         self.batch_size, self.alignment_level, self.max_new_tokens = batch_size, level, max_new_tokens
 
@@ -263,6 +270,7 @@ class AlignGPT(lmms):
 
     def _generate(self, texts: list[str], images: list[list], gen_kwargs: dict) -> list[str]:
         decoding, until = _decoding(gen_kwargs, self.max_new_tokens)
+        check_max_new_tokens(decoding["max_new_tokens"], self.model.config, "the task's max_new_tokens")
         batch = self._inputs(texts, images)
         with torch.inference_mode():
             output = self.model.generate(

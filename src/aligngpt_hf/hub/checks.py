@@ -43,6 +43,10 @@ def check_revision(revision: str | None) -> str | None:
     if bad:
         raise ValueError(f"--revision {revision!r} is not a valid branch name (no spaces, '..', '~^:?*[\\', leading "
                          "'-' or '/'); write it like 'v1' or 'stage2-run3'.")
+    if revision.startswith("refs/") or revision in ("HEAD", "@") or re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise ValueError(f"--revision {revision!r} is a git reference or commit, not a branch name: the push commits "
+                         "to a branch (created if missing), and the Hub keeps `refs/...` (pull requests `refs/pr/N`) "
+                         "and commit ids to itself. Give the branch's own name, e.g. 'main' or 'v1'.")
     return revision
 
 

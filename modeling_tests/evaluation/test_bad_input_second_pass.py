@@ -1,0 +1,105 @@
+"""Bad input, evaluation layer, second pass: question ids equal as text, a pretty-printed JSON array, image URLs,
+an answer budget larger than the model's positions, `--alignment-mode none` (no alignment token) and a mode whose
+weights the checkpoint lacks, demo runs written into the installed package.
+
+Each test names the case and asserts the exception (or the one-line CLI error) with the words that name the file,
+record, option and fix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from aligngpt_hf import cli
+from aligngpt_hf.evaluation import answer as answer_module
+from aligngpt_hf.evaluation.answer import answer_questions, read_questions
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, tokenizer, processor):
+    """A saved tiny model, one saved with alignment_mode='none', two images and a two-question file."""
+    from aligngpt_hf.tiny import build_model, build_processor
+
+    root = tmp_path_factory.mktemp("second")
+    torch.manual_seed(0)
+    model = build_model(tokenizer).eval()
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    build_model(tokenizer, alignment_mode="none").save_pretrained(root / "plain")
+    build_processor(tokenizer, add_alignment_token=False).save_pretrained(root / "plain")
+    (root / "images").mkdir()
+    for index in range(2):
+        Image.new("RGB", (24, 32), (40 + 100 * index, 20, 20)).save(root / "images" / f"{index}.png")
+    lines = [json.dumps({"question_id": i, "image": f"{i}.png", "text": f"Colour {i}?"}) for i in range(2)]
+    (root / "q.jsonl").write_text("\n".join(lines) + "\n")
+    return {"root": root, "model": model}
+
+
+def answer_argv(bench, answers, *extra, model="model"):
+    root = bench["root"]
+    return [str(arg) for arg in ("answer", root / model, "--questions", root / "q.jsonl", "--image-folder",
+                                 root / "images", "--answers", answers, "--no-progress", "--max-new-tokens", "2",
+                                 *extra)]
+
+
+def write(tmp_path, text: str, name: str = "q.jsonl"):
+    (tmp_path / name).write_text(text)
+    return tmp_path / name
+
+
+def test_question_ids_equal_as_text_are_duplicates(tmp_path):
+    path = write(tmp_path, '{"question_id": 1, "text": "a"}\n{"question_id": "1", "text": "b"}\n')
+    with pytest.raises(ValueError, match=r"q\.jsonl:2: question_id '1' is also on line 1 \(as 1\); ids must be "
+                                         r"unique, also as text"):
+        read_questions(path)
+
+
+def test_question_file_that_is_a_pretty_printed_json_array(tmp_path):
+    records = [{"question_id": i, "text": "a"} for i in range(2)]
+    with pytest.raises(ValueError, match=r"q\.json:1: not valid JSON \(Expecting value\)\. The file looks like one "
+                                         r"JSON array over several lines; --questions takes JSONL"):
+        read_questions(write(tmp_path, json.dumps(records, indent=2), "q.json"))
+
+
+def test_image_url_is_named_as_a_url_not_a_missing_file(bench, processor, tmp_path):
+    questions = [{"question_id": 3, "image": "https://example.com/cat.png", "text": "C?"}]
+    with pytest.raises(ValueError, match=r"^question_id 3: `image` 'https://example\.com/cat\.png' is a URL; answer "
+                                         r"reads images from --image-folder only"):
+        answer_questions(bench["model"], processor, questions, bench["root"] / "images", tmp_path / "a.jsonl",
+                         progress=False)
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_answer_budget_beyond_the_models_positions_is_refused_before_the_model_loads(bench, tmp_path, capsys,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(answer_module, "load_for_answering", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = answer_argv(bench, tmp_path / "a.jsonl")
+    argv[argv.index("--max-new-tokens") + 1] = "100000000"  # generated until the positions ran out, for hours
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err == (
+        "aligngpt-hf answer: error: --max-new-tokens 100000000 does not fit in the model's 512 positions "
+        "(text_config.max_position_embeddings), which the prompt and the answer share; give at most 511 (the original "
+        "scripts use 128, or 1024 for long answers).\n")
+    with pytest.raises(ValueError, match=r"^max_new_tokens 512 does not fit in the model's 512 positions"):
+        answer_questions(bench["model"], None, [], bench["root"], tmp_path / "a.jsonl", max_new_tokens=512)
+
+
+def test_alignment_mode_none_answers_without_an_alignment_token(bench, tmp_path, capsys):
+    out = tmp_path / "a.jsonl"
+    assert cli.main(answer_argv(bench, out, "--alignment-mode", "none")) == 0, capsys.readouterr().err
+    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == [0, 1]
+
+
+def test_alignment_mode_whose_weights_the_checkpoint_lacks_is_refused(bench, tmp_path, capsys):
+    out = tmp_path / "a.jsonl"
+    assert cli.main(answer_argv(bench, out, "--alignment-mode", "adaptive", model="plain")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
+    assert err.startswith(f"aligngpt-hf answer: error: {bench['root'] / 'plain'}: 5 weight(s) the model needs are not "
+                          "in the checkpoint (model.alignment.fc1.bias, ")
+    assert err.endswith("it was saved without what --alignment-mode adaptive uses (the level table or the "
+                                 "gate); use the mode it was trained with.")
+    assert not out.exists()

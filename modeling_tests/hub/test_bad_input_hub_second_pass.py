@@ -1,0 +1,64 @@
+"""Bad input, hub layer, second pass: git references and commit ids given as the branch to push to; a training
+folder whose own README.md, trainer state, optimizer files and logs are not published (now said, not silent);
+upload-only options given to a dry run.
+
+Each test is named after the case and asserts the exception type and the key words of its message.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aligngpt_hf.cli import main as cli_main
+from aligngpt_hf.hub.push import push_to_hub
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, processor):
+    from aligngpt_hf.tiny import build_model
+
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("hub") / "run"
+    build_model(processor.tokenizer).save_pretrained(run)
+    processor.save_pretrained(run)
+    return run
+
+
+@pytest.mark.parametrize("revision", ["refs/pr/1", "refs/heads/main", "HEAD", "@", "0123456789abcdef" * 2 + "01234567"])
+def test_revision_that_is_a_reference_or_commit_is_refused_before_loading(folder, tmp_path, revision):
+    with pytest.raises(ValueError, match=rf"^--revision {revision!r} is a git reference or commit, not a branch name: "
+                                         r".*Give the branch's own name, e.g\. 'main' or 'v1'\."):
+        push_to_hub(folder, "me/model", dry_run=True, revision=revision, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_folder_extras_and_its_readme_are_named_not_published(folder, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "trained"
+    shutil.copytree(folder, run)
+    (run / "README.md").write_text("# my own notes\n")
+    (run / "optimizer.pt").write_bytes(b"optimizer state")
+    (run / "training_args.bin").write_bytes(b"pickle")
+    (run / "runs").mkdir()
+    (run / "runs" / "events.out.tfevents").write_text("log")
+    (run / "checkpoint-5").mkdir()
+    out = tmp_path / "publish"
+    assert cli_main(["push", str(run), "me/model", "--dry-run", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    published = sorted(p.name for p in out.iterdir())
+    assert not {"optimizer.pt", "training_args.bin", "runs", "checkpoint-5"} & set(published)
+    assert f"{len(published)} files: {', '.join(published)}" in stdout  # every uploaded file is listed
+    assert (out / "README.md").read_text().startswith("---\n")  # the generated card, not the folder's notes
+    assert (f"{run / 'README.md'} was not published: the repository's README.md is the generated model card"
+            in stdout)
+    assert (f"Not published from {run} (4 entries; the model and processor are re-saved from it): checkpoint-5/, "
+            "optimizer.pt, runs/, training_args.bin." in stdout)
+
+
+def test_upload_options_given_to_a_dry_run_are_named_as_unused(folder, tmp_path, capsys):
+    argv = ["push", str(folder), "me/model", "--dry-run", "--out", str(tmp_path / "out"), "--revision", "v1",
+            "--commit-message", "first", "--token", "hf_x"]
+    assert cli_main(argv) == 0
+    assert "--revision, --commit-message, --token not used: a dry run uploads nothing." in capsys.readouterr().out
