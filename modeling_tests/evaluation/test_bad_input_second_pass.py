@@ -103,3 +103,23 @@ def test_alignment_mode_whose_weights_the_checkpoint_lacks_is_refused(bench, tmp
     assert err.endswith("it was saved without what --alignment-mode adaptive uses (the level table or the "
                                  "gate); use the mode it was trained with.")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{package}/runs/demo", "--out {package}/runs/demo lies inside {code}, where the aligngpt_hf code is installed; a "
+                            "run writes data, checkpoints and plots: choose a folder outside it (default: runs/demo)"),
+    ("", "--out is empty; give the run folder, or leave --out out for the default"),
+])
+@pytest.mark.parametrize("entry", ["console script", "python -m aligngpt_hf.cli"])
+def test_demo_out_inside_the_installed_code_or_empty_is_refused(tmp_path, monkeypatch, out, message, entry):
+    import aligngpt_hf_cli
+    from aligngpt_hf_cli.options import library_folder
+
+    package = library_folder()
+    monkeypatch.chdir(tmp_path)  # "" used to mean the default runs/demo here
+    with pytest.raises(SystemExit) as exit_info:
+        (aligngpt_hf_cli.main if entry == "console script" else cli.main)(["demo", "--quick", "--out",
+                                                                            out.format(package=package)])
+    assert str(exit_info.value) == "aligngpt-hf demo: error: " + message.format(package=package,
+                                                                                 code=package.resolve().parent)
+    assert not (package / "runs").exists() and not (tmp_path / "runs").exists()
