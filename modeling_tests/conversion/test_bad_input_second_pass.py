@@ -144,3 +144,67 @@ def test_empty_source_or_output_is_named_not_the_working_directory(tmp_path, cap
     monkeypatch.chdir(tmp_path)  # "" used to mean the working directory ("OUTPUT  holds SOURCE", ". has no config")
     assert cli_main([command, *argv]) == 1
     assert capsys.readouterr().err == f"aligngpt-hf {command}: error: {message}\n"
+
+
+@pytest.mark.parametrize("file, text, message", [
+    ("generation_config.json", "{not json", r"generation_config\.json:1:2: not valid JSON \(Expecting property name "
+                                            r"enclosed in double quotes\); restore the generation config file"),
+    ("generation_config.json", "[1, 2]", r"generation_config\.json holds a JSON list, not the generation config "
+                                         r"object"),
+    ("generation_config.json", '{"eos_token_id": "two"}', r"generation_config\.json: `eos_token_id` is 'two'; it must "
+                                                          r"be a token id \(an integer\) or a list of them"),
+    ("vision_tower/preprocessor_config.json", "{x", r"vision_tower/preprocessor_config\.json:1:2: not valid JSON"),
+    ("vision_tower/preprocessor_config.json", "[1]", r"vision_tower/preprocessor_config\.json holds a JSON list"),
+    ("vision_tower/preprocessor_config.json", '{"image_mean": "x"}',
+     r"vision_tower/preprocessor_config\.json: its settings \(image_mean='x'\) cannot preprocess an image "
+     r"\(ValueError: mean must have 3 elements"),
+    ("tokenizer.json", "{garbage", r"SOURCE's tokenizer: the tokenizer files in .*original cannot be loaded "
+                                   r"\(JSONDecodeError: .*\); restore them, or pass the base LLM's tokenizer"),
+])
+def test_broken_side_file_of_source_is_named(source, tmp_path, file, text, message):
+    (source / file).write_text(text)  # read as is before: a bare JSON error without the file, or a traceback
+    with pytest.raises(ConversionError, match=message):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_act", "nope", r"KeyError: unknown name 'nope'"),
+    ("rope_scaling", {"type": "bogus", "factor": 2.0}, r"KeyError: unknown name 'bogus'"),
+    ("eos_token_id", "2", r"StrictDataclassFieldValidationError: Validation error for field 'eos_token_id'"),
+])
+def test_config_value_the_model_cannot_be_built_from_is_named(source, tmp_path, field, value, message):
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ConversionError, match=rf"^{source / 'config.json'}: a value the model cannot be built from "
+                                              rf"\({message}"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+
+
+def test_tokenizer_that_already_has_image_names_the_fix(source, tmp_path):
+    from aligngpt_hf.tiny import build_llava
+
+    build_llava()[1].tokenizer.save_pretrained(tmp_path / "tok")  # LLaVA's: `<image>` at id 4, 300 tokens
+    with pytest.raises(ConversionError, match=r"^`<image>`/`<align>` got ids \[4, 300\] inside the original vocabulary "
+                                              r"\(< 300\): the tokenizer already has them, .* Pass the base LLM's own "
+                                              r"tokenizer with --tokenizer"):
+        convert_checkpoint(source, tmp_path / "out", tokenizer=tmp_path / "tok", progress=False)
+
+
+@pytest.mark.parametrize("marker, message", [
+    ('{"stage": "pretrain", "weights": "../secret.safetensors"}', r": `weights` is '\.\./secret\.safetensors', not the "
+                                                                  r"name of a file in"),
+    ('{"stage": "pretrain"}', r": `weights` is None, not the name of a file in"),
+    ("[]", r" holds a JSON list, not the stage marker object"),
+    ("{bad", r":1:2: not valid JSON"),
+])
+def test_stage1_marker_that_points_outside_or_is_broken(tmp_path, marker, message):
+    from aligngpt_hf.conversion.convert import load_stage1_artefact
+
+    artefact = tmp_path / "stage1"
+    convert_checkpoint(ORIGINAL_FIXTURES / "pretrain_projector", artefact, vision_tower=ORIGINAL / "vision_tower",
+                       progress=False)
+    shutil.copyfile(artefact / "stage1.safetensors", tmp_path / "secret.safetensors")
+    (artefact / "aligngpt_stage.json").write_text(marker)  # read the file outside, or KeyError/AttributeError
+    with pytest.raises(ConversionError, match=rf"^{artefact / 'aligngpt_stage.json'}{message}"):
+        load_stage1_artefact(artefact)

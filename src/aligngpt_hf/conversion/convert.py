@@ -33,7 +33,6 @@ holds about one output shard in memory, never a full copy.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -54,6 +53,7 @@ from aligngpt_hf.conversion.steps import (
     STAGE_FILE,
     VOCAB_MULTIPLE,
     ConversionResult,
+    config_fields_checked,
     convert_pretrain,
     expected_shapes,
     read_json_object,
@@ -132,8 +132,9 @@ def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenize
                               "(mm_projector_align.bin, no language model); drop --tokenizer. The stage-2 trainer "
                               "takes the tokenizer with the base LLM.")
     tok = load_tokenizer(tokenizer, source_dir) if detected == "full" else None
-    config = build_config(orig, vision_config, shapes, tok, target_dtype, detected)
-    expected = expected_shapes(config)
+    with config_fields_checked(source_dir / "config.json"):
+        config = build_config(orig, vision_config, shapes, tok, target_dtype, detected)
+        expected = expected_shapes(config)
     if detected == "pretrain":
         result = convert_pretrain(files, shapes, config, expected, output, orig, vision_tower, source)
     else:
@@ -185,8 +186,12 @@ def load_stage1_artefact(folder: str | Path) -> tuple[AlignGPTConfig, dict[str, 
     folder = Path(folder)
     if not is_stage1_artefact(folder):
         raise ConversionError(f"{folder} is not a stage-1 artefact (no {STAGE_FILE} with stage 'pretrain').")
-    marker = json.loads((folder / STAGE_FILE).read_text())
-    weights = folder / marker["weights"]
+    name = read_json_object(folder / STAGE_FILE, "stage marker").get("weights")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ConversionError(f"{folder / STAGE_FILE}: `weights` is {name!r}, not the name of a file in {folder} "
+                              "(the artefact's tensors are read from its own folder only); convert the stage-1 "
+                              "checkpoint again (`aligngpt-hf convert`).")
+    weights = folder / name
     config = AlignGPTConfig.from_pretrained(folder)
     try:
         return config, load_file(weights)
@@ -197,7 +202,7 @@ def load_stage1_artefact(folder: str | Path) -> tuple[AlignGPTConfig, dict[str, 
 
 def is_stage1_artefact(folder: str | Path) -> bool:
     marker = Path(folder) / STAGE_FILE
-    return marker.is_file() and json.loads(marker.read_text()).get("stage") == "pretrain"
+    return marker.is_file() and read_json_object(marker, "stage marker").get("stage") == "pretrain"
 
 
 def _prepare_output(output: Path, overwrite: bool) -> Path:
@@ -239,14 +244,22 @@ def load_tokenizer(name, source_dir: Path):
     from transformers import AutoTokenizer
 
     if name is None:
-        return AutoTokenizer.from_pretrained(source_dir) if _has_tokenizer_files(source_dir) else None
-    folder = resolve_folder(name, ["*.json", "tokenizer.model"], "tokenizer")
-    if not _has_tokenizer_files(folder):
-        present = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
-        raise ConversionError(f"--tokenizer {name}: {folder} has no tokenizer files (tokenizer.json or "
-                              f"tokenizer.model; it holds {present}). Pass the base LLM's folder or Hub id, e.g. "
-                              "lmsys/vicuna-7b-v1.5.")
-    return AutoTokenizer.from_pretrained(folder)
+        if not _has_tokenizer_files(source_dir):
+            return None
+        folder, what = source_dir, "SOURCE's tokenizer"
+    else:
+        folder, what = resolve_folder(name, ["*.json", "tokenizer.model"], "tokenizer"), f"--tokenizer {name}"
+        if not _has_tokenizer_files(folder):
+            present = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+            raise ConversionError(f"--tokenizer {name}: {folder} has no tokenizer files (tokenizer.json or "
+                                  f"tokenizer.model; it holds {present}). Pass the base LLM's folder or Hub id, e.g. "
+                                  "lmsys/vicuna-7b-v1.5.")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 (the tokenizers library raises its own plain Exception types)
+        reason = " ".join(str(error).split())[:200]
+        raise ConversionError(f"{what}: the tokenizer files in {folder} cannot be loaded ({type(error).__name__}: "
+                              f"{reason}); restore them, or pass the base LLM's tokenizer with --tokenizer.") from None
 
 
 def _has_tokenizer_files(folder: Path) -> bool:
@@ -300,7 +313,9 @@ def add_special_tokens(tokenizer, vocab: int) -> tuple[int, int]:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<align>"]})
     ids = tokenizer.convert_tokens_to_ids(["<image>", "<align>"])
     if min(ids) < vocab:
-        raise ConversionError(f"`<image>`/`<align>` got ids {ids} inside the original vocabulary (< {vocab}).")
+        raise ConversionError(f"`<image>`/`<align>` got ids {ids} inside the original vocabulary (< {vocab}): the "
+                              "tokenizer already has them, so it is not the one these weights were trained with. Pass "
+                              "the base LLM's own tokenizer with --tokenizer, e.g. lmsys/vicuna-7b-v1.5.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token  # what the original vicuna_v1 training used
     return ids[0], ids[1]

@@ -8,6 +8,7 @@ code base's layout) both run these steps, so each imports them from here and nei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import AutoConfig, CLIPVisionConfig, GenerationConfig, LlavaImageProcessorPil
 
 from aligngpt_hf.conversion.mapping import (
@@ -81,6 +83,20 @@ def resolve_folder(name: str | Path, allow_patterns: list[str], what: str) -> Pa
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ConversionError(f"Cannot get the {what} {name!r} from the Hub ({reason}). Pass a local folder instead, "
                               "or rerun online (or with the repo in the Hugging Face cache).") from None
+
+
+@contextlib.contextmanager
+def config_fields_checked(path: Path):
+    """A config.json value transformers cannot build the model from (an unknown activation or RoPE type, a token id of
+    the wrong type) named with the file, instead of a KeyError from deep inside the model classes."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except (KeyError, TypeError, StrictDataclassError) as error:
+        reason = f"unknown name {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
+        raise ConversionError(f"{path}: a value the model cannot be built from ({type(error).__name__}: {reason}); "
+                              "restore the checkpoint's own config.json.") from None
 
 
 def read_json_object(path: Path, what: str = "file") -> dict:
@@ -183,8 +199,15 @@ def _processor_settings(folder: Path | None, image_size: int = 336) -> dict:
                 "resample": 3, "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
     path = folder / "preprocessor_config.json" if folder is not None else None
     if path is not None and path.is_file():
-        found = json.loads(path.read_text())
+        found = read_json_object(path, "vision tower's preprocessor config")
         settings.update({k: found[k] for k in settings if k in found})
+        try:  # what the converted processor will do to every image, tried once on a tiny one
+            LlavaImageProcessorPil(**settings)(Image.new("RGB", (4, 4)))
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise ConversionError(f"{path}: its settings ({', '.join(f'{k}={found[k]!r}' for k in settings if k in found)}"
+                                  f") cannot preprocess an image ({type(error).__name__}: {reason}); restore the "
+                                  "tower's own preprocessor_config.json.") from None
     return settings
 
 
@@ -270,11 +293,18 @@ def _remote_code_files() -> list[Path]:
 def _generation_config(source_dir: Path, orig: dict, vocab: int, padded: int) -> GenerationConfig:
     """The original generation settings (eos/pad), with every row added after the original vocabulary suppressed."""
     path = source_dir / "generation_config.json"
-    found = json.loads(path.read_text()) if path.is_file() else {}
+    found = read_json_object(path, "generation config") if path.is_file() else {}
     found = {k: v for k, v in found.items() if not k.startswith("_") and k != "transformers_version"}
+    from_file = set(found)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if name not in found and orig.get(name) is not None:
             found[name] = orig[name]
+        value = found.get(name)
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool)
+                                         for i in (value if isinstance(value, list) else [value])):
+            where = path if name in from_file else source_dir / "config.json"
+            raise ConversionError(f"{where}: `{name}` is {value!r}; it must be a token id (an integer) or a list of "
+                                  "them. Restore the checkpoint's own file.")
     return GenerationConfig(**found, suppress_tokens=list(range(vocab, padded)))
 
 
