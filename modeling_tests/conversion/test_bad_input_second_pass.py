@@ -8,6 +8,7 @@ Each test is named after the case and asserts the exception type and the key wor
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -208,3 +209,58 @@ def test_stage1_marker_that_points_outside_or_is_broken(tmp_path, marker, messag
     (artefact / "aligngpt_stage.json").write_text(marker)  # read the file outside, or KeyError/AttributeError
     with pytest.raises(ConversionError, match=rf"^{artefact / 'aligngpt_stage.json'}{message}"):
         load_stage1_artefact(artefact)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    from aligngpt_hf.tiny import build_llava
+
+    folder = tmp_path_factory.mktemp("llava") / "tiny-llava"
+    torch.manual_seed(0)
+    model, processor = build_llava()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["text_config"].update(hidden_act="nope"), r"KeyError: unknown name 'nope'"),
+    (lambda c: c["text_config"].update(eos_token_id="2"),
+     r"StrictDataclassFieldValidationError: Validation error for field 'eos_token_id'"),
+    (lambda c: c.update(vision_feature_select_strategy="weird"),
+     r"StrictDataclassFieldValidationError: Validation error for field 'vision_feature_select_strategy'"),
+])
+def test_from_llava_config_value_the_model_cannot_be_built_from_is_named(llava, tmp_path, capsys, edit, message):
+    source = tmp_path / "llava"
+    shutil.copytree(llava, source)
+    config = json.loads((source / "config.json").read_text())
+    edit(config)
+    (source / "config.json").write_text(json.dumps(config))
+    assert cli_main(["from-llava", str(source), str(tmp_path / "out")]) == 1  # was a traceback
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"aligngpt-hf from-llava: error: {source / 'config.json'}: a value the model cannot be built "
+                          "from (")
+    assert re.search(message, err) and err.endswith("restore the checkpoint's own config.json.")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, message", [("{x", r":1:2: not valid JSON"),
+                                           ("[]", r" holds a JSON list, not the generation config object")])
+def test_from_llava_broken_generation_config_is_named_not_dropped(llava, tmp_path, text, message):
+    from aligngpt_hf.conversion.from_llava import convert_llava
+
+    source = tmp_path / "llava"
+    shutil.copytree(llava, source)
+    (source / "generation_config.json").write_text(text)  # transformers dropped it with a warning, or a bare TypeError
+    with pytest.raises(ConversionError, match=rf"^{source / 'generation_config.json'}{message}"):
+        convert_llava(source, tmp_path / "out")
+
+
+def test_from_llava_reports_weight_files_it_does_not_read(llava, tmp_path, capsys):
+    source = tmp_path / "llava"
+    shutil.copytree(llava, source)
+    (source / "pytorch_model.bin").write_bytes(b"older weights")
+    (source / "optimizer.pt").write_bytes(b"trainer state")
+    assert cli_main(["from-llava", str(source), str(tmp_path / "out")]) == 0
+    assert ("Not read from SOURCE: optimizer.pt, pytorch_model.bin (the weights came from model.safetensors)."
+            in capsys.readouterr().out)
