@@ -62,3 +62,44 @@ def test_upload_options_given_to_a_dry_run_are_named_as_unused(folder, tmp_path,
             "--commit-message", "first", "--token", "hf_x"]
     assert cli_main(argv) == 0
     assert "--revision, --commit-message, --token not used: a dry run uploads nothing." in capsys.readouterr().out
+
+
+def copy_of(folder, tmp_path):
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_act", "nope", "KeyError: unknown name 'nope'"),
+    ("eos_token_id", "2", "StrictDataclassFieldValidationError: Validation error for field 'eos_token_id'"),
+])
+def test_config_value_the_model_cannot_be_built_from_is_named(folder, tmp_path, field, value, message):
+    import json
+    import re
+
+    run = copy_of(folder, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["text_config"][field] = value  # a KeyError or a validation traceback before
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"^{run / 'config.json'}: a value the model cannot be built from "
+                                         rf"\({re.escape(message)}"):
+        push_to_hub(run, "me/model", dry_run=True, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["{x", "[1]"])
+def test_broken_generation_config_is_named_not_replaced_by_defaults(folder, tmp_path, text):
+    run = copy_of(folder, tmp_path)
+    (run / "generation_config.json").write_text(text)  # transformers dropped it with a warning: defaults published
+    with pytest.raises(ValueError, match=rf"^{run / 'generation_config.json'} (is not valid JSON|holds a JSON list)"):
+        push_to_hub(run, "me/model", dry_run=True, output_dir=tmp_path / "out")
+
+
+def test_folder_whose_only_bin_is_trainer_state_has_no_weights(folder, tmp_path):
+    run = copy_of(folder, tmp_path)
+    (run / "model.safetensors").unlink()
+    (run / "training_args.bin").write_bytes(b"pickle")  # counted as weights before: transformers' message followed
+    with pytest.raises(FileNotFoundError, match=rf"^{run} has no weights \(model\.safetensors or its shards; it holds "):
+        push_to_hub(run, "me/model", dry_run=True, output_dir=tmp_path / "out")

@@ -8,7 +8,6 @@ code base's layout) both run these steps, so each imports them from here and nei
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from aligngpt_hf.conversion.mapping import (
     plan_and_write,
     pretrain_rules,
 )
+from aligngpt_hf.hub.checks import config_values_checked
 from aligngpt_hf.models.configuration_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
 from aligngpt_hf.models.processing_aligngpt import VICUNA_V1_CHAT_TEMPLATE, AlignGPTProcessor
@@ -85,18 +85,9 @@ def resolve_folder(name: str | Path, allow_patterns: list[str], what: str) -> Pa
                               "or rerun online (or with the repo in the Hugging Face cache).") from None
 
 
-@contextlib.contextmanager
 def config_fields_checked(path: Path):
-    """A config.json value transformers cannot build the model from (an unknown activation or RoPE type, a token id of
-    the wrong type) named with the file, instead of a KeyError from deep inside the model classes."""
-    from huggingface_hub.errors import StrictDataclassError
-
-    try:
-        yield
-    except (KeyError, TypeError, StrictDataclassError) as error:
-        reason = f"unknown name {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
-        raise ConversionError(f"{path}: a value the model cannot be built from ({type(error).__name__}: {reason}); "
-                              "restore the checkpoint's own config.json.") from None
+    """`config_values_checked` raising a ConversionError: a config.json value the model cannot be built from."""
+    return config_values_checked(path, ConversionError)
 
 
 def read_json_object(path: Path, what: str = "file") -> dict:

@@ -40,6 +40,7 @@ from aligngpt_hf.evaluation.inputs import (
     positive_int,
     set_image_aspect_ratio,
 )
+from aligngpt_hf.hub.checks import config_values_checked
 from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
 from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.models.image_processing_utils_aligngpt import load_image as open_rgb
@@ -371,7 +372,8 @@ def load_processor(model_path: str, **kwargs):
 
     check_local_or_hub(model_path, "model")
     check_model_folder(model_path)
-    return AutoProcessor.from_pretrained(model_path, **kwargs)
+    with config_values_checked(Path(model_path) / "config.json"):  # the processor reads the model's config too
+        return AutoProcessor.from_pretrained(model_path, **kwargs)
 
 
 def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto", device: str | None = None,
@@ -386,8 +388,9 @@ def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto"
     processor = load_processor(model_path, **kwargs) if processor is None else processor
     config_kwargs = {"alignment_mode": alignment_mode} if alignment_mode else {}
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model, info = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch_dtype, output_loading_info=True,
-                                                              **config_kwargs, **kwargs)
+    with config_values_checked(Path(model_path) / "config.json"):
+        model, info = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch_dtype,
+                                                                  output_loading_info=True, **config_kwargs, **kwargs)
     missing = sorted(info.get("missing_keys") or ())
     if missing:  # transformers filled them randomly: the answers would come from another model
         raise ValueError(f"{model_path}: {len(missing)} weight(s) the model needs are not in the checkpoint "
@@ -433,7 +436,8 @@ def run_cli(args: argparse.Namespace) -> int:
     model_id = args.model_id or model_id_from_path(args.model)
     check_answers_file(args.answers, args.resume, args.overwrite, model_id)
     processor = load_processor(args.model)
-    check_max_new_tokens(args.max_new_tokens, AutoConfig.from_pretrained(args.model))
+    with config_values_checked(Path(args.model) / "config.json"):
+        check_max_new_tokens(args.max_new_tokens, AutoConfig.from_pretrained(args.model))
     set_image_aspect_ratio(processor, args.image_aspect_ratio)
     check_questions(questions, args.image_folder, args.allow_outside_image_folder, args.skip_missing_images, processor)
     model, processor = load_for_answering(args.model, args.alignment_mode, args.dtype, args.device, processor)

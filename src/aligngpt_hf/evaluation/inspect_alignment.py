@@ -26,6 +26,7 @@ from aligngpt_hf.evaluation.inputs import (
     check_prompt_text,
     positive_int,
 )
+from aligngpt_hf.hub.checks import config_values_checked
 from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.paths import atomic_path, atomic_write_text, check_local_or_hub, check_writable
 
@@ -154,7 +155,8 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str = "
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AlignGPTForConditionalGeneration.from_pretrained(model_id, dtype=torch_dtype, revision=revision)
+    with config_values_checked(Path(model_id) / "config.json"):
+        model = AlignGPTForConditionalGeneration.from_pretrained(model_id, dtype=torch_dtype, revision=revision)
     processor = AlignGPTProcessor.from_pretrained(model_id, revision=revision)
     return model.to(device).eval(), processor
 

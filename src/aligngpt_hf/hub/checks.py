@@ -8,6 +8,7 @@ otherwise fail with a message about token ids; and `--private` onto an existing 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -119,6 +120,20 @@ def check_private_repo(api, repo_id: str) -> None:
                          "repository.")
 
 
+@contextlib.contextmanager
+def config_values_checked(path: Path, error_class: type[ValueError] = ValueError):
+    """A config.json value transformers cannot build the model from (an unknown activation or RoPE type, a token id of
+    the wrong type) named with the file, instead of a KeyError from deep inside the model classes."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except (KeyError, TypeError, StrictDataclassError) as error:
+        reason = f"unknown name {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
+        raise error_class(f"{path}: a value the model cannot be built from ({type(error).__name__}: {reason}); "
+                          "restore the checkpoint's own config.json.") from None
+
+
 def loading_problems(info: dict) -> list[str]:
     """What `from_pretrained(..., output_loading_info=True)` left out: weights missing (transformers initialises them
     randomly), not in the model (dropped) or of the wrong shape, each counted with up to five names."""
@@ -133,5 +148,5 @@ def loading_problems(info: dict) -> list[str]:
     return problems
 
 
-__all__ = ["check_card_options", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id",
+__all__ = ["check_card_options", "config_values_checked", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id",
            "check_revision", "check_shard_size", "loading_problems"]

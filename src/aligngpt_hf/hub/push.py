@@ -25,6 +25,7 @@ from aligngpt_hf.hub.checks import (
     check_repo_id,
     check_revision,
     check_shard_size,
+    config_values_checked,
     loading_problems,
 )
 from aligngpt_hf.hub.model_card import (
@@ -123,7 +124,7 @@ def load_for_publishing(folder: str | Path):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; pass a folder written by save_pretrained or convert.")
     check_model_type(folder)
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+    if not any(folder.glob("model*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
         present = ", ".join(sorted(p.name for p in folder.iterdir())[:8])
         raise FileNotFoundError(f"{folder} has no weights (model.safetensors or its shards; it holds {present}); "
                                 "save the model into it first (`model.save_pretrained(FOLDER)`).")
@@ -134,7 +135,10 @@ def load_for_publishing(folder: str | Path):
             "`AlignGPTProcessor(image_processor=..., tokenizer=..., image_seq_length=...).save_pretrained(FOLDER)` "
             "(or `aligngpt-hf convert ... --tokenizer SRC`)."
         )
-    model = _load_weights(AlignGPTForConditionalGeneration, folder)
+    if (folder / "generation_config.json").is_file():  # transformers would drop a broken one with a warning
+        _check_json_object(folder / "generation_config.json")
+    with config_values_checked(folder / "config.json"):
+        model = _load_weights(AlignGPTForConditionalGeneration, folder)
     try:
         processor = AlignGPTProcessor.from_pretrained(folder)
     except (KeyError, ValueError, TypeError, AttributeError, OSError) as error:  # a damaged tokenizer/processor file
@@ -143,6 +147,16 @@ def load_for_publishing(folder: str | Path):
                          ) from None
     _check_model_matches_processor(model.config, processor)
     return model.eval(), processor
+
+
+def _check_json_object(path: Path) -> None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-save it (`model.generation_config.save_pretrained"
+                         "(FOLDER)`) or delete it to publish the default generation settings.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a generation config; re-save it or delete it.")
 
 
 def _load_weights(model_class, folder: Path):

@@ -123,3 +123,28 @@ def test_demo_out_inside_the_installed_code_or_empty_is_refused(tmp_path, monkey
     assert str(exit_info.value) == "aligngpt-hf demo: error: " + message.format(package=package,
                                                                                  code=package.resolve().parent)
     assert not (package / "runs").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["answer", "inspect"])
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_act", "nope", "KeyError: unknown name 'nope'"),
+    ("eos_token_id", "2", "StrictDataclassFieldValidationError: Validation error for field 'eos_token_id'"),
+])
+def test_config_value_the_model_cannot_be_built_from_is_one_line(bench, tmp_path, capsys, command, field, value,
+                                                                 message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(bench["root"] / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"][field] = value  # a KeyError or a validation traceback before
+    (model / "config.json").write_text(json.dumps(config))
+    root = bench["root"]
+    argv = (answer_argv(bench, tmp_path / "a.jsonl") if command == "answer" else
+            ["inspect", str(model), "--image", str(root / "images" / "0.png"), "--prompt", "Colour?", "--out",
+             str(tmp_path / "plot.png")])
+    argv[1] = str(model)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"aligngpt-hf {command}: error: {model / 'config.json'}: a value the model cannot be built "
+                          f"from ({message}")
