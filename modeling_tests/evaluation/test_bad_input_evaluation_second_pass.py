@@ -148,3 +148,22 @@ def test_config_value_the_model_cannot_be_built_from_is_one_line(bench, tmp_path
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"aligngpt-hf {command}: error: {model / 'config.json'}: a value the model cannot be built "
                           f"from ({message}")
+
+
+@pytest.mark.parametrize("command", ["answer", "inspect"])
+@pytest.mark.parametrize("device, message", [
+    ("meta", "--device 'meta' holds shapes only, no weights, so nothing can be computed there; use cpu or cuda."),
+    ("xla", "--device 'xla': this torch build or machine has no xla backend; use cpu or cuda."),
+])
+def test_device_this_machine_cannot_compute_on_is_refused_before_the_model_loads(bench, tmp_path, capsys, monkeypatch,
+                                                                              command, device, message):
+    from aligngpt_hf.evaluation import inspect_alignment
+
+    monkeypatch.setattr(answer_module, "load_for_answering", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(inspect_alignment, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+    root = bench["root"]
+    argv = (answer_argv(bench, tmp_path / "a.jsonl") if command == "answer" else
+            ["inspect", str(root / "model"), "--image", str(root / "images" / "0.png"), "--prompt", "Colour?", "--out",
+             str(tmp_path / "plot.png")])
+    assert cli.main([*argv, "--device", device]) == 1  # a RuntimeError traceback after the model load before
+    assert capsys.readouterr().err == f"aligngpt-hf {command}: error: {message}\n"

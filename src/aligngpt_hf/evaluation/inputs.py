@@ -70,6 +70,15 @@ def check_device(device: str | None, option: str = "--device") -> None:
         raise ValueError(f"{option} {device!r} asks for CUDA, but this torch build sees no CUDA GPU; use cpu.")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise ValueError(f"{option} {device!r}: there are only {torch.cuda.device_count()} CUDA device(s).")
+    if parsed.type == "meta":
+        raise ValueError(f"{option} {device!r} holds shapes only, no weights, so nothing can be computed there; use "
+                         "cpu or cuda.")
+    if parsed.type not in ("cpu", "cuda"):
+        try:  # mps, xla, xpu, ...: whether this torch build and machine have one
+            torch.empty(0, device=parsed)
+        except RuntimeError:
+            raise ValueError(f"{option} {device!r}: this torch build or machine has no {parsed.type} backend; use cpu "
+                             "or cuda.") from None
 
 
 def check_model_folder(name: str, option: str = "MODEL") -> None:
