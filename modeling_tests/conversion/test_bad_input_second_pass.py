@@ -264,3 +264,41 @@ def test_from_llava_reports_weight_files_it_does_not_read(llava, tmp_path, capsy
     assert cli_main(["from-llava", str(source), str(tmp_path / "out")]) == 0
     assert ("Not read from SOURCE: optimizer.pt, pytorch_model.bin (the weights came from model.safetensors)."
             in capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("vocab", [1000, 299])
+def test_config_vocabulary_that_differs_from_the_word_tables_is_refused(source, tmp_path, vocab):
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "vocab_size": vocab}))  # silently mean rows / overlap
+    with pytest.raises(ConversionError, match=rf"^{source / 'config.json'}: `vocab_size` is {vocab}, but "
+                                              r"model\.embed_tokens\.weight has 300 rows and lm_head\.weight has 300 "
+                                              r"rows; the config and the weights come from different models"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+
+
+def test_nan_weights_are_refused_at_conversion(source, tmp_path):
+    state = state_of(source)
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    torch.save(state, source / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match=r"^NaN or infinite values in 1 converted weight\(s\):\n  "
+                                              r"model\.layers\.0\.mlp\.up_proj\.weight -> "
+                                              r"model\.language_model\.layers\.0\.mlp\.up_proj\.weight\n"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_llava_nan_weights_are_refused(llava, tmp_path):
+    from safetensors.torch import load_file
+
+    from aligngpt_hf.conversion.from_llava import convert_llava
+
+    source = tmp_path / "llava"
+    shutil.copytree(llava, source)
+    state = load_file(source / "model.safetensors")
+    key = next(k for k in sorted(state) if k.endswith("mlp.up_proj.weight"))
+    state[key][0, 0] = float("inf")
+    save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=rf"^{source}: 1 LLaVA weight\(s\) hold NaN or infinite values "
+                                              rf"\(model\.language_model\.layers\.\d\.mlp\.up_proj\.weight\)"):
+        convert_llava(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

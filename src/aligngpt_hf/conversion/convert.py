@@ -53,6 +53,7 @@ from aligngpt_hf.conversion.steps import (
     STAGE_FILE,
     VOCAB_MULTIPLE,
     ConversionResult,
+    check_vocab_rows,
     config_fields_checked,
     convert_pretrain,
     expected_shapes,
@@ -125,6 +126,7 @@ def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenize
         return convert_family(source_dir, output, orig, source, vision_tower, tokenizer, kind=kind,
                               dtype=target_dtype, max_shard_size=max_shard_size, progress=progress)
     files, shapes, detected, need_vision_weights = read_weights(source_dir, source, kind, vision_tower)
+    check_vocab_rows(shapes, orig, source_dir / "config.json")
     vision_config, vision_dir, processor_settings = resolve_vision(orig, source_dir, vision_tower, need_vision_weights)
     _check_clip_tower(vision_config, orig, vision_tower)
     if detected == "pretrain" and tokenizer is not None:  # it would be ignored: the artefact has no vocabulary rows

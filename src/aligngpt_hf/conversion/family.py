@@ -41,6 +41,7 @@ from aligngpt_hf.conversion.mapping import (
 from aligngpt_hf.conversion.steps import (
     VOCAB_MULTIPLE,
     ConversionResult,
+    check_vocab_rows,
     config_fields_checked,
     convert_pretrain,
     expected_shapes,
@@ -198,6 +199,7 @@ def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_to
             "Convert without `--tokenizer`; weights, config and image settings are converted."
         )
     files, shapes, detected, need_vision_weights = read_weights(source_dir, source, kind, vision_tower)
+    check_vocab_rows(shapes, orig, source_dir / "config.json")
     vision_config, vision_dir, settings = resolve_family_vision(orig, source_dir, vision_tower, need_vision_weights)
     check_tower_width(orig, vision_config, source_dir / "config.json")
     with config_fields_checked(source_dir / "config.json"):

@@ -132,6 +132,12 @@ def load_llava_weights(folder: Path, source):
     if problems:
         raise ConversionError(f"{source}: the LLaVA weights do not match its config.json: {'; '.join(problems)}. "
                               "Re-download or re-save the checkpoint whole.")
+    broken = [name for name, tensor in llava.state_dict().items()
+              if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if broken:
+        raise ConversionError(f"{source}: {len(broken)} LLaVA weight(s) hold NaN or infinite values "
+                              f"({', '.join(broken[:5])}); the file is damaged or the run diverged: re-download it or "
+                              "start from another checkpoint.")
     return llava
 
 

@@ -487,6 +487,7 @@ def plan_and_write(sources, expected, config, output: Path, max_shard_size, prog
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
         tensors = {target: _converted(files.get(key), expected[target], dtype) for target, files, key in shard}
+        _check_finite(tensors, {target: key for target, _, key in shard})
         save_file(tensors, str(output / name), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))
@@ -500,6 +501,17 @@ def plan_and_write(sources, expected, config, output: Path, max_shard_size, prog
         atomic_write_text(output / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         names.append("model.safetensors.index.json")
     return names
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], sources: dict[str, str]) -> None:
+    """NaN or infinite weights (a diverged run, a damaged file, an overflowing --dtype cast) are refused by name: the
+    converted model would answer garbage, and `aligngpt-hf push` would refuse it only later."""
+    bad = [f"{sources[name]} -> {name}" for name, tensor in tensors.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ConversionError(f"NaN or infinite values in {len(bad)} converted weight(s):{_listing(bad)}\nThe "
+                              "checkpoint is damaged or diverged (or --dtype float16 overflowed it: keep --dtype auto "
+                              "or use bfloat16); convert an earlier or re-downloaded checkpoint.")
 
 
 def _converted(tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

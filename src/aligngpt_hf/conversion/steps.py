@@ -118,6 +118,17 @@ def read_weights(source_dir: Path, source, kind: str | None, vision_tower):
     return files, shapes, detected, detected == "full" and (vision_tower is not None or not embedded_vision)
 
 
+def check_vocab_rows(shapes, orig: dict, path: Path) -> None:
+    """The word tables must have exactly `vocab_size` rows: with fewer, the missing original tokens would get the mean
+    row and `<image>` an id inside the trained vocabulary; with more, the config belongs to another model."""
+    vocab = int(orig["vocab_size"])
+    wrong = [f"{key} has {shapes[key][0]} rows" for key in ("model.embed_tokens.weight", "lm_head.weight")
+             if key in shapes and shapes[key][0] != vocab]
+    if wrong:
+        raise ConversionError(f"{path}: `vocab_size` is {vocab}, but {' and '.join(wrong)}; the config and the weights "
+                              "come from different models. Restore the checkpoint's own config.json.")
+
+
 def resolve_vision(orig: dict, source_dir: Path, override, need_weights: bool):
     """(vision config, folder to take the tower weights from or None, image processor settings)."""
     if override is not None:
@@ -299,6 +310,6 @@ def _generation_config(source_dir: Path, orig: dict, vocab: int, padded: int) ->
     return GenerationConfig(**found, suppress_tokens=list(range(vocab, padded)))
 
 
-__all__ = ["STAGE_FILE", "ConversionResult",
+__all__ = ["STAGE_FILE", "ConversionResult", "check_vocab_rows",
            "read_json_object", "convert_pretrain", "expected_shapes", "read_weights", "resolve_folder",
            "resolve_vision", "vision_folder_source", "write_side_files"]
