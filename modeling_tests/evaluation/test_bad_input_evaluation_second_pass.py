@@ -167,3 +167,17 @@ def test_device_this_machine_cannot_compute_on_is_refused_before_the_model_loads
              str(tmp_path / "plot.png")])
     assert cli.main([*argv, "--device", device]) == 1  # a RuntimeError traceback after the model load before
     assert capsys.readouterr().err == f"aligngpt-hf {command}: error: {message}\n"
+
+
+def test_inspect_prompt_holding_a_placeholder_is_refused_before_the_model_loads(bench, tmp_path, capsys, monkeypatch):
+    from aligngpt_hf.evaluation import inspect_alignment
+
+    monkeypatch.setattr(inspect_alignment, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+    root = bench["root"]
+    argv = ["inspect", str(root / "model"), "--image", str(root / "images" / "0.png"), "--prompt", "Colour?",
+            "--prompt", "<align> and <image>?", "--out", str(tmp_path / "plot.png")]
+    assert cli.main(argv) == 1  # refused only after the model had loaded before
+    assert capsys.readouterr().err == (
+        "aligngpt-hf inspect: error: --prompt number 2 ('<align> and <image>?'): the text contains <image> and "
+        "<align>; the prompt gets one image placeholder and the alignment token from the processor. Remove them from "
+        "the text.\n")

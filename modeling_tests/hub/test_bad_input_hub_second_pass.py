@@ -103,3 +103,10 @@ def test_folder_whose_only_bin_is_trainer_state_has_no_weights(folder, tmp_path)
     (run / "training_args.bin").write_bytes(b"pickle")  # counted as weights before: transformers' message followed
     with pytest.raises(FileNotFoundError, match=rf"^{run} has no weights \(model\.safetensors or its shards; it holds "):
         push_to_hub(run, "me/model", dry_run=True, output_dir=tmp_path / "out")
+
+
+def test_shard_size_in_mebibytes_names_the_units_save_pretrained_reads(folder, tmp_path):
+    with pytest.raises(ValueError, match=r"^--max-shard-size '500MiB' is not a positive size; write it like 5GB or "
+                                         r"500MB \(a number of bytes, or with KB, MB, GB or TB: save_pretrained reads "
+                                         r"no MiB/GiB\)\.$"):
+        push_to_hub(folder, "me/model", dry_run=True, max_shard_size="500MiB", output_dir=tmp_path / "out")

@@ -178,6 +178,7 @@ def check_options(args: argparse.Namespace):
         raise ValueError(f"--revision {args.revision} selects a Hub revision, but MODEL {args.model} is a local folder; "
                          "drop --revision or give the Hub repo id.")
     _check_gate(args.model)
+    _check_prompts(args.model, args.prompt, args.revision)
     if not str(args.image).startswith(URL_SCHEMES):  # a URL is fetched (and its errors named) by the loader
         check_input_file(args.image, "--image")
     outputs = {"--out": args.out, **({"--json": args.json} if args.json else {})}
@@ -189,6 +190,16 @@ def check_options(args: argparse.Namespace):
     if args.json and Path(args.json).expanduser().absolute() == Path(args.out).expanduser().absolute():
         raise ValueError(f"--json and --out are both {args.out}; give them different files.")
     return _as_rgb_image(args.image)
+
+
+def _check_prompts(model: str, prompts: Sequence[str], revision: str | None) -> None:
+    """Placeholders in a prompt, named from the (cheap) processor before the model loads."""
+    from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
+
+    with config_values_checked(Path(model) / "config.json"):  # the processor reads the model's config too
+        processor = AlignGPTProcessor.from_pretrained(model, revision=revision)
+    for index, prompt in enumerate(prompts):
+        check_prompt_text(prompt, processor, f"--prompt number {index + 1} ({textwrap.shorten(prompt, 40)!r})")
 
 
 def _check_gate(model: str) -> None:

@@ -61,7 +61,8 @@ def check_shard_size(max_shard_size: str | int) -> None:
         except ValueError:
             size = None
     if size is None or size < 1:
-        raise ValueError(f"--max-shard-size {max_shard_size!r} is not a positive size; write it like 5GB or 500MB.")
+        raise ValueError(f"--max-shard-size {max_shard_size!r} is not a positive size; write it like 5GB or 500MB "
+                         "(a number of bytes, or with KB, MB, GB or TB: save_pretrained reads no MiB/GiB).")
 
 
 def check_card_options(base_models, datasets, license: str | None) -> None:
