@@ -181,3 +181,19 @@ def test_inspect_prompt_holding_a_placeholder_is_refused_before_the_model_loads(
         "aligngpt-hf inspect: error: --prompt number 2 ('<align> and <image>?'): the text contains <image> and "
         "<align>; the prompt gets one image placeholder and the alignment token from the processor. Remove them from "
         "the text.\n")
+
+
+def test_empty_chunk_still_writes_its_answers_file(bench, tmp_path, capsys):
+    out = tmp_path / "chunk4.jsonl"  # 2 questions in 5 chunks: chunk 4 holds none
+    assert cli.main(answer_argv(bench, out, "--num-chunks", "5", "--chunk-idx", "4")) == 0
+    assert out.is_file() and out.read_text() == ""  # `cat chunk*.jsonl` of a multi-GPU run found no file before
+
+
+def test_overwrite_with_nothing_to_answer_empties_the_old_answers(bench, processor, tmp_path):
+    out = tmp_path / "a.jsonl"
+    out.write_text('{"question_id": 7, "text": "stale", "model_id": "tiny"}\n')
+    (tmp_path / "images").mkdir()
+    report = answer_questions(bench["model"], processor, [{"question_id": 1, "image": "gone.png", "text": "C?"}],
+                              tmp_path / "images", out, overwrite=True, skip_missing_images=True, progress=False)
+    assert report.missing_images == [1] and report.answered == 0
+    assert out.read_text() == ""  # the stale answer was kept before

@@ -44,7 +44,7 @@ from aligngpt_hf.hub.checks import config_values_checked
 from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
 from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.models.image_processing_utils_aligngpt import load_image as open_rgb
-from aligngpt_hf.paths import check_local_or_hub, check_writable, resolve_image_path
+from aligngpt_hf.paths import atomic_write_text, check_local_or_hub, check_writable, resolve_image_path
 
 ANSWER_ID_NAMESPACE = uuid.UUID("6f7a2b1e-4c1d-5e0a-9b2f-a11c9e7d0001")
 
@@ -341,6 +341,10 @@ def answer_questions(
                 os.fsync(out.fileno())
             report.answered += len(batch)
             bar.update(len(batch))
+    if out is None and (not resume or not Path(answers_file).exists()):
+        # nothing to answer (an empty chunk, every image skipped): the file still says so, and --overwrite empties it,
+        # so merging the chunks of a multi-GPU run never misses a file or keeps stale answers
+        atomic_write_text(answers_file, "")
     return report
 
 
