@@ -197,3 +197,54 @@ def test_overwrite_with_nothing_to_answer_empties_the_old_answers(bench, process
                               tmp_path / "images", out, overwrite=True, skip_missing_images=True, progress=False)
     assert report.missing_images == [1] and report.answered == 0
     assert out.read_text() == ""  # the stale answer was kept before
+
+
+PLUGIN = "aligngpt_hf.evaluation.lmms_eval_plugin"
+
+
+@pytest.fixture
+def plugin(monkeypatch):
+    """The plugin imported against a minimal stand-in of the lmms-eval API it imports (its own checks only)."""
+    import sys
+    import types
+
+    names = ("lmms_eval", "lmms_eval.api", "lmms_eval.api.instance", "lmms_eval.api.model")
+    stubs = {name: types.ModuleType(name) for name in names}
+    stubs["lmms_eval.api.instance"].GenerationResult = type("GenerationResult", (), {})
+    stubs["lmms_eval.api.instance"].unwrap_generation_output = lambda output: output
+    stubs["lmms_eval.api.model"].lmms = type("lmms", (), {})
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, PLUGIN, raising=False)
+    yield __import__(PLUGIN, fromlist=["AlignGPT"])
+    sys.modules.pop(PLUGIN, None)
+
+
+@pytest.mark.parametrize("gen_kwargs, message", [
+    ({"until": 5}, r"aligngpt: the task's generation_kwargs `until` is 5; it must be a string or a list of strings"),
+    ({"until": ["a", None]}, r"aligngpt: the task's generation_kwargs `until` is \['a', None\]; it must be a string"),
+    ({"max_new_tokens": 1.5}, r"aligngpt: the task's generation_kwargs \{'max_new_tokens': 1\.5\} hold a value that "
+                              r"is not a number \(1\.5 is not a whole number\)"),
+])
+def test_plugin_generation_kwargs_of_the_wrong_shape(plugin, gen_kwargs, message):
+    with pytest.raises(ValueError, match="^" + message):  # a TypeError deep in the stop-string cut, or 1.5 -> 1
+        plugin._decoding(gen_kwargs, 128)
+
+
+def test_plugin_generation_kwargs_it_does_not_use_are_named_once(plugin, caplog):
+    with caplog.at_level("WARNING", logger=PLUGIN):
+        for _ in range(3):
+            plugin._decoding({"repetition_penalty": 1.2, "do_sample": False, "max_new_tokens": 8}, 128)
+    assert caplog.text.count("aligngpt: the task's generation_kwargs ['repetition_penalty'] are not used (AlignGPT "
+                             "decodes with temperature, top_p, num_beams, max_new_tokens and until).") == 1
+
+
+def test_plugin_alignment_mode_that_does_not_exist(plugin, bench):
+    with pytest.raises(ValueError, match=r"^alignment_mode 'bogus' is not one of adaptive, global, local, mean, none"):
+        plugin.AlignGPT(str(bench["root"] / "model"), device="cpu", alignment_mode="bogus")  # loaded before
+
+
+def test_plugin_alignment_mode_none_builds_prompts_without_the_alignment_token(plugin, bench):
+    model = plugin.AlignGPT(str(bench["root"] / "model"), device="cpu", alignment_mode="none")
+    assert model.processor.add_alignment_token is False
+    assert model._generate([model._prompt("Colour?", 1)], [[Image.new("RGB", (8, 8))]], {"max_new_tokens": 2})

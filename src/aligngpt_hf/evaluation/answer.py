@@ -387,6 +387,10 @@ def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto"
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from aligngpt_hf.models.configuration_aligngpt import ALIGNMENT_MODES
+
+    if alignment_mode and alignment_mode not in ALIGNMENT_MODES:
+        raise ValueError(f"alignment_mode {alignment_mode!r} is not one of {', '.join(ALIGNMENT_MODES)}.")
     check_dtype(dtype)
     check_device(device)
     processor = load_processor(model_path, **kwargs) if processor is None else processor
