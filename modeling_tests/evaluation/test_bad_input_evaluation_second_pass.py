@@ -248,3 +248,64 @@ def test_plugin_alignment_mode_none_builds_prompts_without_the_alignment_token(p
     model = plugin.AlignGPT(str(bench["root"] / "model"), device="cpu", alignment_mode="none")
     assert model.processor.add_alignment_token is False
     assert model._generate([model._prompt("Colour?", 1)], [[Image.new("RGB", (8, 8))]], {"max_new_tokens": 2})
+
+
+def inspect_or_answer_argv(bench, command, model, tmp_path):
+    root = bench["root"]
+    if command == "answer":
+        argv = answer_argv(bench, tmp_path / "a.jsonl")
+        argv[1] = str(model)
+        return argv
+    return ["inspect", str(model), "--image", str(root / "images" / "0.png"), "--prompt", "Colour?", "--out",
+            str(tmp_path / "plot.png")]
+
+
+@pytest.mark.parametrize("command", ["answer", "inspect"])
+@pytest.mark.parametrize("kind", ["llava", "original"])
+def test_model_that_is_not_an_aligngpt_names_the_command_that_makes_one(bench, tmp_path, capsys, command, kind):
+    from conftest import ORIGINAL_FIXTURES
+
+    if kind == "llava":  # an AttributeError traceback (answer) or a message about a missing <align> before
+        model = tmp_path / "llava"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "llava"}))
+        expected = (f"MODEL {model} holds a 'llava' model, not AlignGPT (model_type 'aligngpt'); make an AlignGPT of "
+                    "it first: `aligngpt-hf from-llava SOURCE OUTPUT`.")
+    else:  # "Unrecognized processing class" before
+        model = ORIGINAL_FIXTURES / "original_checkpoint"
+        expected = (f"MODEL {model} is an original-layout checkpoint (config.json has `mm_vision_tower`); convert it "
+                    "first: `aligngpt-hf convert SOURCE OUTPUT`, then use OUTPUT.")
+    assert cli.main(inspect_or_answer_argv(bench, command, model, tmp_path)) == 1
+    assert capsys.readouterr().err == f"aligngpt-hf {command}: error: {expected}\n"
+
+
+@pytest.mark.parametrize("command", ["answer", "inspect"])
+def test_broken_tokenizer_file_is_named_with_the_model_folder(bench, tmp_path, capsys, command):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(bench["root"] / "model", model)
+    (model / "tokenizer.json").write_text("{x")  # a bare JSON error naming no file before
+    assert cli.main(inspect_or_answer_argv(bench, command, model, tmp_path)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"aligngpt-hf {command}: error: {model}: a model or processor file (tokenizer.json, processor_config.json, "
+        "...) is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
+        "download it again or save the model and processor again.")
+
+
+@pytest.mark.parametrize("command", ["answer", "inspect"])
+def test_nan_weights_are_refused_not_answered(bench, tmp_path, capsys, command):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(bench["root"] / "model", model)
+    state = load_file(model / "model.safetensors")
+    state["lm_head.weight"][0, 0] = float("nan")  # answered silently (garbage) before
+    save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert cli.main(inspect_or_answer_argv(bench, command, model, tmp_path)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"aligngpt-hf {command}: error: {model}: 1 weight(s) hold NaN or infinite values (lm_head.weight); the run "
+        "diverged or the file is damaged: use an earlier checkpoint.")
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "plot.png").exists()

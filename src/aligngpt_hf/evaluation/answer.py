@@ -32,15 +32,16 @@ from aligngpt_hf.evaluation.inputs import (
     check_decoding,
     check_device,
     check_dtype,
+    check_finite_weights,
     check_input_file,
     check_max_new_tokens,
     check_model_folder,
     check_output_file,
     check_prompt_text,
+    model_files_checked,
     positive_int,
     set_image_aspect_ratio,
 )
-from aligngpt_hf.hub.checks import config_values_checked
 from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
 from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.models.image_processing_utils_aligngpt import load_image as open_rgb
@@ -376,7 +377,7 @@ def load_processor(model_path: str, **kwargs):
 
     check_local_or_hub(model_path, "model")
     check_model_folder(model_path)
-    with config_values_checked(Path(model_path) / "config.json"):  # the processor reads the model's config too
+    with model_files_checked(model_path):  # the processor reads the model's config too
         return AutoProcessor.from_pretrained(model_path, **kwargs)
 
 
@@ -396,7 +397,7 @@ def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto"
     processor = load_processor(model_path, **kwargs) if processor is None else processor
     config_kwargs = {"alignment_mode": alignment_mode} if alignment_mode else {}
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    with config_values_checked(Path(model_path) / "config.json"):
+    with model_files_checked(model_path):
         model, info = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch_dtype,
                                                                   output_loading_info=True, **config_kwargs, **kwargs)
     missing = sorted(info.get("missing_keys") or ())
@@ -406,6 +407,7 @@ def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto"
                          + (f": it was saved without what --alignment-mode {alignment_mode} uses (the level table "
                             "or the gate); use the mode it was trained with" if alignment_mode else "")
                          + ".")
+    check_finite_weights(model, str(model_path))
     # `none` (plain LLaVA) takes no alignment token: the processor must not insert one
     processor.add_alignment_token = model.config.uses_alignment_token
     if device is None:
@@ -444,7 +446,7 @@ def run_cli(args: argparse.Namespace) -> int:
     model_id = args.model_id or model_id_from_path(args.model)
     check_answers_file(args.answers, args.resume, args.overwrite, model_id)
     processor = load_processor(args.model)
-    with config_values_checked(Path(args.model) / "config.json"):
+    with model_files_checked(args.model):
         check_max_new_tokens(args.max_new_tokens, AutoConfig.from_pretrained(args.model))
     set_image_aspect_ratio(processor, args.image_aspect_ratio)
     check_questions(questions, args.image_folder, args.allow_outside_image_folder, args.skip_missing_images, processor)

@@ -7,6 +7,8 @@ traceback after the load (or, worse, silently turned into greedy decoding).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -82,7 +84,8 @@ def check_device(device: str | None, option: str = "--device") -> None:
 
 
 def check_model_folder(name: str, option: str = "MODEL") -> None:
-    """A local MODEL must be a folder with a config.json (a Hub id is left to the loader)."""
+    """A local MODEL must be a folder with the config.json of an AlignGPT (a Hub id is left to the loader); a LLaVA or
+    an original-layout checkpoint is named with the command that makes an AlignGPT folder of it."""
     path = Path(str(name)).expanduser()
     if path.is_file():
         raise NotADirectoryError(f"{option} {name} is a file; give the model folder (the one holding config.json) "
@@ -90,6 +93,45 @@ def check_model_folder(name: str, option: str = "MODEL") -> None:
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{option} folder {name} has no config.json; give a saved or converted AlignGPT "
                                 "folder (original-layout checkpoints: `aligngpt-hf convert SOURCE OUTPUT` first).")
+    if not path.is_dir():
+        return
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({error}); save the model again.") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if isinstance(config, dict) and "mm_vision_tower" in config:
+        raise ValueError(f"{option} {name} is an original-layout checkpoint (config.json has `mm_vision_tower`); "
+                         "convert it first: `aligngpt-hf convert SOURCE OUTPUT`, then use OUTPUT.")
+    if kind != "aligngpt":
+        fix = ("make an AlignGPT of it first: `aligngpt-hf from-llava SOURCE OUTPUT`" if kind == "llava" else
+               "give a folder written by training, convert or from-llava")
+        raise ValueError(f"{option} {name} holds a {kind!r} model, not AlignGPT (model_type 'aligngpt'); {fix}.")
+
+
+@contextlib.contextmanager
+def model_files_checked(model: str):
+    """Loading MODEL: a config.json value the model cannot be built from, or a processor/tokenizer file that is not
+    JSON, named with the folder (transformers' messages name neither)."""
+    from aligngpt_hf.hub.checks import config_values_checked
+
+    with config_values_checked(Path(str(model)) / "config.json"):
+        try:
+            yield
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{model}: a model or processor file (tokenizer.json, processor_config.json, ...) is not "
+                             f"valid JSON ({error}); download it again or save the model and processor again.") from None
+
+
+def check_finite_weights(model, where: str) -> None:
+    """NaN or infinite weights (a diverged run, a damaged file) would answer garbage without a word: refuse them."""
+    import torch
+
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ValueError(f"{where}: {len(broken)} weight(s) hold NaN or infinite values ({', '.join(broken[:5])}); the "
+                         "run diverged or the file is damaged: use an earlier checkpoint.")
 
 
 def check_prompt_text(text: str, processor, where: str) -> None:
@@ -140,6 +182,6 @@ def check_output_file(path, option: str, inputs: dict) -> Path:
     return path
 
 
-__all__ = ["DTYPES", "check_decoding", "check_device", "check_dtype", "check_input_file", "check_max_new_tokens",
+__all__ = ["DTYPES", "check_decoding", "check_finite_weights", "model_files_checked", "check_device", "check_dtype", "check_input_file", "check_max_new_tokens",
            "check_model_folder",
            "check_output_file", "check_prompt_text", "positive_int", "set_image_aspect_ratio"]

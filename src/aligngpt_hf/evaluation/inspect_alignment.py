@@ -20,13 +20,14 @@ import torch
 from aligngpt_hf.evaluation.inputs import (
     check_device,
     check_dtype,
+    check_finite_weights,
     check_input_file,
     check_model_folder,
     check_output_file,
     check_prompt_text,
+    model_files_checked,
     positive_int,
 )
-from aligngpt_hf.hub.checks import config_values_checked
 from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.paths import atomic_path, atomic_write_text, check_local_or_hub, check_writable
 
@@ -155,9 +156,10 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str = "
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    with config_values_checked(Path(model_id) / "config.json"):
+    with model_files_checked(model_id):
         model = AlignGPTForConditionalGeneration.from_pretrained(model_id, dtype=torch_dtype, revision=revision)
-    processor = AlignGPTProcessor.from_pretrained(model_id, revision=revision)
+        processor = AlignGPTProcessor.from_pretrained(model_id, revision=revision)
+    check_finite_weights(model, str(model_id))
     return model.to(device).eval(), processor
 
 
@@ -196,7 +198,7 @@ def _check_prompts(model: str, prompts: Sequence[str], revision: str | None) -> 
     """Placeholders in a prompt, named from the (cheap) processor before the model loads."""
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
-    with config_values_checked(Path(model) / "config.json"):  # the processor reads the model's config too
+    with model_files_checked(model):  # the processor reads the model's config too
         processor = AlignGPTProcessor.from_pretrained(model, revision=revision)
     for index, prompt in enumerate(prompts):
         check_prompt_text(prompt, processor, f"--prompt number {index + 1} ({textwrap.shorten(prompt, 40)!r})")
