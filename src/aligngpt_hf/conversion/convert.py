@@ -46,7 +46,6 @@ from aligngpt_hf.conversion.mapping import (
     map_keys,
     parse_size,
     plan_and_write,
-    unread_weight_files,
     weight_files_in,
 )
 from aligngpt_hf.conversion.steps import (
@@ -61,6 +60,7 @@ from aligngpt_hf.conversion.steps import (
     read_weights,
     resolve_folder,
     resolve_vision,
+    unread_weight_files,
     vision_folder_source,
     write_side_files,
 )

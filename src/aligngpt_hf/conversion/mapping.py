@@ -256,14 +256,6 @@ def open_weight_files(folder: Path) -> WeightFiles:
     )
 
 
-def unread_weight_files(folder: Path) -> list[str]:
-    """Weight-like files of `folder` the conversion does not read (the other format next to the one read, a shard the
-    index does not list, trainer state): they are reported, so nothing is left out unsaid."""
-    read = {path.name for path in weight_files_in(folder)}
-    return sorted(path.name for path in folder.iterdir() if path.is_file() and path.name not in read
-                  and path.suffix in (".bin", ".safetensors", ".pt", ".pth", ".ckpt"))
-
-
 def _index_shards(index: Path) -> tuple[list[str], dict]:
     """The shard names of an index file (plain file names in the checkpoint's own folder, each listed once) and its
     `weight_map`."""

@@ -28,6 +28,7 @@ from aligngpt_hf.conversion.mapping import (
     open_weight_files,
     plan_and_write,
     pretrain_rules,
+    weight_files_in,
 )
 from aligngpt_hf.hub.checks import config_values_checked
 from aligngpt_hf.models.configuration_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTConfig
@@ -116,6 +117,14 @@ def read_weights(source_dir: Path, source, kind: str | None, vision_tower):
         raise ConversionError(f"Expected a {kind!r} checkpoint, but {source} holds a {detected!r} one (from its keys).")
     embedded_vision = any(k.startswith("vision_tower.vision_tower.vision_model.") for k in shapes)
     return files, shapes, detected, detected == "full" and (vision_tower is not None or not embedded_vision)
+
+
+def unread_weight_files(folder: Path) -> list[str]:
+    """Weight-like files of `folder` the conversion does not read (the other format next to the one read, a shard the
+    index does not list, trainer state): they are reported, so nothing is left out unsaid."""
+    read = {path.name for path in weight_files_in(folder)}
+    return sorted(path.name for path in folder.iterdir() if path.is_file() and path.name not in read
+                  and path.suffix in (".bin", ".safetensors", ".pt", ".pth", ".ckpt"))
 
 
 def check_vocab_rows(shapes, orig: dict, path: Path) -> None:
@@ -310,6 +319,6 @@ def _generation_config(source_dir: Path, orig: dict, vocab: int, padded: int) ->
     return GenerationConfig(**found, suppress_tokens=list(range(vocab, padded)))
 
 
-__all__ = ["STAGE_FILE", "ConversionResult", "check_vocab_rows",
+__all__ = ["STAGE_FILE", "ConversionResult", "check_vocab_rows", "unread_weight_files",
            "read_json_object", "convert_pretrain", "expected_shapes", "read_weights", "resolve_folder",
            "resolve_vision", "vision_folder_source", "write_side_files"]

@@ -113,14 +113,17 @@ def check_model_folder(name: str, option: str = "MODEL") -> None:
 def model_files_checked(model: str):
     """Loading MODEL: a config.json value the model cannot be built from, or a processor/tokenizer file that is not
     JSON, named with the folder (transformers' messages name neither)."""
-    from aligngpt_hf.hub.checks import config_values_checked
+    from huggingface_hub.errors import StrictDataclassError
 
-    with config_values_checked(Path(str(model)) / "config.json"):
-        try:
-            yield
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{model}: a model or processor file (tokenizer.json, processor_config.json, ...) is not "
-                             f"valid JSON ({error}); download it again or save the model and processor again.") from None
+    try:
+        yield
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{model}: a model or processor file (tokenizer.json, processor_config.json, ...) is not "
+                         f"valid JSON ({error}); download it again or save the model and processor again.") from None
+    except (KeyError, TypeError, StrictDataclassError) as error:  # an unknown activation or RoPE type, a str token id
+        reason = f"unknown name {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
+        raise ValueError(f"{Path(str(model)) / 'config.json'}: a value the model cannot be built from "
+                         f"({type(error).__name__}: {reason}); restore the checkpoint's own config.json.") from None
 
 
 def check_finite_weights(model, where: str) -> None:

@@ -85,6 +85,18 @@ def check_not_partial(folder: Path) -> None:
                          "stage 2 (`aligngpt-hf instruct`) and push its output folder.")
 
 
+def check_generation_config_file(path: Path) -> None:
+    """A generation_config.json that is not a JSON object: transformers would drop it with a warning and the
+    repository would get default generation settings instead of the folder's."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-save it (`model.generation_config.save_pretrained"
+                         "(FOLDER)`) or delete it to publish the default generation settings.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a generation config; re-save it or delete it.")
+
+
 def check_model_type(folder: Path) -> None:
     """Only AlignGPT folders are published: a LLaVA or an original-layout checkpoint is named with the command that
     turns it into one (loading it would fail later with a message about token ids)."""
@@ -149,5 +161,5 @@ def loading_problems(info: dict) -> list[str]:
     return problems
 
 
-__all__ = ["check_card_options", "config_values_checked", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id",
+__all__ = ["check_card_options", "check_generation_config_file", "config_values_checked", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id",
            "check_revision", "check_shard_size", "loading_problems"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aligngpt_hf.hub.checks import (
     check_card_options,
+    check_generation_config_file,
     check_model_type,
     check_not_partial,
     check_private_repo,
@@ -136,7 +137,7 @@ def load_for_publishing(folder: str | Path):
             "(or `aligngpt-hf convert ... --tokenizer SRC`)."
         )
     if (folder / "generation_config.json").is_file():  # transformers would drop a broken one with a warning
-        _check_json_object(folder / "generation_config.json")
+        check_generation_config_file(folder / "generation_config.json")
     with config_values_checked(folder / "config.json"):
         model = _load_weights(AlignGPTForConditionalGeneration, folder)
     try:
@@ -147,16 +148,6 @@ def load_for_publishing(folder: str | Path):
                          ) from None
     _check_model_matches_processor(model.config, processor)
     return model.eval(), processor
-
-
-def _check_json_object(path: Path) -> None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); re-save it (`model.generation_config.save_pretrained"
-                         "(FOLDER)`) or delete it to publish the default generation settings.") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a generation config; re-save it or delete it.")
 
 
 def _load_weights(model_class, folder: Path):
