@@ -124,7 +124,7 @@ def test_integer_weights_are_refused_by_name(source, tmp_path):
     state = torch.load(source / "pytorch_model.bin", weights_only=True)
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].to(torch.int64)
     torch.save(state, source / "pytorch_model.bin")
-    with pytest.raises(ConversionError, match=r"Non-floating tensor\(s\) in the checkpoint where weights are "
+    with pytest.raises(ConversionError, match=r"Non-floating or quantized tensor\(s\) in the checkpoint where weights are "
                                               r"expected:\n  model\.embed_tokens\.weight \(int64\)"):
         convert_checkpoint(source, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -129,7 +129,7 @@ def test_resume_with_a_complete_last_answer_without_newline(tmp_path):
 
 
 def test_duplicate_question_id(tmp_path):
-    path = questions_file(tmp_path, '{"question_id": 1, "text": "a"}\n{"question_id": "1", "text": "b"}\n'
+    path = questions_file(tmp_path, '{"question_id": 1, "text": "a"}\n{"question_id": 2, "text": "b"}\n'
                                     '{"question_id": 1, "text": "c"}\n')
     with pytest.raises(ValueError, match=r"questions\.jsonl:3: question_id 1 is also on line 1; ids must be unique"):
         read_questions(path)

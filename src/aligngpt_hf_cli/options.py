@@ -268,6 +268,8 @@ def demo_option_problem(args: argparse.Namespace) -> str | None:
             return f"aligngpt-hf demo: error: {option} must be >= 1, got {value}"
     if not 0 <= args.seed < 2**32:
         return f"aligngpt-hf demo: error: --seed must be in 0..{2**32 - 1}, got {args.seed}"
+    if args.out is not None and not args.out.strip():  # "" would silently mean the default folder
+        return "aligngpt-hf demo: error: --out is empty; give the run folder, or leave --out out for the default"
     share = args.wrong_share
     if share is not None and not 0 < share < 1:  # NaN fails both comparisons
         return (f"aligngpt-hf demo: error: --wrong-share must be between 0 and 1 (exclusive: the levels rank right "
@@ -280,6 +282,10 @@ def demo_option_problem(args: argparse.Namespace) -> str | None:
 def demo_folder_problem(run: Path, overwrite: bool, marker: str) -> str | None:
     """Why the demo may not write into `run` (None: it may): a non-empty folder needs `--overwrite`, and
     `--overwrite` deletes only a folder the demo made (it holds `marker`)."""
+    code = library_folder().resolve().parent  # the package and its neighbours (src/ of a clone, site-packages)
+    if code == run.resolve() or code in run.resolve().parents:
+        return (f"aligngpt-hf demo: error: --out {run} lies inside {code}, where the aligngpt_hf code is installed; a "
+                "run writes data, checkpoints and plots: choose a folder outside it (default: runs/demo)")
     blocking = next((path for path in (run, *run.parents) if path.exists() and not path.is_dir()), None)
     if blocking is not None:
         where = "is a file" if blocking == run else f"is inside {blocking}, which is a file"

@@ -33,7 +33,6 @@ holds about one output shard in memory, never a full copy.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -47,17 +46,21 @@ from aligngpt_hf.conversion.mapping import (
     map_keys,
     parse_size,
     plan_and_write,
+    weight_files_in,
 )
 from aligngpt_hf.conversion.steps import (
     STAGE_FILE,
     VOCAB_MULTIPLE,
     ConversionResult,
+    check_vocab_rows,
+    config_fields_checked,
     convert_pretrain,
     expected_shapes,
     read_json_object,
     read_weights,
     resolve_folder,
     resolve_vision,
+    unread_weight_files,
     vision_folder_source,
     write_side_files,
 )
@@ -96,6 +99,8 @@ def convert_checkpoint(
     if push_to_hub:  # a repo id the Hub would refuse is named before an hour of conversion, not after
         check_repo_id(push_to_hub, "--push-to-hub")
     parse_size(max_shard_size)
+    if not str(output).strip():  # Path("") is the working directory
+        raise ConversionError("OUTPUT is an empty string; give the folder to write the converted checkpoint into.")
     source_dir = resolve_folder(source, SOURCE_PATTERNS, "checkpoint")
     check_apart(output, source_dir)
     output = _prepare_output(Path(output), overwrite)
@@ -103,6 +108,10 @@ def convert_checkpoint(
         result = _convert_into(source, source_dir, staging, vision_tower, tokenizer, kind, dtype, max_shard_size,
                                progress)
     result.output = output
+    unread = unread_weight_files(source_dir)
+    if unread:
+        read = ", ".join(path.name for path in weight_files_in(source_dir))
+        result.notes.append(f"Not read from SOURCE: {', '.join(unread)} (the weights came from {read}).")
     if push_to_hub:
         result.notes.append(f"Pushed to https://huggingface.co/{push_folder(output, push_to_hub, private=private)}")
     return result
@@ -117,14 +126,17 @@ def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenize
         return convert_family(source_dir, output, orig, source, vision_tower, tokenizer, kind=kind,
                               dtype=target_dtype, max_shard_size=max_shard_size, progress=progress)
     files, shapes, detected, need_vision_weights = read_weights(source_dir, source, kind, vision_tower)
+    check_vocab_rows(shapes, orig, source_dir / "config.json")
     vision_config, vision_dir, processor_settings = resolve_vision(orig, source_dir, vision_tower, need_vision_weights)
+    _check_clip_tower(vision_config, orig, vision_tower)
     if detected == "pretrain" and tokenizer is not None:  # it would be ignored: the artefact has no vocabulary rows
         raise ConversionError(f"--tokenizer applies to a full checkpoint, but {source} holds a stage-1 projector "
                               "(mm_projector_align.bin, no language model); drop --tokenizer. The stage-2 trainer "
                               "takes the tokenizer with the base LLM.")
     tok = load_tokenizer(tokenizer, source_dir) if detected == "full" else None
-    config = build_config(orig, vision_config, shapes, tok, target_dtype, detected)
-    expected = expected_shapes(config)
+    with config_fields_checked(source_dir / "config.json"):
+        config = build_config(orig, vision_config, shapes, tok, target_dtype, detected)
+        expected = expected_shapes(config)
     if detected == "pretrain":
         result = convert_pretrain(files, shapes, config, expected, output, orig, vision_tower, source)
     else:
@@ -138,6 +150,18 @@ def _convert_into(source, source_dir: Path, output: Path, vision_tower, tokenize
             f"`<image>` must be id {config.image_token_id} and `<align>` id {config.alignment_token_id}."
         )
     return result
+
+
+def _check_clip_tower(vision_config, orig: dict, override) -> None:
+    """The original AlignGPT ran a CLIP tower (SigLIP towers are the family's, converted by `convert_family`): another
+    tower would fail later with a message about CLS tokens that names neither the tower nor the option."""
+    model_type = str(getattr(vision_config, "model_type", ""))
+    if model_type.startswith("clip"):
+        return
+    where = f"--vision-tower {override}" if override is not None else f"`mm_vision_tower` {orig.get('mm_vision_tower')!r}"
+    raise ConversionError(f"{where} is a {model_type!r} model, but this original AlignGPT checkpoint was trained with "
+                          "a CLIP vision tower (its projector reads CLIP features); pass that CLIP tower with "
+                          "--vision-tower (e.g. openai/clip-vit-large-patch14-336 or its folder).")
 
 
 def _convert_full(files, shapes, config, expected, vision_dir, output, max_shard_size, progress) -> ConversionResult:
@@ -164,8 +188,12 @@ def load_stage1_artefact(folder: str | Path) -> tuple[AlignGPTConfig, dict[str, 
     folder = Path(folder)
     if not is_stage1_artefact(folder):
         raise ConversionError(f"{folder} is not a stage-1 artefact (no {STAGE_FILE} with stage 'pretrain').")
-    marker = json.loads((folder / STAGE_FILE).read_text())
-    weights = folder / marker["weights"]
+    name = read_json_object(folder / STAGE_FILE, "stage marker").get("weights")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ConversionError(f"{folder / STAGE_FILE}: `weights` is {name!r}, not the name of a file in {folder} "
+                              "(the artefact's tensors are read from its own folder only); convert the stage-1 "
+                              "checkpoint again (`aligngpt-hf convert`).")
+    weights = folder / name
     config = AlignGPTConfig.from_pretrained(folder)
     try:
         return config, load_file(weights)
@@ -176,7 +204,7 @@ def load_stage1_artefact(folder: str | Path) -> tuple[AlignGPTConfig, dict[str, 
 
 def is_stage1_artefact(folder: str | Path) -> bool:
     marker = Path(folder) / STAGE_FILE
-    return marker.is_file() and json.loads(marker.read_text()).get("stage") == "pretrain"
+    return marker.is_file() and read_json_object(marker, "stage marker").get("stage") == "pretrain"
 
 
 def _prepare_output(output: Path, overwrite: bool) -> Path:
@@ -218,14 +246,22 @@ def load_tokenizer(name, source_dir: Path):
     from transformers import AutoTokenizer
 
     if name is None:
-        return AutoTokenizer.from_pretrained(source_dir) if _has_tokenizer_files(source_dir) else None
-    folder = resolve_folder(name, ["*.json", "tokenizer.model"], "tokenizer")
-    if not _has_tokenizer_files(folder):
-        present = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
-        raise ConversionError(f"--tokenizer {name}: {folder} has no tokenizer files (tokenizer.json or "
-                              f"tokenizer.model; it holds {present}). Pass the base LLM's folder or Hub id, e.g. "
-                              "lmsys/vicuna-7b-v1.5.")
-    return AutoTokenizer.from_pretrained(folder)
+        if not _has_tokenizer_files(source_dir):
+            return None
+        folder, what = source_dir, "SOURCE's tokenizer"
+    else:
+        folder, what = resolve_folder(name, ["*.json", "tokenizer.model"], "tokenizer"), f"--tokenizer {name}"
+        if not _has_tokenizer_files(folder):
+            present = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+            raise ConversionError(f"--tokenizer {name}: {folder} has no tokenizer files (tokenizer.json or "
+                                  f"tokenizer.model; it holds {present}). Pass the base LLM's folder or Hub id, e.g. "
+                                  "lmsys/vicuna-7b-v1.5.")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 (the tokenizers library raises its own plain Exception types)
+        reason = " ".join(str(error).split())[:200]
+        raise ConversionError(f"{what}: the tokenizer files in {folder} cannot be loaded ({type(error).__name__}: "
+                              f"{reason}); restore them, or pass the base LLM's tokenizer with --tokenizer.") from None
 
 
 def _has_tokenizer_files(folder: Path) -> bool:
@@ -279,7 +315,9 @@ def add_special_tokens(tokenizer, vocab: int) -> tuple[int, int]:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<align>"]})
     ids = tokenizer.convert_tokens_to_ids(["<image>", "<align>"])
     if min(ids) < vocab:
-        raise ConversionError(f"`<image>`/`<align>` got ids {ids} inside the original vocabulary (< {vocab}).")
+        raise ConversionError(f"`<image>`/`<align>` got ids {ids} inside the original vocabulary (< {vocab}): the "
+                              "tokenizer already has them, so it is not the one these weights were trained with. Pass "
+                              "the base LLM's own tokenizer with --tokenizer, e.g. lmsys/vicuna-7b-v1.5.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token  # what the original vicuna_v1 training used
     return ids[0], ids[1]

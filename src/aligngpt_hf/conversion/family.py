@@ -41,6 +41,8 @@ from aligngpt_hf.conversion.mapping import (
 from aligngpt_hf.conversion.steps import (
     VOCAB_MULTIPLE,
     ConversionResult,
+    check_vocab_rows,
+    config_fields_checked,
     convert_pretrain,
     expected_shapes,
     read_weights,
@@ -197,12 +199,14 @@ def convert_family(source_dir: Path, output: Path, orig: dict, source, vision_to
             "Convert without `--tokenizer`; weights, config and image settings are converted."
         )
     files, shapes, detected, need_vision_weights = read_weights(source_dir, source, kind, vision_tower)
+    check_vocab_rows(shapes, orig, source_dir / "config.json")
     vision_config, vision_dir, settings = resolve_family_vision(orig, source_dir, vision_tower, need_vision_weights)
     check_tower_width(orig, vision_config, source_dir / "config.json")
-    config = build_family_config(orig, vision_config, shapes, dtype, detected)
+    with config_fields_checked(source_dir / "config.json"):
+        config = build_family_config(orig, vision_config, shapes, dtype, detected)
+        expected = expected_shapes(config)
     if config.text_config.model_type == "gemma":
         files = GemmaRescaled(files, config.text_config.hidden_size)
-    expected = expected_shapes(config)
     if detected == "pretrain":
         result = convert_pretrain(files, shapes, config, expected, output, orig, vision_tower, source)
     else:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligngpt_hf.conversion.convert import DTYPES, resolve_folder
-from aligngpt_hf.conversion.mapping import ConversionError
-from aligngpt_hf.conversion.steps import read_json_object
+from aligngpt_hf.conversion.mapping import ConversionError, weight_files_in
+from aligngpt_hf.conversion.steps import config_fields_checked, read_json_object, unread_weight_files
 from aligngpt_hf.hub.checks import loading_problems
 from aligngpt_hf.models.llava_aligngpt import config_from_llava
 from aligngpt_hf.paths import check_apart, check_writable
@@ -62,6 +62,8 @@ def check_llava_source(folder: Path, source) -> dict:
     config = read_json_object(path, "config")
     model_type = config.get("model_type")
     if model_type == "llava":
+        if (folder / "generation_config.json").is_file():  # transformers would drop a broken one with a warning
+            read_json_object(folder / "generation_config.json", "generation config")
         return config
     if "mm_vision_tower" in config:
         kind = "AlignGPT" if "align" in json.dumps(config.get("architectures", [])).lower() else "LLaVA"
@@ -130,6 +132,12 @@ def load_llava_weights(folder: Path, source):
     if problems:
         raise ConversionError(f"{source}: the LLaVA weights do not match its config.json: {'; '.join(problems)}. "
                               "Re-download or re-save the checkpoint whole.")
+    broken = [name for name, tensor in llava.state_dict().items()
+              if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if broken:
+        raise ConversionError(f"{source}: {len(broken)} LLaVA weight(s) hold NaN or infinite values "
+                              f"({', '.join(broken[:5])}); the file is damaged or the run diverged: re-download it or "
+                              "start from another checkpoint.")
     return llava
 
 
@@ -143,6 +151,8 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
+    if not str(output).strip():  # Path("") is the working directory
+        raise ConversionError("OUTPUT is an empty string; give the folder to write the AlignGPT model into.")
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         what = "is a file" if not output.is_dir() else "exists and is not empty"
@@ -155,6 +165,13 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     if missing:
         raise ConversionError(f"{source} has no usable LlavaProcessor: no {' and no '.join(missing)}; save the "
                               "checkpoint's processor into it (`processor.save_pretrained(SOURCE)`).")
+    try:  # the config before the processor (which reads it too): a bad value is named with its file
+        with config_fields_checked(folder / "config.json"):
+            llava_config = AutoConfig.from_pretrained(folder)
+    except ConversionError:
+        raise
+    except ValueError as error:
+        raise ConversionError(f"{folder / 'config.json'}: {error}") from None
     try:
         llava_processor = LlavaProcessor.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as error:
@@ -169,11 +186,11 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     kwargs = {k: v for k, v in (("alignment_mode", alignment_mode), ("num_alignment_levels", num_alignment_levels))
               if v is not None}
     try:  # the config first: its refusals and the token count come before any weight is read
-        llava_config = AutoConfig.from_pretrained(folder)
-        config = config_from_llava(llava_config, alignment_token_id, **kwargs)
-        _check_image_tokens(llava_processor, config.image_seq_length, source)
-        llava = load_llava_weights(folder, source)
-        model = AlignGPTForConditionalGeneration.from_llava(llava, alignment_token_id=alignment_token_id, **kwargs)
+        with config_fields_checked(folder / "config.json"):
+            config = config_from_llava(llava_config, alignment_token_id, **kwargs)
+            _check_image_tokens(llava_processor, config.image_seq_length, source)
+            llava = load_llava_weights(folder, source)
+            model = AlignGPTForConditionalGeneration.from_llava(llava, alignment_token_id=alignment_token_id, **kwargs)
     except ValueError as error:
         raise ConversionError(str(error)) from None
     except (MemoryError, RuntimeError) as error:  # e.g. a level table of --num-alignment-levels rows does not fit
@@ -197,6 +214,10 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     if model.config.uses_alignment_token:
         notes.append("The level table and gate are untrained: run the alignment warm-up (`aligngpt-hf pretrain "
                      f"pretrain_from_llava_7b --model_name_or_path {output}`) before stage 2.")
+    unread = unread_weight_files(folder)
+    if unread:
+        notes.append(f"Not read from SOURCE: {', '.join(unread)} (the weights came from "
+                     f"{', '.join(path.name for path in weight_files_in(folder))}).")
     vocab_sizes = (llava_config.text_config.vocab_size, model.config.text_config.vocab_size)
     return FromLlavaResult(output, alignment_token_id, vocab_sizes, notes)
 

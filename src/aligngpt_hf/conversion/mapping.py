@@ -150,15 +150,16 @@ def map_keys(
 
 
 def _check_dtypes(source_shapes, mapping, origin) -> None:
-    """Every converted weight is floating point: an integer or boolean tensor would be written as is and break the
-    model (or be cast silently by a loader)."""
+    """Every converted weight is a plain float: an integer or boolean tensor would be written as is and break the
+    model, and a float8 one is a quantized weight whose scales live elsewhere (cast up, its values mean nothing)."""
     dtypes = getattr(source_shapes, "dtypes", {})
     bad = [f"{source} ({str(dtypes[source]).replace('torch.', '')})" for source in mapping.values()
-           if source in dtypes and not dtypes[source].is_floating_point]
+           if source in dtypes and dtypes[source] not in WEIGHT_DTYPES]
     if bad:
         raise ConversionError(
-            f"Non-floating tensor(s) in the {origin} where weights are expected:{_listing(bad)}\nThe file is not "
-            "an AlignGPT checkpoint as released (weights are float32/float16/bfloat16); re-download or re-export it."
+            f"Non-floating or quantized tensor(s) in the {origin} where weights are expected:{_listing(bad)}\nThe "
+            "file is not an AlignGPT checkpoint as released (weights are float32/float16/bfloat16); re-download or "
+            "re-export it unquantized."
         )
 
 
@@ -220,31 +221,44 @@ def _wrong_kind(what: str, keys) -> str:
 
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "mm_projector_align.bin")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+# safetensors' dtype names -> torch's (those this torch build lacks are left out and named as unreadable).
+SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"), ("I64", "int64"), ("I32", "int32"), ("I16", "int16"),
+    ("I8", "int8"), ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"),
+) if hasattr(torch, attr)}
+# The dtypes a released weight may have; anything else (integers, booleans, float8) is refused by name.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def weight_files_in(folder: Path) -> list[Path]:
     """The weight files of a checkpoint folder: the shards of an index, or one known single file."""
+    return open_weight_files(folder).files
+
+
+def open_weight_files(folder: Path) -> WeightFiles:
+    """The checkpoint's weight files (see `weight_files_in`), with its index's `weight_map` when it has one, which
+    must then list exactly the keys the shards hold (checked when they are read)."""
     for index_name in INDEX_NAMES:
         index = folder / index_name
         if index.is_file():
-            shards = _index_shards(index)
+            shards, weight_map = _index_shards(index)
             missing = [name for name in shards if not (folder / name).is_file()]
             if missing:
                 raise ConversionError(f"{index} lists shard(s) that are not in {folder}: {', '.join(missing)}.")
-            return [folder / name for name in shards]
+            return WeightFiles([folder / name for name in shards], (index, weight_map))
     for name in WEIGHT_FILE_NAMES:
         if (folder / name).is_file():
-            return [folder / name]
+            return WeightFiles([folder / name])
     present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
     raise ConversionError(
         f"No weights found in {folder}: expected one of {', '.join(INDEX_NAMES + WEIGHT_FILE_NAMES)}; it holds {present}."
     )
 
 
-def _index_shards(index: Path) -> list[str]:
-    """The shard names of an index file: plain file names in the checkpoint's own folder, each listed once."""
+def _index_shards(index: Path) -> tuple[list[str], dict]:
+    """The shard names of an index file (plain file names in the checkpoint's own folder, each listed once) and its
+    `weight_map`."""
     try:
         data = json.loads(index.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -262,7 +276,7 @@ def _index_shards(index: Path) -> list[str]:
         raise ConversionError(f"{index}: `weight_map` names shard(s) {', '.join(bad[:5])} that are not plain file "
                               "names in the checkpoint folder (a path, or outside the folder); shards are read only "
                               "from the folder itself. Put the shards next to the index and list their names.")
-    return shards
+    return shards, weight_map
 
 
 class KeyIndex(dict):
@@ -281,8 +295,9 @@ class WeightFiles:
     """Original weight files opened one at a time: pickles through `torch.load(weights_only=True, mmap=True)`
     (zip format; legacy pickles are read whole), safetensors through `safe_open`. Never unpickles arbitrary objects."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], index: tuple[Path, dict] | None = None):
         self.files = list(files)
+        self.index = index  # (index file, its weight_map) of a sharded checkpoint
         self._index: KeyIndex | None = None
         self._open_path: Path | None = None
         self._open = None
@@ -296,8 +311,24 @@ class WeightFiles:
                     if key in index:
                         raise ConversionError(f"Key {key} appears in both {index.files[key].name} and {path.name}.")
                     index[key], index.dtypes[key], index.files[key] = opened.shape(key), opened.dtype(key), path
+            self._check_index(index)
             self._index = index
         return self._index
+
+    def _check_index(self, found: KeyIndex) -> None:
+        """The index must describe the shards: a key it omits, lists twice over, or places in another shard means
+        the index and the shards come from different saves (a shard replaced, a download mixed)."""
+        if self.index is None:
+            return
+        path, weight_map = self.index
+        problems = [f"{key}: in {found.files[key].name}, not listed" for key in found if key not in weight_map]
+        problems += [f"{key}: listed in {weight_map[key]}, found in {found.files[key].name}" for key in found
+                     if key in weight_map and weight_map[key] != found.files[key].name]
+        problems += [f"{key}: listed in {shard}, in no shard" for key, shard in weight_map.items() if key not in found]
+        if problems:
+            raise ConversionError(f"{path} does not match its shards ({len(problems)} key(s)):{_listing(problems)}\n"
+                                  "The index and the shards come from different saves; re-download or re-copy the "
+                                  "checkpoint whole.")
 
     def get(self, key: str) -> torch.Tensor:
         path = self.shapes().files[key]
@@ -374,6 +405,7 @@ def refused_pickle_message(path: Path, error: Exception) -> str:
 
 class _SafetensorsFile:
     def __init__(self, path: Path):
+        self.path = path
         try:
             self.handle = safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as error:
@@ -386,7 +418,12 @@ class _SafetensorsFile:
         return tuple(self.handle.get_slice(key).get_shape())
 
     def dtype(self, key):
-        return SAFETENSORS_DTYPES[self.handle.get_slice(key).get_dtype()]
+        name = self.handle.get_slice(key).get_dtype()
+        if name not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"{self.path}: tensor {key} has the dtype {name}, which this torch cannot read and no "
+                                  "released AlignGPT weight has (they are F32/F16/BF16); re-export the checkpoint "
+                                  "unquantized.")
+        return SAFETENSORS_DTYPES[name]
 
     def tensor(self, key):
         return self.handle.get_tensor(key)
@@ -442,6 +479,7 @@ def plan_and_write(sources, expected, config, output: Path, max_shard_size, prog
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
         tensors = {target: _converted(files.get(key), expected[target], dtype) for target, files, key in shard}
+        _check_finite(tensors, {target: key for target, _, key in shard})
         save_file(tensors, str(output / name), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))
@@ -455,6 +493,17 @@ def plan_and_write(sources, expected, config, output: Path, max_shard_size, prog
         atomic_write_text(output / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         names.append("model.safetensors.index.json")
     return names
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], sources: dict[str, str]) -> None:
+    """NaN or infinite weights (a diverged run, a damaged file, an overflowing --dtype cast) are refused by name: the
+    converted model would answer garbage, and `aligngpt-hf push` would refuse it only later."""
+    bad = [f"{sources[name]} -> {name}" for name, tensor in tensors.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ConversionError(f"NaN or infinite values in {len(bad)} converted weight(s):{_listing(bad)}\nThe "
+                              "checkpoint is damaged or diverged (or --dtype float16 overflowed it: keep --dtype auto "
+                              "or use bfloat16); convert an earlier or re-downloaded checkpoint.")
 
 
 def _converted(tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

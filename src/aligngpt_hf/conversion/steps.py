@@ -9,25 +9,28 @@ code base's layout) both run these steps, so each imports them from here and nei
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import AutoConfig, CLIPVisionConfig, GenerationConfig, LlavaImageProcessorPil
 
 from aligngpt_hf.conversion.mapping import (
     VISION_FOLDER_RULES,
     ConversionError,
-    WeightFiles,
     check_filled,
     detect_kind,
     map_keys,
+    open_weight_files,
     plan_and_write,
     pretrain_rules,
     weight_files_in,
 )
+from aligngpt_hf.hub.checks import config_values_checked
 from aligngpt_hf.models.configuration_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
 from aligngpt_hf.models.processing_aligngpt import VICUNA_V1_CHAT_TEMPLATE, AlignGPTProcessor
@@ -63,6 +66,8 @@ class ConversionResult:
 
 def resolve_folder(name: str | Path, allow_patterns: list[str], what: str) -> Path:
     """A local folder as is; otherwise a Hub repo id, downloaded (only the needed files) to the HF cache."""
+    if not str(name).strip():  # Path("") is the working directory
+        raise ConversionError(f"The {what} is an empty string; give a folder or a Hub repo id.")
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -79,6 +84,11 @@ def resolve_folder(name: str | Path, allow_patterns: list[str], what: str) -> Pa
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ConversionError(f"Cannot get the {what} {name!r} from the Hub ({reason}). Pass a local folder instead, "
                               "or rerun online (or with the repo in the Hugging Face cache).") from None
+
+
+def config_fields_checked(path: Path):
+    """`config_values_checked` raising a ConversionError: a config.json value the model cannot be built from."""
+    return config_values_checked(path, ConversionError)
 
 
 def read_json_object(path: Path, what: str = "file") -> dict:
@@ -100,7 +110,7 @@ def read_weights(source_dir: Path, source, kind: str | None, vision_tower):
     """(weight files, their shapes, detected kind, whether the tower's weights must be found): the kind is read off
     the keys and must match `kind` when one is asked for; a full checkpoint without an embedded tower (or with
     `--vision-tower` given) takes the tower's weights from elsewhere."""
-    files = WeightFiles(weight_files_in(source_dir))
+    files = open_weight_files(source_dir)
     shapes = files.shapes()
     detected = detect_kind(shapes)
     if kind not in (None, "auto", detected):
@@ -109,12 +119,36 @@ def read_weights(source_dir: Path, source, kind: str | None, vision_tower):
     return files, shapes, detected, detected == "full" and (vision_tower is not None or not embedded_vision)
 
 
+def unread_weight_files(folder: Path) -> list[str]:
+    """Weight-like files of `folder` the conversion does not read (the other format next to the one read, a shard the
+    index does not list, trainer state): they are reported, so nothing is left out unsaid."""
+    read = {path.name for path in weight_files_in(folder)}
+    return sorted(path.name for path in folder.iterdir() if path.is_file() and path.name not in read
+                  and path.suffix in (".bin", ".safetensors", ".pt", ".pth", ".ckpt"))
+
+
+def check_vocab_rows(shapes, orig: dict, path: Path) -> None:
+    """The word tables must have exactly `vocab_size` rows: with fewer, the missing original tokens would get the mean
+    row and `<image>` an id inside the trained vocabulary; with more, the config belongs to another model."""
+    vocab = int(orig["vocab_size"])
+    wrong = [f"{key} has {shapes[key][0]} rows" for key in ("model.embed_tokens.weight", "lm_head.weight")
+             if key in shapes and shapes[key][0] != vocab]
+    if wrong:
+        raise ConversionError(f"{path}: `vocab_size` is {vocab}, but {' and '.join(wrong)}; the config and the weights "
+                              "come from different models. Restore the checkpoint's own config.json.")
+
+
 def resolve_vision(orig: dict, source_dir: Path, override, need_weights: bool):
     """(vision config, folder to take the tower weights from or None, image processor settings)."""
     if override is not None:
         folder = resolve_folder(override, VISION_PATTERNS, "vision tower")
         return _vision_config_from(folder), (folder if need_weights else None), _processor_settings(folder)
     name = str(orig.get("mm_vision_tower") or "")
+    if escapes(name, source_dir):
+        raise ConversionError(
+            f"config.json names `mm_vision_tower` = {name!r}, a relative path that leads out of {source_dir}; only "
+            "folders inside SOURCE are read. Pass the tower with `--vision-tower` (its folder or Hub id, e.g. "
+            "openai/clip-vit-large-patch14-336).")
     local = [p for p in tower_candidates(name, source_dir) if p.is_dir()]
     if local:
         folder = local[0]
@@ -137,10 +171,19 @@ def resolve_vision(orig: dict, source_dir: Path, override, need_weights: bool):
 def tower_candidates(name: str, source_dir: Path) -> list[Path]:
     """Where `mm_vision_tower` may point: inside SOURCE, or an absolute path (the training machine's, when it exists
     here). Never relative to the working directory, which would read whatever folder happens to share the name."""
-    if not name:
+    if not name or escapes(name, source_dir):
         return []
     path = Path(name).expanduser()
     return [path] if path.is_absolute() else [source_dir / name]
+
+
+def escapes(name: str, source_dir: Path) -> bool:
+    """A relative `mm_vision_tower` whose `..` parts lead out of SOURCE (it is neither inside SOURCE nor a Hub id)."""
+    path = Path(name).expanduser()
+    if not name or path.is_absolute():
+        return False
+    inside = os.path.normpath(os.path.join(os.path.abspath(source_dir), name))
+    return os.path.commonpath([inside, os.path.abspath(source_dir)]) != os.path.abspath(source_dir)
 
 
 def _vision_config_from(folder: Path):
@@ -148,7 +191,12 @@ def _vision_config_from(folder: Path):
     if not (folder / "config.json").is_file():
         raise ConversionError(f"The vision tower folder {folder} has no config.json; pass a CLIP or SigLIP model "
                               "folder (e.g. a download of openai/clip-vit-large-patch14-336).")
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as error:  # an unknown model_type, a broken or foreign config.json
+        reason = " ".join(str(error).split())[:200]
+        raise ConversionError(f"The vision tower folder {folder} has no readable CLIP or SigLIP config ({reason}); "
+                              "pass the tower's own folder (e.g. openai/clip-vit-large-patch14-336).") from None
     model_type = str(getattr(config, "model_type", ""))
     if not (model_type in VISION_TOWER_TYPES or model_type.endswith("_vision_model")):
         raise ConversionError(f"The vision tower folder {folder} holds a {model_type!r} model, not a CLIP or SigLIP "
@@ -162,8 +210,15 @@ def _processor_settings(folder: Path | None, image_size: int = 336) -> dict:
                 "resample": 3, "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
     path = folder / "preprocessor_config.json" if folder is not None else None
     if path is not None and path.is_file():
-        found = json.loads(path.read_text())
+        found = read_json_object(path, "vision tower's preprocessor config")
         settings.update({k: found[k] for k in settings if k in found})
+        try:  # what the converted processor will do to every image, tried once on a tiny one
+            LlavaImageProcessorPil(**settings)(Image.new("RGB", (4, 4)))
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise ConversionError(f"{path}: its settings ({', '.join(f'{k}={found[k]!r}' for k in settings if k in found)}"
+                                  f") cannot preprocess an image ({type(error).__name__}: {reason}); restore the "
+                                  "tower's own preprocessor_config.json.") from None
     return settings
 
 
@@ -176,7 +231,7 @@ def expected_shapes(config: AlignGPTConfig) -> dict[str, tuple[int, ...]]:
 
 def vision_folder_source(vision_dir: Path, expected: dict) -> tuple[tuple, dict[str, str]]:
     """The tower's weights from their own folder: ((files, {target: source key}), dropped keys named by folder)."""
-    vision_files = WeightFiles(weight_files_in(vision_dir))
+    vision_files = open_weight_files(vision_dir)
     vision_expected = {k: v for k, v in expected.items() if k.startswith("model.vision_tower.")}
     mapping, dropped = map_keys(vision_files.shapes(), VISION_FOLDER_RULES, vision_expected,
                                 f"vision tower {vision_dir}")
@@ -249,14 +304,21 @@ def _remote_code_files() -> list[Path]:
 def _generation_config(source_dir: Path, orig: dict, vocab: int, padded: int) -> GenerationConfig:
     """The original generation settings (eos/pad), with every row added after the original vocabulary suppressed."""
     path = source_dir / "generation_config.json"
-    found = json.loads(path.read_text()) if path.is_file() else {}
+    found = read_json_object(path, "generation config") if path.is_file() else {}
     found = {k: v for k, v in found.items() if not k.startswith("_") and k != "transformers_version"}
+    from_file = set(found)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if name not in found and orig.get(name) is not None:
             found[name] = orig[name]
+        value = found.get(name)
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool)
+                                         for i in (value if isinstance(value, list) else [value])):
+            where = path if name in from_file else source_dir / "config.json"
+            raise ConversionError(f"{where}: `{name}` is {value!r}; it must be a token id (an integer) or a list of "
+                                  "them. Restore the checkpoint's own file.")
     return GenerationConfig(**found, suppress_tokens=list(range(vocab, padded)))
 
 
-__all__ = ["STAGE_FILE", "ConversionResult",
+__all__ = ["STAGE_FILE", "ConversionResult", "check_vocab_rows", "unread_weight_files",
            "read_json_object", "convert_pretrain", "expected_shapes", "read_weights", "resolve_folder",
            "resolve_vision", "vision_folder_source", "write_side_files"]

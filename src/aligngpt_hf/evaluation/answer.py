@@ -32,16 +32,20 @@ from aligngpt_hf.evaluation.inputs import (
     check_decoding,
     check_device,
     check_dtype,
+    check_finite_weights,
     check_input_file,
+    check_max_new_tokens,
     check_model_folder,
     check_output_file,
     check_prompt_text,
+    model_files_checked,
     positive_int,
     set_image_aspect_ratio,
 )
 from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
+from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.models.image_processing_utils_aligngpt import load_image as open_rgb
-from aligngpt_hf.paths import check_local_or_hub, check_writable, resolve_image_path
+from aligngpt_hf.paths import atomic_write_text, check_local_or_hub, check_writable, resolve_image_path
 
 ANSWER_ID_NAMESPACE = uuid.UUID("6f7a2b1e-4c1d-5e0a-9b2f-a11c9e7d0001")
 
@@ -89,7 +93,9 @@ def read_questions(path: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
+            hint = (" The file looks like one JSON array over several lines; --questions takes JSONL, one question "
+                    "object per line (json.dumps each element on its own line).") if line.strip() == "[" else ""
+            raise ValueError(f"{where}: not valid JSON ({error.msg}).{hint}") from None
         if not isinstance(record, dict):
             hint = (" The file is one JSON array; --questions takes JSONL, one question object per line (json.dumps "
                     "each element on its own line).") if isinstance(record, list) and line_number == 1 else ""
@@ -102,11 +108,14 @@ def read_questions(path: str | Path) -> list[dict]:
                 '{"question_id": ..., "image": "file.jpg", "text": "question + task suffix", "category": ...}.'
             )
         _check_question_fields(record, where)
-        key = json.dumps(record["question_id"])
+        key = str(record["question_id"])  # 1 and "1": the benchmark scripts compare ids as text
         if key in seen:
-            raise ValueError(f"{where}: question_id {record['question_id']!r} is also on line "
-                             f"{seen[key]}; ids must be unique (answers and --resume are keyed by them).")
-        seen[key] = line_number
+            other, line = seen[key]
+            raise ValueError(f"{where}: question_id {record['question_id']!r} is also on line {line}"
+                             + ("" if other == record["question_id"] else f" (as {other!r})")
+                             + "; ids must be unique, also as text (answers, --resume and the benchmark scripts are "
+                             "keyed by them).")
+        seen[key] = (record["question_id"], line_number)
         questions.append(record)
     if not questions:
         raise ValueError(f"{path} holds no questions; check the --questions file.")
@@ -167,6 +176,10 @@ def image_path(question: dict, image_folder: str | Path, allow_outside_image_fol
     if question.get("image") is None:
         return None
     where = f"question_id {question['question_id']!r}"
+    if str(question["image"]).startswith(URL_SCHEMES):
+        raise ValueError(f"{where}: `image` {question['image']!r} is a URL; answer reads images from --image-folder "
+                         "only (no downloads during a benchmark run): download the images into it and give their "
+                         "file names.")
     path = Path(resolve_image_path(question["image"], image_folder, allow_outside_image_folder, where))
     if not path.is_file():
         what = "is a folder, not an image file" if path.is_dir() else "not found"
@@ -300,6 +313,7 @@ def answer_questions(
 
     batch_size = positive_int(batch_size, "batch_size")
     decoding = generation_kwargs(**gen_kwargs)
+    check_max_new_tokens(decoding["max_new_tokens"], model.config, "max_new_tokens")
     check_alignment_level(alignment_level, model.config)
     report = AnswerReport()
     check_answers_file(answers_file, resume, overwrite, model_id)  # reads only: a torn line is removed below
@@ -328,6 +342,10 @@ def answer_questions(
                 os.fsync(out.fileno())
             report.answered += len(batch)
             bar.update(len(batch))
+    if out is None and (not resume or not Path(answers_file).exists()):
+        # nothing to answer (an empty chunk, every image skipped): the file still says so, and --overwrite empties it,
+        # so merging the chunks of a multi-GPU run never misses a file or keeps stale answers
+        atomic_write_text(answers_file, "")
     return report
 
 
@@ -359,7 +377,8 @@ def load_processor(model_path: str, **kwargs):
 
     check_local_or_hub(model_path, "model")
     check_model_folder(model_path)
-    return AutoProcessor.from_pretrained(model_path, **kwargs)
+    with model_files_checked(model_path):  # the processor reads the model's config too
+        return AutoProcessor.from_pretrained(model_path, **kwargs)
 
 
 def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto", device: str | None = None,
@@ -369,12 +388,28 @@ def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto"
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from aligngpt_hf.models.configuration_aligngpt import ALIGNMENT_MODES
+
+    if alignment_mode and alignment_mode not in ALIGNMENT_MODES:
+        raise ValueError(f"alignment_mode {alignment_mode!r} is not one of {', '.join(ALIGNMENT_MODES)}.")
     check_dtype(dtype)
     check_device(device)
     processor = load_processor(model_path, **kwargs) if processor is None else processor
     config_kwargs = {"alignment_mode": alignment_mode} if alignment_mode else {}
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch_dtype, **config_kwargs, **kwargs)
+    with model_files_checked(model_path):
+        model, info = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch_dtype,
+                                                                  output_loading_info=True, **config_kwargs, **kwargs)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers filled them randomly: the answers would come from another model
+        raise ValueError(f"{model_path}: {len(missing)} weight(s) the model needs are not in the checkpoint "
+                         f"({', '.join(missing[:3])})"
+                         + (f": it was saved without what --alignment-mode {alignment_mode} uses (the level table "
+                            "or the gate); use the mode it was trained with" if alignment_mode else "")
+                         + ".")
+    check_finite_weights(model, str(model_path))
+    # `none` (plain LLaVA) takes no alignment token: the processor must not insert one
+    processor.add_alignment_token = model.config.uses_alignment_token
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
@@ -404,11 +439,15 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
     check_options(args)
     questions = get_chunk(read_questions(args.questions), args.num_chunks, args.chunk_idx)
     model_id = args.model_id or model_id_from_path(args.model)
     check_answers_file(args.answers, args.resume, args.overwrite, model_id)
     processor = load_processor(args.model)
+    with model_files_checked(args.model):
+        check_max_new_tokens(args.max_new_tokens, AutoConfig.from_pretrained(args.model))
     set_image_aspect_ratio(processor, args.image_aspect_ratio)
     check_questions(questions, args.image_folder, args.allow_outside_image_folder, args.skip_missing_images, processor)
     model, processor = load_for_answering(args.model, args.alignment_mode, args.dtype, args.device, processor)

@@ -7,6 +7,8 @@ traceback after the load (or, worse, silently turned into greedy decoding).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -39,6 +41,17 @@ def check_decoding(max_new_tokens=128, temperature=0.0, top_p=None, num_beams=1)
                          "temperature > 0 to sample, or drop top_p.")
 
 
+def check_max_new_tokens(max_new_tokens: int, config, option: str = "--max-new-tokens") -> None:
+    """The answer must fit in the language model's positions with its prompt: a larger budget would run until it
+    (a model that never says EOS generates for hours), past the positions the model was trained on."""
+    text_config = getattr(config, "text_config", config)
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_new_tokens >= limit:
+        raise ValueError(f"{option} {max_new_tokens} does not fit in the model's {limit} positions "
+                         "(text_config.max_position_embeddings), which the prompt and the answer share; give at most "
+                         f"{limit - 1} (the original scripts use 128, or 1024 for long answers).")
+
+
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
@@ -59,10 +72,20 @@ def check_device(device: str | None, option: str = "--device") -> None:
         raise ValueError(f"{option} {device!r} asks for CUDA, but this torch build sees no CUDA GPU; use cpu.")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise ValueError(f"{option} {device!r}: there are only {torch.cuda.device_count()} CUDA device(s).")
+    if parsed.type == "meta":
+        raise ValueError(f"{option} {device!r} holds shapes only, no weights, so nothing can be computed there; use "
+                         "cpu or cuda.")
+    if parsed.type not in ("cpu", "cuda"):
+        try:  # mps, xla, xpu, ...: whether this torch build and machine have one
+            torch.empty(0, device=parsed)
+        except RuntimeError:
+            raise ValueError(f"{option} {device!r}: this torch build or machine has no {parsed.type} backend; use cpu "
+                             "or cuda.") from None
 
 
 def check_model_folder(name: str, option: str = "MODEL") -> None:
-    """A local MODEL must be a folder with a config.json (a Hub id is left to the loader)."""
+    """A local MODEL must be a folder with the config.json of an AlignGPT (a Hub id is left to the loader); a LLaVA or
+    an original-layout checkpoint is named with the command that makes an AlignGPT folder of it."""
     path = Path(str(name)).expanduser()
     if path.is_file():
         raise NotADirectoryError(f"{option} {name} is a file; give the model folder (the one holding config.json) "
@@ -70,6 +93,48 @@ def check_model_folder(name: str, option: str = "MODEL") -> None:
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{option} folder {name} has no config.json; give a saved or converted AlignGPT "
                                 "folder (original-layout checkpoints: `aligngpt-hf convert SOURCE OUTPUT` first).")
+    if not path.is_dir():
+        return
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({error}); save the model again.") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if isinstance(config, dict) and "mm_vision_tower" in config:
+        raise ValueError(f"{option} {name} is an original-layout checkpoint (config.json has `mm_vision_tower`); "
+                         "convert it first: `aligngpt-hf convert SOURCE OUTPUT`, then use OUTPUT.")
+    if kind != "aligngpt":
+        fix = ("make an AlignGPT of it first: `aligngpt-hf from-llava SOURCE OUTPUT`" if kind == "llava" else
+               "give a folder written by training, convert or from-llava")
+        raise ValueError(f"{option} {name} holds a {kind!r} model, not AlignGPT (model_type 'aligngpt'); {fix}.")
+
+
+@contextlib.contextmanager
+def model_files_checked(model: str):
+    """Loading MODEL: a config.json value the model cannot be built from, or a processor/tokenizer file that is not
+    JSON, named with the folder (transformers' messages name neither)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{model}: a model or processor file (tokenizer.json, processor_config.json, ...) is not "
+                         f"valid JSON ({error}); download it again or save the model and processor again.") from None
+    except (KeyError, TypeError, StrictDataclassError) as error:  # an unknown activation or RoPE type, a str token id
+        reason = f"unknown name {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
+        raise ValueError(f"{Path(str(model)) / 'config.json'}: a value the model cannot be built from "
+                         f"({type(error).__name__}: {reason}); restore the checkpoint's own config.json.") from None
+
+
+def check_finite_weights(model, where: str) -> None:
+    """NaN or infinite weights (a diverged run, a damaged file) would answer garbage without a word: refuse them."""
+    import torch
+
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ValueError(f"{where}: {len(broken)} weight(s) hold NaN or infinite values ({', '.join(broken[:5])}); the "
+                         "run diverged or the file is damaged: use an earlier checkpoint.")
 
 
 def check_prompt_text(text: str, processor, where: str) -> None:
@@ -120,5 +185,6 @@ def check_output_file(path, option: str, inputs: dict) -> Path:
     return path
 
 
-__all__ = ["DTYPES", "check_decoding", "check_device", "check_dtype", "check_input_file", "check_model_folder",
+__all__ = ["DTYPES", "check_decoding", "check_finite_weights", "model_files_checked", "check_device", "check_dtype", "check_input_file", "check_max_new_tokens",
+           "check_model_folder",
            "check_output_file", "check_prompt_text", "positive_int", "set_image_aspect_ratio"]

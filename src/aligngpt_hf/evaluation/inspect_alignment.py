@@ -20,10 +20,12 @@ import torch
 from aligngpt_hf.evaluation.inputs import (
     check_device,
     check_dtype,
+    check_finite_weights,
     check_input_file,
     check_model_folder,
     check_output_file,
     check_prompt_text,
+    model_files_checked,
     positive_int,
 )
 from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
@@ -154,8 +156,10 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str = "
     from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AlignGPTForConditionalGeneration.from_pretrained(model_id, dtype=torch_dtype, revision=revision)
-    processor = AlignGPTProcessor.from_pretrained(model_id, revision=revision)
+    with model_files_checked(model_id):
+        model = AlignGPTForConditionalGeneration.from_pretrained(model_id, dtype=torch_dtype, revision=revision)
+        processor = AlignGPTProcessor.from_pretrained(model_id, revision=revision)
+    check_finite_weights(model, str(model_id))
     return model.to(device).eval(), processor
 
 
@@ -176,6 +180,7 @@ def check_options(args: argparse.Namespace):
         raise ValueError(f"--revision {args.revision} selects a Hub revision, but MODEL {args.model} is a local folder; "
                          "drop --revision or give the Hub repo id.")
     _check_gate(args.model)
+    _check_prompts(args.model, args.prompt, args.revision)
     if not str(args.image).startswith(URL_SCHEMES):  # a URL is fetched (and its errors named) by the loader
         check_input_file(args.image, "--image")
     outputs = {"--out": args.out, **({"--json": args.json} if args.json else {})}
@@ -187,6 +192,16 @@ def check_options(args: argparse.Namespace):
     if args.json and Path(args.json).expanduser().absolute() == Path(args.out).expanduser().absolute():
         raise ValueError(f"--json and --out are both {args.out}; give them different files.")
     return _as_rgb_image(args.image)
+
+
+def _check_prompts(model: str, prompts: Sequence[str], revision: str | None) -> None:
+    """Placeholders in a prompt, named from the (cheap) processor before the model loads."""
+    from aligngpt_hf.models.processing_aligngpt import AlignGPTProcessor
+
+    with model_files_checked(model):  # the processor reads the model's config too
+        processor = AlignGPTProcessor.from_pretrained(model, revision=revision)
+    for index, prompt in enumerate(prompts):
+        check_prompt_text(prompt, processor, f"--prompt number {index + 1} ({textwrap.shorten(prompt, 40)!r})")
 
 
 def _check_gate(model: str) -> None:

@@ -14,6 +14,7 @@ prompt only (as at generation). This module imports lmms-eval; `import aligngpt_
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -29,7 +30,13 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 import torch
 
-from aligngpt_hf.evaluation.inputs import check_decoding, check_device, positive_int, set_image_aspect_ratio
+from aligngpt_hf.evaluation.inputs import (
+    check_decoding,
+    check_device,
+    check_max_new_tokens,
+    positive_int,
+    set_image_aspect_ratio,
+)
 
 MODEL_ID = "aligngpt"
 IMAGE_PLACEHOLDER = "<image>"
@@ -137,25 +144,46 @@ def _decoding(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[dict, list
     write `top_p` next to `temperature: 0`), but values that are no numbers, or out of range, are errors."""
     kwargs = dict(gen_kwargs or {})
     until = kwargs.pop("until", None) or []
-    until = [until] if isinstance(until, str) else list(until)
+    until = [until] if isinstance(until, str) else until
+    if not isinstance(until, (list, tuple)) or not all(isinstance(stop, str) for stop in until):
+        raise ValueError(f"aligngpt: the task's generation_kwargs `until` is {until!r}; it must be a string or a list "
+                         "of strings (the texts an answer is cut at).")
     try:
         temperature = float(kwargs.pop("temperature", 0) or 0)
         max_new_tokens = kwargs.pop("max_new_tokens", None)
-        max_new_tokens = default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        max_new_tokens = default_max_new_tokens if max_new_tokens is None else _whole(max_new_tokens)
         num_beams = kwargs.pop("num_beams", None)
-        num_beams = 1 if num_beams is None else int(num_beams)
+        num_beams = 1 if num_beams is None else _whole(num_beams)
         top_p = kwargs.pop("top_p", None)
         top_p = None if top_p is None or temperature <= 0 else float(top_p)
     except (TypeError, ValueError) as error:
         raise ValueError(f"aligngpt: the task's generation_kwargs {gen_kwargs!r} hold a value that is not a number "
                          f"({error}).") from None
     check_decoding(max_new_tokens, temperature, top_p, num_beams)
+    kwargs.pop("do_sample", None)  # sampling follows temperature (> 0), as in LLaVA's own evaluation code
+    if kwargs:
+        _warn_unused(tuple(sorted(kwargs)))
     decoding = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": temperature > 0}
     if temperature > 0:
         decoding["temperature"] = temperature
         if top_p is not None:
             decoding["top_p"] = top_p
     return decoding, until
+
+
+@functools.cache
+def _warn_unused(names: tuple[str, ...]) -> None:
+    """Once per set of names (every request of a task carries the same kwargs)."""
+    logging.getLogger(__name__).warning("aligngpt: the task's generation_kwargs %s are not used (AlignGPT decodes with "
+                                        "temperature, top_p, num_beams, max_new_tokens and until).", list(names))
+
+
+def _whole(value) -> int:
+    """A count from the task's kwargs (`12`, `"12"`, `12.0`); 1.5 is an error, not 1."""
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
 
 
 def _cut_at(text: str, until: Sequence[str]) -> str:
@@ -237,6 +265,7 @@ class AlignGPT(lmms):
         self.model, self.processor = load_for_answering(pretrained, alignment_mode or None, dtype, device, **extra)
         set_image_aspect_ratio(self.processor, image_aspect_ratio, "aligngpt model_args: image_aspect_ratio")
         check_alignment_level(level, self.model.config, "alignment_level")
+        check_max_new_tokens(max_new_tokens, self.model.config, "aligngpt model_args: max_new_tokens")
         self.tokenizer = self.processor.tokenizer
         self.batch_size, self.alignment_level, self.max_new_tokens = batch_size, level, max_new_tokens
 
@@ -263,6 +292,7 @@ class AlignGPT(lmms):
 
     def _generate(self, texts: list[str], images: list[list], gen_kwargs: dict) -> list[str]:
         decoding, until = _decoding(gen_kwargs, self.max_new_tokens)
+        check_max_new_tokens(decoding["max_new_tokens"], self.model.config, "the task's max_new_tokens")
         batch = self._inputs(texts, images)
         with torch.inference_mode():
             output = self.model.generate(

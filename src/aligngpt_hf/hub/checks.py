@@ -8,6 +8,7 @@ otherwise fail with a message about token ids; and `--private` onto an existing 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -43,6 +44,10 @@ def check_revision(revision: str | None) -> str | None:
     if bad:
         raise ValueError(f"--revision {revision!r} is not a valid branch name (no spaces, '..', '~^:?*[\\', leading "
                          "'-' or '/'); write it like 'v1' or 'stage2-run3'.")
+    if revision.startswith("refs/") or revision in ("HEAD", "@") or re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise ValueError(f"--revision {revision!r} is a git reference or commit, not a branch name: the push commits "
+                         "to a branch (created if missing), and the Hub keeps `refs/...` (pull requests `refs/pr/N`) "
+                         "and commit ids to itself. Give the branch's own name, e.g. 'main' or 'v1'.")
     return revision
 
 
@@ -56,7 +61,8 @@ def check_shard_size(max_shard_size: str | int) -> None:
         except ValueError:
             size = None
     if size is None or size < 1:
-        raise ValueError(f"--max-shard-size {max_shard_size!r} is not a positive size; write it like 5GB or 500MB.")
+        raise ValueError(f"--max-shard-size {max_shard_size!r} is not a positive size; write it like 5GB or 500MB "
+                         "(a number of bytes, or with KB, MB, GB or TB: save_pretrained reads no MiB/GiB).")
 
 
 def check_card_options(base_models, datasets, license: str | None) -> None:
@@ -77,6 +83,18 @@ def check_not_partial(folder: Path) -> None:
     if (folder / "aligngpt_stage.json").is_file():
         raise ValueError(f"{folder} is a stage-1 artefact (projector and level table only, no language model); run "
                          "stage 2 (`aligngpt-hf instruct`) and push its output folder.")
+
+
+def check_generation_config_file(path: Path) -> None:
+    """A generation_config.json that is not a JSON object: transformers would drop it with a warning and the
+    repository would get default generation settings instead of the folder's."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-save it (`model.generation_config.save_pretrained"
+                         "(FOLDER)`) or delete it to publish the default generation settings.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a generation config; re-save it or delete it.")
 
 
 def check_model_type(folder: Path) -> None:
@@ -115,6 +133,20 @@ def check_private_repo(api, repo_id: str) -> None:
                          "repository.")
 
 
+@contextlib.contextmanager
+def config_values_checked(path: Path, error_class: type[ValueError] = ValueError):
+    """A config.json value transformers cannot build the model from (an unknown activation or RoPE type, a token id of
+    the wrong type) named with the file, instead of a KeyError from deep inside the model classes."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except (KeyError, TypeError, StrictDataclassError) as error:
+        reason = f"unknown name {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
+        raise error_class(f"{path}: a value the model cannot be built from ({type(error).__name__}: {reason}); "
+                          "restore the checkpoint's own config.json.") from None
+
+
 def loading_problems(info: dict) -> list[str]:
     """What `from_pretrained(..., output_loading_info=True)` left out: weights missing (transformers initialises them
     randomly), not in the model (dropped) or of the wrong shape, each counted with up to five names."""
@@ -129,5 +161,5 @@ def loading_problems(info: dict) -> list[str]:
     return problems
 
 
-__all__ = ["check_card_options", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id",
+__all__ = ["check_card_options", "check_generation_config_file", "config_values_checked", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id",
            "check_revision", "check_shard_size", "loading_problems"]

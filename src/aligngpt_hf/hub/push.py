@@ -19,12 +19,14 @@ from pathlib import Path
 
 from aligngpt_hf.hub.checks import (
     check_card_options,
+    check_generation_config_file,
     check_model_type,
     check_not_partial,
     check_private_repo,
     check_repo_id,
     check_revision,
     check_shard_size,
+    config_values_checked,
     loading_problems,
 )
 from aligngpt_hf.hub.model_card import (
@@ -99,6 +101,7 @@ class PublishResult:
     files: list[str] = field(default_factory=list)
     revision: str | None = None
     commit_url: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def dry_run(self) -> bool:
@@ -122,7 +125,7 @@ def load_for_publishing(folder: str | Path):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; pass a folder written by save_pretrained or convert.")
     check_model_type(folder)
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+    if not any(folder.glob("model*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
         present = ", ".join(sorted(p.name for p in folder.iterdir())[:8])
         raise FileNotFoundError(f"{folder} has no weights (model.safetensors or its shards; it holds {present}); "
                                 "save the model into it first (`model.save_pretrained(FOLDER)`).")
@@ -133,7 +136,10 @@ def load_for_publishing(folder: str | Path):
             "`AlignGPTProcessor(image_processor=..., tokenizer=..., image_seq_length=...).save_pretrained(FOLDER)` "
             "(or `aligngpt-hf convert ... --tokenizer SRC`)."
         )
-    model = _load_weights(AlignGPTForConditionalGeneration, folder)
+    if (folder / "generation_config.json").is_file():  # transformers would drop a broken one with a warning
+        check_generation_config_file(folder / "generation_config.json")
+    with config_values_checked(folder / "config.json"):
+        model = _load_weights(AlignGPTForConditionalGeneration, folder)
     try:
         processor = AlignGPTProcessor.from_pretrained(folder)
     except (KeyError, ValueError, TypeError, AttributeError, OSError) as error:  # a damaged tokenizer/processor file
@@ -428,7 +434,8 @@ def push_to_hub(
     if dry_run or output_dir is not None:
         target = Path(output_dir) if output_dir is not None else default_dry_run_folder(folder, repo_id)
         files = prepare_publish_folder(folder, repo_id, target, **options)
-        result = PublishResult(repo_id=repo_id, folder=target, files=files, revision=revision)
+        result = PublishResult(repo_id=repo_id, folder=target, files=files, revision=revision,
+                               notes=publish_notes(folder, files))
         if not dry_run:
             result.commit_url = upload_publish_folder(
                 target, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
@@ -440,7 +447,24 @@ def push_to_hub(
         commit_url = upload_publish_folder(
             target, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
         )
-    return PublishResult(repo_id=repo_id, folder=target, files=files, revision=revision, commit_url=commit_url)
+    return PublishResult(repo_id=repo_id, folder=target, files=files, revision=revision, commit_url=commit_url,
+                         notes=publish_notes(folder, files))
+
+
+def publish_notes(folder: str | Path, files: list[str]) -> list[str]:
+    """What of `folder` the repository does not get as it is there: its own README.md (the generated card replaces
+    it) and every other entry that is not published (trainer state, optimizer files, logs, checkpoints)."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(folder).iterdir())
+    notes = []
+    if "README.md" in entries:
+        notes.append(f"{Path(folder) / 'README.md'} was not published: the repository's README.md is the generated "
+                     "model card (edit the card on the Hub, or in the --out folder before uploading it).")
+    left_out = [name for name in entries if name not in files and name != "README.md"]
+    if left_out:
+        shown = ", ".join(left_out[:12]) + (f", ... ({len(left_out) - 12} more)" if len(left_out) > 12 else "")
+        notes.append(f"Not published from {folder} ({len(left_out)} entries; the model and processor are re-saved "
+                     f"from it): {shown}.")
+    return notes
 
 
 def default_dry_run_folder(folder: str | Path, repo_id: str) -> Path:
@@ -464,7 +488,13 @@ def run_cli(args: argparse.Namespace) -> int:
         auto_model=args.auto_model,
     )
     print(f"{len(result.files)} files: {', '.join(result.files)}")
+    for note in result.notes:
+        print(note)
     if result.dry_run:
+        unused = [option for option, value in (("--revision", args.revision), ("--commit-message", args.commit_message),
+                                               ("--token", args.token)) if value is not None]
+        if unused:
+            print(f"{', '.join(unused)} not used: a dry run uploads nothing.")
         print(f"Dry run: publish-ready folder written to {result.folder} (nothing uploaded).")
     else:
         where = f" (branch {result.revision})" if result.revision else ""
