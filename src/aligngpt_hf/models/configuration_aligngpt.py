@@ -147,6 +147,14 @@ class AlignGPTConfig(PreTrainedConfig):
         self._check_choices()
         self.image_seq_length = self._resolve_image_seq_length(self.image_seq_length)
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """transformers' loader, which sets keyword overrides (`from_pretrained(path, alignment_mode=...)`) after
+        `__init__`: they are checked here as the constructor checks its arguments."""
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._check_choices()
+        return loaded
+
     def _check_choices(self):
         """Choices, sizes (positive integers) and a `vision_feature_layer` that indexes the tower's hidden states."""
         choices = {"alignment_mode": ALIGNMENT_MODES, "gate_text_scope": GATE_TEXT_SCOPES,
