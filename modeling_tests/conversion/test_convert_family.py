@@ -263,7 +263,7 @@ def test_a_full_size_family_config_converts_to_the_shipped_hub_config(variant, m
     """config.json as the follow-up wrote it (transformers 4.40 fields, its towers named by training-machine paths)
     -> the same config as hub_configs/<variant>: the converted checkpoints and the recipes' models agree."""
     from aligngpt_hf.conversion.family import build_family_config, resolve_family_vision
-    from aligngpt_hf.conversion.mapping import KeyIndex
+    from aligngpt_hf.conversion.weight_files import KeyIndex
     from aligngpt_hf.hub.hub_configs import family_config
 
     hub = family_config(variant)

@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from aligngpt_hf.hub.push import load_for_publishing
+from aligngpt_hf.hub.loading import load_for_publishing
 
 
 class Payload:

@@ -21,7 +21,8 @@ import torch
 from modeling_tests.hub.test_hub import _hub_env, fake_hub  # noqa: F401 (fixture)
 
 from aligngpt_hf.cli import main as cli_main
-from aligngpt_hf.hub.push import load_for_publishing, push_to_hub
+from aligngpt_hf.hub.loading import load_for_publishing
+from aligngpt_hf.hub.push import push_to_hub
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

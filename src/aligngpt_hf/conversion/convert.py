@@ -46,7 +46,6 @@ from aligngpt_hf.conversion.mapping import (
     map_keys,
     parse_size,
     plan_and_write,
-    weight_files_in,
 )
 from aligngpt_hf.conversion.steps import (
     STAGE_FILE,
@@ -64,6 +63,7 @@ from aligngpt_hf.conversion.steps import (
     vision_folder_source,
     write_side_files,
 )
+from aligngpt_hf.conversion.weight_files import weight_files_in
 from aligngpt_hf.hub.checks import check_private_repo, check_repo_id
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.paths import atomic_path, check_apart, check_writable

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligngpt_hf.conversion.convert import DTYPES, resolve_folder
-from aligngpt_hf.conversion.mapping import ConversionError, weight_files_in
+from aligngpt_hf.conversion.mapping import ConversionError
 from aligngpt_hf.conversion.steps import config_fields_checked, read_json_object, unread_weight_files
+from aligngpt_hf.conversion.weight_files import weight_files_in
 from aligngpt_hf.hub.checks import loading_problems
 from aligngpt_hf.models.llava_aligngpt import config_from_llava
 from aligngpt_hf.paths import check_apart, check_writable

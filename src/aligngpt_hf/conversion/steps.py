@@ -25,11 +25,10 @@ from aligngpt_hf.conversion.mapping import (
     check_filled,
     detect_kind,
     map_keys,
-    open_weight_files,
     plan_and_write,
     pretrain_rules,
-    weight_files_in,
 )
+from aligngpt_hf.conversion.weight_files import open_weight_files, weight_files_in
 from aligngpt_hf.hub.checks import config_values_checked
 from aligngpt_hf.models.configuration_aligngpt import PROCESSOR_AUTO_MAP, REMOTE_AUTO_MAP, AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
