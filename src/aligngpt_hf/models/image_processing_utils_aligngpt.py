@@ -90,8 +90,8 @@ def load_image(image, where: str = "image"):
         raise TypeError(f"{where}: expected an image path (string), got {type(image).__name__} {image!r}.")
     else:
         raise TypeError(
-            f"{where} is a {type(image).__name__}, not an image: pass a PIL image, a path, bytes, or a numpy/torch "
-            "array (H, W, C or C, H, W).")
+            f"{where} is a {type(image).__name__}, not an image: pass a PIL image, a path or bytes (the processor "
+            "also takes numpy/torch arrays, H, W, C or C, H, W).")
     try:
         with PIL.Image.open(source) as opened:
             opened.load()
