@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -48,11 +49,13 @@ from aligngpt_hf.levels.inputs import (  # noqa: F401 (public here)
     load_input,
     pairs_from_llava_json,
     record_problem,
+    single_image,
 )
 from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, load_scorer
 from aligngpt_hf.paths import atomic_path, atomic_write_text, check_apart, check_writable
 
 SKIP_HINT = "pass --skip-bad (skip_bad=True) to skip such records; they are counted and listed in the report"
+logger = logging.getLogger(__name__)
 _CACHE_VERSION = "levels-v1"
 _SCORE_FEATURES = {
     "alignment_score": "float64",
@@ -75,6 +78,8 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
     """
     pending: dict[int, Any] = {}
     prefetch = scorer.device.type != "cpu"
+    tokenizer = getattr(scorer.processor, "tokenizer", None)
+    specials = [token for token in getattr(tokenizer, "all_special_tokens", []) if token]
 
     def prepare(value):
         try:
@@ -96,8 +101,8 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
         problems = batch.get(RECORD_PROBLEM) or [""] * len(captions)
         errors = [problem or error for problem, (_, _, error) in zip(problems, prepared)]
         for i, caption in enumerate(captions):
-            if not errors[i] and (not isinstance(caption, str) or not caption.strip()):
-                errors[i] = "caption missing or empty"
+            if not errors[i]:
+                errors[i] = _caption_problem(caption, specials)
         scores = [math.nan] * len(captions)
         for i, error in enumerate(errors):
             if error and not skip_bad:
@@ -122,6 +127,34 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
                 "alignment_truncated": truncated}
 
     return fn
+
+
+def without_old_scores(dataset):
+    """A dataset scored before (a `<stem>.dataset` output) holds the columns this run writes: they are replaced, and
+    the replacement is logged, not refused with a clash of column names."""
+    old = [name for name in [*_SCORE_FEATURES, "alignment_level"] if name in dataset.column_names]
+    if old:
+        logger.warning("the input already has the columns %s (an earlier levels run); they are replaced by this "
+                       "run's scores and levels", ", ".join(old))
+        dataset = dataset.remove_columns(old)
+    return dataset
+
+
+def _caption_problem(caption, specials: list[str]) -> str:
+    """Why a caption cannot be scored ("" if it can): not text, empty, or only the scorer's special tokens (it would
+    be scored as an empty caption)."""
+    if caption is None:
+        return "caption missing or empty"
+    if not isinstance(caption, str):
+        return f"the caption must be a string, got {type(caption).__name__} ({str(caption)[:40]})"
+    words = caption
+    for token in specials:
+        words = words.replace(token, "")
+    if not caption.strip():
+        return "caption missing or empty"
+    if not words.strip():
+        return f"the caption {caption[:60]!r} holds only the scorer's special tokens, no words"
+    return ""
 
 
 def _score_chunk(source, rows: range, fn, batch_size: int, features, cache_file: str | None, base: str, chunk: int,
@@ -167,6 +200,8 @@ def _files_signature(source, rows: range, image_column: str, image_folder: str |
     dataset fingerprint instead."""
     digest = hashlib.sha256()
     for value in source[rows.start:rows.stop][image_column]:
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            value = value[0]
         if isinstance(value, dict):
             value = None if value.get("bytes") else value.get("path")
         if isinstance(value, str):
@@ -210,7 +245,7 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
     image's original PIL mode (non-RGB images are converted and counted), `alignment_truncated` whether the
     caption was longer than the scorer's text context.
     """
-    from datasets import Dataset, Features, Image, Value, concatenate_datasets
+    from datasets import Dataset, Features, Image, List, Sequence, Value, concatenate_datasets
 
     scorer = load_scorer(scorer) if not isinstance(scorer, Scorer) else scorer
     if len(dataset) == 0:
@@ -220,11 +255,15 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
             raise ValueError(f"column {column!r} not in dataset columns {dataset.column_names}; "
                              "pass --image-column/--text-column")
     id_column = id_column if id_column in dataset.column_names else None
+    dataset = without_old_scores(dataset)
     _check_run_options(batch_size, chunk_size, num_workers, num_shards, shard_index)
     features = Features({name: Value(kind) for name, kind in _SCORE_FEATURES.items()})
     source = dataset
-    if isinstance(dataset.features[image_column], Image):  # decode in our worker threads, not in datasets
+    feature = dataset.features[image_column]
+    if isinstance(feature, Image):  # decode in our worker threads, not in datasets
         source = dataset.cast_column(image_column, Image(decode=False))
+    elif isinstance(feature, (List, Sequence)) and isinstance(feature.feature, Image):  # one image in a list
+        source = dataset.cast_column(image_column, List(Image(decode=False)))
     key = "|".join([_CACHE_VERSION, fingerprint or dataset._fingerprint, image_column, text_column, str(id_column),
                     os.path.abspath(image_folder) if image_folder else "", scorer.fingerprint(), str(chunk_size)])
     base = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -320,7 +359,7 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
         raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
     if plot:
         levels_report.require_matplotlib()
-    if not math.isfinite(tie_tolerance):
+    if not (math.isfinite(tie_tolerance) and tie_tolerance >= 0):  # refused before scoring, not after it
         raise ValueError(f"tie_tolerance (--tie-tolerance) must be a finite number >= 0, got {tie_tolerance}")
     output = Path(output)
     _check_output(output, input)
@@ -332,6 +371,7 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
         raise ValueError(f"--image-folder {image_folder} {what}; pass the folder the records' `image` paths are "
                          "relative to")
     records, dataset = load_input(input, split)
+    dataset = without_old_scores(dataset)
     if records is not None:
         dataset_options = {"--image-column": (image_column, "image"), "--text-column": (text_column, "caption"),
                            "--id-column": (id_column, "id"), "--split": (split, None)}

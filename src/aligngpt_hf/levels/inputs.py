@@ -89,6 +89,7 @@ def _open_image(value, image_folder: str | None, allow_outside: bool = False):
     otherwise make the scorer read any file)."""
     from PIL import Image
 
+    value = single_image(value)
     if isinstance(value, dict):  # datasets.Image(decode=False)
         value = value.get("bytes") or value.get("path")
     if value is None:
@@ -113,6 +114,15 @@ def _open_image(value, image_folder: str | None, allow_outside: bool = False):
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"corrupt or unreadable image ({type(error).__name__}: {error})") from None
 
+
+
+def single_image(value):
+    """A list holding one image (a `List(Image())` column) is that image; a pair with several images is refused."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"`image` lists {len(value)} images; a pre-training pair has exactly one")
+        return value[0]
+    return value
 
 
 def load_input(input: Any, split: str | None):
@@ -144,4 +154,5 @@ def load_input(input: Any, split: str | None):
     return pairs_from_llava_json(path)
 
 
-__all__ = ["RECORD_PROBLEM", "caption_from_conversations", "load_input", "pairs_from_llava_json", "record_problem"]
+__all__ = ["RECORD_PROBLEM", "caption_from_conversations", "load_input", "pairs_from_llava_json", "record_problem",
+           "single_image"]

@@ -153,6 +153,11 @@ class AlignGPTScriptArguments:
             raise ValueError(f"`num_gpus` is {self.num_gpus!r}; it must be an integer >= 1, or unset.")
         if self.synthetic_samples < 1:
             raise ValueError(f"`synthetic_samples` is {self.synthetic_samples!r}; it must be >= 1.")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
+            raise ValueError(f"`lora_r` is {self.lora_r!r}; the LoRA rank must be an integer >= 1.")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):  # False for NaN too
+            raise ValueError(f"`lora_dropout` is {self.lora_dropout!r}; it must be a probability in [0, 1) (NaN "
+                             "would zero or garble every adapter activation).")
         if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"`lora_alpha` is {self.lora_alpha!r}; it must be > 0 (LoRA scales its update by "
                              "lora_alpha / lora_r: 0 trains nothing, a negative value flips it).")

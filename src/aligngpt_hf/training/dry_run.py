@@ -28,6 +28,7 @@ from aligngpt_hf.paths import atomic_write_text, check_writable
 from aligngpt_hf.training.configs import AlignGPTScriptArguments
 from aligngpt_hf.training.memory import STRATEGIES, TrainingShape, estimate_memory
 from aligngpt_hf.training.model_setup import (
+    SAVED_DATASET_MARKERS,
     check_fresh_model_options,
     config_overrides,
     is_stage1_artefact,
@@ -295,13 +296,14 @@ def check_data(stage: str, script_args: AlignGPTScriptArguments, num_levels: int
         name = script_args.dataset_name
         if name == "synthetic":
             return {"source": "synthetic", "status": f"{script_args.synthetic_samples} rows made at start"}
-        if name is not None and (Path(name) / "dataset_info.json").is_file():
+        if name is not None and any((Path(name) / marker).is_file() for marker in SAVED_DATASET_MARKERS):
             return {"source": name, "status": "saved datasets folder present (rows not checked)"}
         return {"source": name, "status": "not checked: a Hub dataset is not read offline"}
     path = Path(script_args.data_path)
     if not path.is_file():
+        place = "" if path.is_absolute() else f" in the working directory {Path.cwd()}"
         return {"source": str(path), "status": "missing",
-                "message": f"{path} does not exist: a real run stops here. Download or point `data_path` at it."}
+                "message": f"{path} does not exist{place}: a real run stops here. Download or point `data_path` at it."}
     folder = Path(script_args.image_folder) if script_args.image_folder is not None else path.parent
     records = _first_records(path, PREVIEW_RECORDS)
     rows = [_convert_record(record, index, folder, path, script_args.allow_outside_image_folder,

@@ -253,9 +253,38 @@ def load_training_data(stage: str, script_args: AlignGPTScriptArguments, num_ali
         raise ValueError("Set `data_path` (LLaVA JSON) or `dataset_name` (datasets id/folder, or `synthetic`).")
     import datasets
 
-    if os.path.isdir(name) and (Path(name) / "dataset_info.json").is_file():
-        return datasets.load_from_disk(name)
+    if os.path.isdir(name) and any((Path(name) / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+        return load_saved_dataset(name, script_args.dataset_split, script_args.dataset_config)
     return datasets.load_dataset(name, script_args.dataset_config, split=script_args.dataset_split)
+
+
+# What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top of their folder.
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def load_saved_dataset(folder: str, split: str, config: str | None = None):
+    """A `save_to_disk` folder: a Dataset, or one split of a DatasetDict. Read with `load_from_disk` (not
+    `load_dataset`, which would rebuild it through the Hub cache), a split or config that does not apply is named."""
+    import datasets
+
+    if config is not None:
+        raise ValueError(f"`dataset_config` {config!r} names a config of a Hub dataset, but {folder} is a folder saved "
+                         "with `save_to_disk`, which has none; drop `dataset_config`.")
+    try:
+        dataset = datasets.load_from_disk(folder)
+    except IndexError:  # datasets cannot open a saved dataset without rows
+        raise ValueError(f"{folder} is a saved dataset without rows: there is nothing to train on.") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{folder} holds the splits {list(dataset)}, not {split!r}; set `dataset_split` "
+                             "(CLI: --dataset_split) to one of them.")
+        dataset = dataset[split]
+    elif split != "train":
+        raise ValueError(f"`dataset_split` is {split!r}, but {folder} holds one dataset without splits; drop "
+                         "`dataset_split` (it defaults to train).")
+    if len(dataset) == 0:
+        raise ValueError(f"{folder} is a saved dataset without rows: there is nothing to train on.")
+    return dataset
 
 
 __all__ = [
