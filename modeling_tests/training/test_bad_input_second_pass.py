@@ -1,0 +1,281 @@
+"""Bad input, training data and command line, second pass: LLaVA turns that break the human/gpt alternation or
+write the image tag wrongly, TRL rows whose images and image parts disagree, saved `DatasetDict` folders, recipe keys
+and overrides that are not fields, and output folders among the training data.
+
+Each test names the case and asserts the exception type and the key words of its message (file, record, field, fix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from PIL import Image
+
+from aligngpt_hf import cli, load_llava_json
+from aligngpt_hf.training.configs import AlignGPTScriptArguments
+from aligngpt_hf.training.data import PLAIN_CHAT_TEMPLATE, AlignGPTDataCollator
+from aligngpt_hf.training.model_setup import load_training_data
+
+TURNS = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red square."}]
+RED = (200, 30, 30)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (24, 24), RED).save(tmp_path / "images" / "a.png")
+    return tmp_path
+
+
+def write(folder, records, name="data.json"):
+    path = folder / name
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def record(**fields):
+    return {"id": "r1", "image": "a.png", "conversations": TURNS, **fields}
+
+
+def turns(*pairs):
+    return [{"from": speaker, "value": value} for speaker, value in pairs]
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA JSON turns
+
+
+@pytest.mark.parametrize("tag", ["<Image>", "< image >", "<IMAGE>", "<image/>", "<image >"])
+def test_misspelled_image_tag_is_refused_not_trained_as_text(folder, tag):
+    # Before: the tag stayed in the prompt as words and the image was put in front of the turn.
+    path = write(folder, [record(conversations=turns(("human", f"{tag}\nDescribe."), ("gpt", "Red.")))])
+    with pytest.raises(ValueError, match=re.escape(
+            f"data.json: record 'r1' (#0): `conversations[0].value` holds {tag!r}; the image placeholder is exactly "
+            "`<image>` (lower case, no spaces). Write it so, or remove it.")):
+        load_llava_json(path, folder / "images")
+
+
+@pytest.mark.parametrize("conversation, index, what", [
+    (turns(("gpt", "Hello."), ("human", "<image>\nDescribe."), ("gpt", "Red.")), 0,
+     "a `gpt` turn before any human turn"),
+    (turns(("system", "Be brief."), ("gpt", "Hello."), ("human", "<image>\nDescribe."), ("gpt", "Red.")), 1,
+     "a `gpt` turn before any human turn"),
+    (turns(("human", "<image>\nDescribe."), ("gpt", "Red."), ("gpt", "Square.")), 2, "a second `gpt` turn in a row"),
+])
+def test_gpt_turn_that_answers_no_human_turn_is_refused(folder, conversation, index, what):
+    # Before: loaded, and the chat template rendered `ASSISTANT: a</s> ASSISTANT: b</s>` (or an answer to nothing).
+    path = write(folder, [record(conversations=conversation)])
+    with pytest.raises(ValueError, match=re.escape(
+            f"record 'r1' (#0): `conversations[{index}]` is {what}; turns alternate human, gpt, human, gpt.")):
+        load_llava_json(path, folder / "images")
+
+
+def test_last_human_turn_without_an_answer_is_refused(folder):
+    path = write(folder, [record(conversations=[*TURNS, {"from": "human", "value": "And the colour?"}])])
+    with pytest.raises(ValueError, match=re.escape(
+            "record 'r1' (#0): `conversations[2]` is a human turn with no `gpt` answer after it, so it would train "
+            "on nothing. Add the answer, or drop the turn.")):
+        load_llava_json(path, folder / "images")
+
+
+def test_roles_of_other_datasets_and_a_leading_system_turn_still_load(folder):
+    conversation = turns(("system", "Be brief."), ("user", "<image>\nDescribe."), ("assistant", "Red."))
+    row = load_llava_json(write(folder, [record(conversations=conversation)]), folder / "images")[0]
+    assert [message["role"] for message in row["messages"]] == ["system", "user", "assistant"]
+
+
+def test_missing_relative_data_path_names_the_working_directory(folder, monkeypatch):
+    monkeypatch.chdir(folder)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"nested/data.json: no such LLaVA JSON/JSONL file (a relative path is read from the working directory "
+            f"{os.getcwd()}).")):
+        load_llava_json("nested/data.json", "images")
+
+
+# ------------------------------------------------------------------------------------------------ TRL rows
+
+
+def user(text, images=1):
+    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
+
+def assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+def stage2(processor):
+    return AlignGPTDataCollator(processor=processor, max_length=2048, assistant_only_loss=True)
+
+
+@pytest.mark.parametrize("parts, images", [(1, 0), (0, 1), (2, 1), (1, 2)])
+def test_image_parts_and_images_that_disagree_name_the_sample(processor, parts, images):
+    # Before: TRL's bare "Number of images provided ... does not match ..." without the sample.
+    row = {"id": "s7", "messages": [user("What is it?", parts), assistant("Red.")],
+           "images": [Image.new("RGB", (24, 24), RED)] * images}
+    with pytest.raises(ValueError, match=re.escape(
+            f"Sample 's7': Number of images provided ({images}) does not match number of image placeholders "
+            f"({parts}). Give one {{'type': 'image'}} part per entry of `images`")):
+        stage2(processor)([row])
+
+
+def test_last_user_message_without_an_answer_is_refused(processor):
+    row = {"id": "s1", "messages": [user("What is it?"), assistant("Red."), user("Sure?", 0)],
+           "images": [Image.new("RGB", (24, 24), RED)]}
+    with pytest.raises(ValueError, match=re.escape(
+            "Sample 's1': message 2 is a `user` message with no assistant answer after it, so it would train on "
+            "nothing.")):
+        stage2(processor)([row])
+
+
+@pytest.mark.parametrize("content", ["", "  ", [], [{"type": "text", "text": " \n"}]])
+def test_empty_assistant_message_is_refused(processor, content):
+    # Before: trained the end token alone (labels ` </s>`).
+    row = {"id": "s2", "messages": [user("What is it?", 0), assistant(content)], "images": []}
+    with pytest.raises(ValueError, match=re.escape(
+            "Sample 's2': message 1 is an empty assistant answer and would teach the model to answer with the end "
+            "token alone.")):
+        stage2(processor)([row])
+
+
+def test_numpy_integer_level_is_a_level(processor):
+    # Rows built from pandas/NumPy hold np.int64; before, `np.int64(3)` was refused as "not an integer".
+    collator = AlignGPTDataCollator(processor=processor, max_length=2048, chat_template=PLAIN_CHAT_TEMPLATE,
+                                    level_column="alignment_level", num_alignment_levels=8)
+    rows = [{"messages": [user(""), assistant("A red square.")], "images": [Image.new("RGB", (24, 24), RED)],
+             "alignment_level": level} for level in (np.int64(3), np.int32(5))]
+    assert collator(rows)["alignment_levels"].tolist() == [3, 5]
+
+
+def test_array_images_are_read_as_the_processor_reads_them(processor):
+    # Before: "is a ndarray, not an image: pass ... a numpy/torch array" refused the array its message asked for.
+    pixels = np.random.default_rng(0).integers(0, 255, size=(24, 24, 3), dtype=np.uint8)
+    rows = [{"messages": [user("What is it?"), assistant("Red.")], "images": [image]}
+            for image in (pixels, Image.fromarray(pixels))]
+    batch = stage2(processor)(rows)
+    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])
+    with pytest.raises(ValueError, match=r"^sample image 0: holds NaN or infinite pixel values"):
+        stage2(processor)([{"messages": [user("q"), assistant("a")], "images": [np.full((8, 8, 3), np.nan)]}])
+
+
+# ------------------------------------------------------------------------------------------------ saved datasets
+
+
+@pytest.fixture
+def saved(tmp_path):
+    rows = Dataset.from_dict({"messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+                              * 3, "images": [[]] * 3})
+    DatasetDict({"train": rows, "test": rows.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    DatasetDict({"validation": rows}).save_to_disk(str(tmp_path / "validation_only"))
+    rows.save_to_disk(str(tmp_path / "single"))
+    rows.select([]).save_to_disk(str(tmp_path / "empty"))
+    return tmp_path
+
+
+def data(stage="instruct", **options):
+    return load_training_data(stage, AlignGPTScriptArguments(**options))
+
+
+def test_saved_dataset_dict_folder_gives_the_named_split(saved):
+    assert len(data(dataset_name=str(saved / "dict"))) == 3
+    assert len(data(dataset_name=str(saved / "dict"), dataset_split="test")) == 1
+
+
+@pytest.mark.parametrize("name, split, message", [
+    ("dict", "nope", "{folder} holds the splits ['train', 'test'], not 'nope'; set `dataset_split` (CLI: "
+                     "--dataset_split) to one of them."),
+    ("validation_only", "train", "{folder} holds the splits ['validation'], not 'train'; set `dataset_split`"),
+    ("single", "test", "`dataset_split` is 'test', but {folder} holds one dataset without splits; drop "
+                       "`dataset_split` (it defaults to train)."),
+    ("empty", "train", "{folder} is a saved dataset without rows: there is nothing to train on."),
+])
+def test_saved_dataset_folder_problems_are_named(saved, name, split, message):
+    # Before: datasets' "Unknown split" without the folder, a silently ignored split, an IndexError traceback.
+    folder = str(saved / name)
+    with pytest.raises(ValueError, match=re.escape(message.format(folder=folder))):
+        data(dataset_name=folder, dataset_split=split)
+
+
+def test_dataset_config_on_a_saved_folder_is_refused(saved):
+    with pytest.raises(ValueError, match=re.escape(
+            f"`dataset_config` 'en' names a config of a Hub dataset, but {saved / 'single'} is a folder saved with "
+            "`save_to_disk`, which has none; drop `dataset_config`.")):
+        data(dataset_name=str(saved / "single"), dataset_config="en")
+
+
+# ------------------------------------------------------------------------------------------------ recipes and CLI
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lora_r": 0}, "`lora_r` is 0; the LoRA rank must be an integer >= 1."),
+    ({"lora_r": -4}, "`lora_r` is -4; the LoRA rank must be an integer >= 1."),
+    ({"lora_dropout": float("nan")}, "`lora_dropout` is nan; it must be a probability in [0, 1)"),
+    ({"lora_dropout": 1.0}, "`lora_dropout` is 1.0; it must be a probability in [0, 1)"),
+])
+def test_lora_rank_and_dropout_out_of_range_name_the_field(options, message):
+    # Before: PEFT's "`r` should be a positive integer" (not the field's name); a NaN dropout was accepted.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AlignGPTScriptArguments(use_lora=True, **options)
+
+
+@pytest.mark.parametrize("line, key, hint", [
+    ("Max_Steps: 7", "Max_Steps", " Did you mean `max_steps`?"),
+    ("unknown_field: 3", "unknown_field", " See `aligngpt-hf pretrain --help` for the fields."),
+])
+def test_recipe_key_that_is_not_a_field_names_the_file_and_the_field_meant(tmp_path, capsys, line, key, hint):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model_name_or_path: tiny\ndataset_name: synthetic\n{line}\n")
+    code, err = run_cli(["pretrain", str(path), "--dry-run", "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 1
+    assert err == f"aligngpt-hf pretrain: error: {path}: `{key}` is not a field of `aligngpt-hf pretrain`.{hint}"
+
+
+def test_override_that_is_not_a_field_names_the_field_meant(tmp_path, capsys):
+    code, err = run_cli(["pretrain", "pretrain_tiny", "--dry-run", "--output_dir", str(tmp_path), "--lora.r", "3"],
+                        capsys)
+    assert code == 1
+    assert err == ("aligngpt-hf pretrain: error: command line: `lora.r` is not a field of `aligngpt-hf pretrain`. "
+                   "Did you mean `lora_r`?")
+
+
+@pytest.mark.parametrize("twice", [["--max_steps", "3", "--max_steps", "5"], ["--max_steps", "3", "--max-steps=5"]])
+def test_override_given_twice_is_refused(tmp_path, capsys, twice):
+    # Before: the last one won silently.
+    code, err = run_cli(["pretrain", "pretrain_tiny", "--dry-run", "--output_dir", str(tmp_path), *twice], capsys)
+    assert code == 1
+    assert err.startswith("aligngpt-hf pretrain: error: command line: `--max_steps` is given twice; give each field "
+                          "once")
+    assert not (tmp_path / "dry_run.json").exists()
+
+
+@pytest.mark.parametrize("output, what", [
+    ("images", "is the `image_folder`"), ("images/run", "is inside the `image_folder`"),
+    (".", "is the folder of `data_path`"),
+])
+def test_output_dir_among_the_training_data_is_refused_before_training(folder, capsys, monkeypatch, output, what):
+    # Before: the model, tokenizer and checkpoints were saved among the images (or over the data's README.md).
+    records = [record(id=f"r{i}", similarity=i % 2) for i in range(2)]
+    write(folder, records)
+    monkeypatch.chdir(folder)
+    code, err = run_cli(["pretrain", "pretrain_tiny", "--data_path", "data.json", "--image_folder", "images",
+                         "--output_dir", output, "--max_steps", "1"], capsys)
+    assert code == 1
+    assert f"error: `output_dir` {output} {what}" in err and err.endswith("Choose an `output_dir` outside it.")
+    assert sorted(os.listdir(folder / "images")) == ["a.png"] and not (folder / "config.json").exists()
+
+
+def test_dry_run_sees_a_saved_dataset_dict_folder(saved, tmp_path, capsys):
+    code, _ = run_cli(["instruct", "instruct_tiny", "--dry-run", "--dataset_name", str(saved / "dict"),
+                       "--output_dir", str(tmp_path / "plan")], capsys)
+    assert code == 0
+    plan = json.loads((tmp_path / "plan" / "dry_run.json").read_text())
+    assert plan["data"]["status"] == "saved datasets folder present (rows not checked)"
