@@ -279,3 +279,29 @@ def test_dry_run_sees_a_saved_dataset_dict_folder(saved, tmp_path, capsys):
     assert code == 0
     plan = json.loads((tmp_path / "plan" / "dry_run.json").read_text())
     assert plan["data"]["status"] == "saved datasets folder present (rows not checked)"
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_text_only_dataset_without_an_images_column_trains_on_its_messages(make_model, processor, tmp_path,
+                                                                           streaming):
+    # Before: TRL took it for a language-model dataset (tokenised and truncated to max_length by TRL, `messages`
+    # dropped), and the collator failed at step 1 with "got keys ['input_ids', 'labels']".
+    from aligngpt_hf import AlignGPTInstructConfig, AlignGPTInstructTrainer
+
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": f"Question {i}?"},
+                                            {"role": "assistant", "content": "An answer."}]} for i in range(4)])
+    rows = rows.to_iterable_dataset() if streaming else rows
+    model = make_model(seed=0).train()
+    model.config.aligngpt_stage = "pretrain"
+    args = AlignGPTInstructConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=1,
+                                  use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                                  activation_checkpointing=False, dataloader_num_workers=0)
+    trainer = AlignGPTInstructTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
+    first = next(iter(trainer.train_dataset))
+    assert first["images"] == [] and first["messages"][0]["content"] == "Question 0?"
+    batch = trainer.data_collator([first])
+    assert processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100]) == " An answer.</s>"
+    assert trainer.train().global_step == 1

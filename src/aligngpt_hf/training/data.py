@@ -308,6 +308,21 @@ def undecoded(dataset):
     return dataset
 
 
+def with_images_column(dataset):
+    """A text-only dataset (no `images`/`image` column) gets an empty `images` column: without one, TRL takes it for
+    a language-model dataset, tokenises and truncates it to `max_length` itself and drops `messages`, so the
+    collator would see token ids instead of conversations."""
+    names = getattr(dataset, "column_names", None)
+    if names is None or "images" in names or "image" in names:
+        return dataset
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.add_column("images", [[] for _ in range(len(dataset))],
+                                  feature=datasets.List(datasets.Image(decode=False)))
+    return dataset.map(lambda row: {"images": []})
+
+
 def image_count(row: dict) -> int:
     if "images" in row:
         return len(row["images"] or [])

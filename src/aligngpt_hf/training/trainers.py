@@ -27,6 +27,7 @@ from aligngpt_hf.training.data import (
     check_stage1_data,
     sample_token_lengths,
     undecoded,
+    with_images_column,
 )
 from aligngpt_hf.training.lora_presets import lora_target_modules
 from aligngpt_hf.training.sampler import (
@@ -147,6 +148,8 @@ class _AlignGPTTrainer(SFTTrainer):
         model, processing_class = self._load(model, processing_class, args)
         self._check_start(model, args, peft_config)
         check_writable(args.output_dir, "output_dir")  # before any step is spent, not at the first checkpoint
+        if train_dataset is not None:
+            train_dataset = with_images_column(train_dataset)
         if train_dataset is not None and getattr(train_dataset, "features", None) is not None:
             train_dataset = undecoded(train_dataset)  # images open in the collator: the one loader, errors name rows
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
