@@ -305,3 +305,42 @@ def test_text_only_dataset_without_an_images_column_trains_on_its_messages(make_
     batch = trainer.data_collator([first])
     assert processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100]) == " An answer.</s>"
     assert trainer.train().global_step == 1
+
+
+def instruct_trainer(make_model, processor, tmp_path, dataset, **options):
+    from aligngpt_hf import AlignGPTInstructConfig, AlignGPTInstructTrainer
+
+    model = make_model(seed=0).train()
+    model.config.aligngpt_stage = "pretrain"
+    args = AlignGPTInstructConfig(output_dir=str(tmp_path / "run"), **{
+        "per_device_train_batch_size": 2, "max_steps": 1, "use_cpu": True, "bf16": False, "report_to": "none",
+        "save_strategy": "no", "activation_checkpointing": False, "dataloader_num_workers": 0, **options})
+    return AlignGPTInstructTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+
+
+def text_rows(count):
+    return Dataset.from_list([{"messages": [{"role": "user", "content": "What is it?"},
+                                            {"role": "assistant", "content": "Red."}], "images": []}
+                              for _ in range(count)])
+
+
+def test_separate_modality_batching_of_a_stream_is_refused_not_ignored(make_model, processor, tmp_path):
+    # Before: a stream has no sampler, so the 1:1 text/image alternation was silently not applied.
+    with pytest.raises(ValueError, match=re.escape(
+            "modality_batching='separate' needs a dataset with a length (not an iterable dataset): a stream is read "
+            "in its own order.")):
+        instruct_trainer(make_model, processor, tmp_path, text_rows(4).to_iterable_dataset(),
+                         modality_batching="separate")
+
+
+def test_modality_grouping_of_a_stream_is_reported(make_model, processor, tmp_path, caplog):
+    instruct_trainer(make_model, processor, tmp_path, text_rows(4).to_iterable_dataset())
+    assert "group_by_modality_length=True has no effect on an iterable (streaming) dataset" in caplog.text
+
+
+def test_drop_last_with_fewer_rows_than_a_batch_is_refused(make_model, processor, tmp_path):
+    # Before: zero steps were trained and the untrained model saved as the result.
+    with pytest.raises(ValueError, match=re.escape(
+            "`dataloader_drop_last` drops the last incomplete batch, and the 1 row(s) of `train_dataset` do not fill "
+            "one batch of 2: the run would train zero steps.")):
+        instruct_trainer(make_model, processor, tmp_path, text_rows(1), dataloader_drop_last=True)

@@ -156,6 +156,7 @@ class _AlignGPTTrainer(SFTTrainer):
             raise ValueError("`train_dataset` is empty (0 rows): there is nothing to train on. Check the data file "
                              "and any filtering before the trainer.")
         self._check_data(train_dataset, model, args)
+        _check_batching(train_dataset, args)
         self.num_skipped_samples = 0
         self.modality_batching_counts = None  # `modality_batching='separate'`: repeated/unused samples per modality
         if args.skip_overlong_samples and args.max_length is not None and train_dataset is not None:
@@ -339,6 +340,27 @@ class _AlignGPTTrainer(SFTTrainer):
                                           seed=self.args.seed, on_exhausted=self.args.modality_batching_on_exhausted)
         self.modality_batching_counts = sampler.counts
         return sampler
+
+
+def _check_batching(train_dataset, args) -> None:
+    """Batch settings the data cannot honour, found before training: a streaming dataset has no sampler (so
+    `separate` modality batching would be ignored, and modality grouping is), and `dataloader_drop_last` with fewer
+    rows than one batch would run zero steps and save the untrained model as the result."""
+    if train_dataset is None:
+        return
+    if not hasattr(train_dataset, "__len__"):
+        if getattr(args, "modality_batching", "mixed") == "separate":
+            raise ValueError("modality_batching='separate' needs a dataset with a length (not an iterable dataset): a "
+                             "stream is read in its own order. Load it without streaming, or use 'mixed'.")
+        if args.group_by_modality_length:
+            logger.warning("group_by_modality_length=True has no effect on an iterable (streaming) dataset: its rows "
+                           "are batched in the order they stream. Set it to false to silence this.")
+        return
+    batch = args.per_device_train_batch_size * args.world_size
+    if args.dataloader_drop_last and len(train_dataset) < batch:
+        raise ValueError(f"`dataloader_drop_last` drops the last incomplete batch, and the {len(train_dataset)} row(s) "
+                         f"of `train_dataset` do not fill one batch of {batch}: the run would train zero steps. "
+                         "Add data, lower `per_device_train_batch_size`, or set `dataloader_drop_last` to false.")
 
 
 def _explain_resume_mismatch(error: Exception, checkpoint) -> None:
