@@ -344,3 +344,26 @@ def test_drop_last_with_fewer_rows_than_a_batch_is_refused(make_model, processor
             "`dataloader_drop_last` drops the last incomplete batch, and the 1 row(s) of `train_dataset` do not fill "
             "one batch of 2: the run would train zero steps.")):
         instruct_trainer(make_model, processor, tmp_path, text_rows(1), dataloader_drop_last=True)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_resume_words_of_the_command_line_mean_what_they_say(tmp_path):
+    # Before: `--resume_from_checkpoint true` looked for a folder named "true", and its error told the CLI user to
+    # pass resume_from_checkpoint=True, which a command line cannot; `false` failed the same way.
+    from aligngpt_hf.training.checkpoints import resolve_resume
+
+    with pytest.raises(ValueError, match=re.escape(f"resume_from_checkpoint=True but {tmp_path} holds no "
+                                                   "checkpoint-N folder")):
+        resolve_resume("true", tmp_path)
+    assert resolve_resume("false", tmp_path) is None
+
+
+def test_empty_resume_from_checkpoint_is_refused_not_read_as_the_working_directory(tmp_path):
+    from aligngpt_hf.training.checkpoints import resolve_resume
+
+    with pytest.raises(ValueError, match=re.escape(
+            f"`resume_from_checkpoint` is empty; pass a checkpoint-N folder the run saved (in {tmp_path}), or true "
+            "for the newest complete one.")):
+        resolve_resume("", tmp_path)
