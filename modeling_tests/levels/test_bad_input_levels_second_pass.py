@@ -123,3 +123,26 @@ def test_negative_tie_tolerance_is_refused_before_the_scorer_is_loaded(tmp_path,
                  "--scorer", "nobody/not-loaded", "--no-plot", "--num-levels", "2", "--tie-tolerance", "-1"]) == 1
     assert capsys.readouterr().err.strip() == ("aligngpt-hf levels: error: tie_tolerance (--tie-tolerance) must be a "
                                                "finite number >= 0, got -1.0")
+
+
+def test_key_given_twice_in_a_record_is_refused(tmp_path):
+    from aligngpt_hf.levels.inputs import pairs_from_llava_json
+
+    path = tmp_path / "pairs.json"
+    path.write_text('[{"id": "p0", "image": "0.png", "image": "1.png", "conversations": []}]')
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path}: a JSON object gives the key `image` twice (the record with `id` 'p0'); JSON would keep only "
+            "the last value")):
+        pairs_from_llava_json(path)
+
+
+def test_jsonl_input_is_read_like_the_json_list(tiny_clip, tmp_path):  # noqa: F811
+    # Before: "not valid JSON (Extra data)" for the format `load_llava_json` reads.
+    path = write_pairs(tmp_path, [coloured(i) for i in range(4)])
+    records = json.loads(path.read_text())
+    lines = tmp_path / "pairs.jsonl"
+    lines.write_text("\n".join(json.dumps(record) for record in records) + "\n")
+    from_json = compute_alignment_levels(path, tmp_path / "a.json", **options(tmp_path, tiny_clip))
+    from_lines = compute_alignment_levels(lines, tmp_path / "b.json", **options(tmp_path, tiny_clip))
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+    assert from_lines.report["num_scored"] == from_json.report["num_scored"] == 4

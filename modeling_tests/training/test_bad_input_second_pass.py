@@ -88,6 +88,23 @@ def test_last_human_turn_without_an_answer_is_refused(folder):
         load_llava_json(path, folder / "images")
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("data.json", '[{"id": "r1", "image": "a.png", "image": "b.png", "conversations": []}]',
+     "data.json: a JSON object gives the key `image` twice (the record with `id` 'r1'); JSON would keep only the "
+     "last value and drop the other silently. Keep one."),
+    ("data.json", '[{"id": "r1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>"}, '
+                  '{"from": "gpt", "value": "Red.", "value": "Blue."}]}]',
+     'data.json: a JSON object gives the key `value` twice ({"from": "gpt", "value": "Blue."})'),
+    ("data.jsonl", '{"id": "r0", "image": "a.png", "conversations": []}\r\n{"id": "r1", "id": "r2"}\r\n',
+     "data.jsonl:2: a JSON object gives the key `id` twice"),
+])
+def test_key_given_twice_in_a_record_is_refused_not_dropped(folder, name, text, message):
+    # Before: JSON kept the last value; the first image path or answer vanished silently.
+    (folder / name).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_llava_json(folder / name, folder / "images")
+
+
 def test_roles_of_other_datasets_and_a_leading_system_turn_still_load(folder):
     conversation = turns(("system", "Be brief."), ("user", "<image>\nDescribe."), ("assistant", "Red."))
     row = load_llava_json(write(folder, [record(conversations=conversation)]), folder / "images")[0]

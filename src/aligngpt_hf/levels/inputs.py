@@ -14,6 +14,7 @@ from typing import Any
 
 from aligngpt_hf.models.image_processing_utils_aligngpt import to_rgb, upright
 from aligngpt_hf.paths import resolve_image_path
+from aligngpt_hf.training.llava_json import DuplicateKeyError, unique_keys
 
 RECORD_PROBLEM = "record_problem"  # column of pairs_from_llava_json: why a record's shape is wrong ("" if fine)
 
@@ -33,7 +34,9 @@ def pairs_from_llava_json(path: str | os.PathLike) -> tuple[list[dict], Any]:
 
     data = Path(path).read_bytes()
     try:
-        records = json.loads(data.decode("utf-8-sig"))
+        records = _parse_records(path, data.decode("utf-8-sig"))
+    except DuplicateKeyError as error:
+        raise ValueError(f"{path}: {error}") from None
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 (byte {error.start}); re-save the file as UTF-8.") from None
@@ -51,6 +54,23 @@ def pairs_from_llava_json(path: str | os.PathLike) -> tuple[list[dict], Any]:
     problems = [record_problem(r) for r in records]
     table = {"id": ids, "image": images, "caption": captions, RECORD_PROBLEM: problems}
     return records, Dataset.from_dict(table)
+
+
+def _parse_records(path, text: str):
+    """A JSON list, or one record per line for a `*.jsonl` file (as `load_llava_json` reads them)."""
+    if Path(path).suffix != ".jsonl":
+        return json.loads(text, object_pairs_hook=unique_keys)
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line, object_pairs_hook=unique_keys))
+            except json.JSONDecodeError as error:  # named by line, as a JSON list's error is by line:column
+                raise json.JSONDecodeError(error.msg, text, sum(map(len, text.splitlines(True)[:number - 1]))
+                                           + error.pos) from None
+            except DuplicateKeyError as error:
+                raise DuplicateKeyError(f"line {number}: {error}") from None
+    return records
 
 
 def _json_type(value) -> str:

@@ -26,6 +26,7 @@ from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
 from aligngpt_hf.paths import atomic_write_text, check_writable
 from aligngpt_hf.training.configs import AlignGPTScriptArguments
+from aligngpt_hf.training.llava_json import DuplicateKeyError, unique_keys
 from aligngpt_hf.training.memory import STRATEGIES, TrainingShape, estimate_memory
 from aligngpt_hf.training.model_setup import (
     SAVED_DATASET_MARKERS,
@@ -257,14 +258,16 @@ def _jsonl_head(path: Path, handle, count: int) -> list:
             break
         if line.strip():
             try:
-                records.append(json.loads(line))
+                records.append(json.loads(line, object_pairs_hook=unique_keys))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}).") from None
+            except DuplicateKeyError as error:
+                raise ValueError(f"{path}:{number}: {error}") from None
     return records
 
 
 def _json_head(path: Path, handle, count: int) -> list:
-    decoder, text, records = json.JSONDecoder(), handle.read(1 << 20), []
+    decoder, text, records = json.JSONDecoder(object_pairs_hook=unique_keys), handle.read(1 << 20), []
     stripped = text.lstrip()
     if not stripped.startswith("["):
         kind = "an empty file" if not stripped else "an object" if stripped.startswith("{") else "no list"
@@ -278,6 +281,8 @@ def _json_head(path: Path, handle, count: int) -> list:
             break
         try:
             record, position = decoder.raw_decode(text, position)
+        except DuplicateKeyError as error:
+            raise ValueError(f"{path}: {error}") from None
         except json.JSONDecodeError as error:
             more = handle.read(1 << 20)
             if not more:

@@ -104,22 +104,48 @@ def _read_records(path: Path) -> list[dict]:
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    records.append(json.loads(line, object_pairs_hook=unique_keys))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}).") from None
+                except DuplicateKeyError as error:
+                    raise ValueError(f"{path}:{number}: {error}") from None
     else:
         try:
-            records = json.loads(text)
+            records = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as error:
             raise ValueError(
                 f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}). A file with one record per line "
                 "must be named *.jsonl."
             ) from None
+        except DuplicateKeyError as error:
+            raise ValueError(f"{path}: {error}") from None
         if not isinstance(records, list):
             raise ValueError(f"{path} must hold a JSON list of LLaVA records, got {type(records).__name__}.")
     if not records:
         raise ValueError(f"{path} holds no records (an empty list): there is nothing to train on.")
     return records
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """`json.loads` hook: an object that names a key twice is refused (plain JSON keeps the last value and drops the
+    other silently: two `image` paths, two `value`s of a turn)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen, repeated = set(), None
+        for key, _ in pairs:
+            if key in seen:
+                repeated = key
+                break
+            seen.add(key)
+        owner = f" (the record with `id` {record['id']!r})" if isinstance(record.get("id"), (str, int)) else (
+            f" ({json.dumps(record, ensure_ascii=False)[:80]})")
+        raise DuplicateKeyError(f"a JSON object gives the key `{repeated}` twice{owner}; JSON would keep only the "
+                                "last value and drop the other silently. Keep one.")
+    return record
 
 
 def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_outside: bool = False,
