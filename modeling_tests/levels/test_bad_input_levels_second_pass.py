@@ -146,3 +146,14 @@ def test_jsonl_input_is_read_like_the_json_list(tiny_clip, tmp_path):  # noqa: F
     from_lines = compute_alignment_levels(lines, tmp_path / "b.json", **options(tmp_path, tiny_clip))
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
     assert from_lines.report["num_scored"] == from_json.report["num_scored"] == 4
+
+
+def test_id_column_that_is_not_there_is_refused_not_replaced_by_row_numbers(tiny_clip, tmp_path):  # noqa: F811
+    # Before: the records were silently named "row N" and the output ids were row numbers.
+    dataset = Dataset.from_dict({"uid": list("abcd"), "image": image_paths(tmp_path), "caption": CAPTIONS[:4]})
+    with pytest.raises(ValueError, match=re.escape(
+            "--id-column 'uidd' is not a column of the input (columns: ['uid', 'image', 'caption']); name the column "
+            "holding the record ids")):
+        compute_alignment_levels(dataset, tmp_path / "out.json", **options(tmp_path, tiny_clip, image_folder=None,
+                                                                           id_column="uidd"))
+    assert not (tmp_path / "out.json").exists()

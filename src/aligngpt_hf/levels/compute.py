@@ -385,6 +385,9 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
             raise ValueError("LLaVA JSON input needs --image-folder (image_folder=...): its `image` paths are relative")
     if len(dataset) == 0:
         raise ValueError(f"input {input} is empty: there are no image-caption pairs to score")
+    if records is None and id_column not in (None, "id") and id_column not in dataset.column_names:
+        raise ValueError(f"--id-column {id_column!r} is not a column of the input (columns: {dataset.column_names}); "
+                         "name the column holding the record ids, or drop --id-column to name records by row")
     if num_levels > len(dataset):
         raise ValueError(f"num_levels={num_levels} is larger than the number of pairs ({len(dataset)}); "
                          "lower --num-levels or add data")
