@@ -384,3 +384,45 @@ def test_empty_resume_from_checkpoint_is_refused_not_read_as_the_working_directo
             f"`resume_from_checkpoint` is empty; pass a checkpoint-N folder the run saved (in {tmp_path}), or true "
             "for the newest complete one.")):
         resolve_resume("", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ model parts
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from aligngpt_hf.tiny import build_llava
+
+    folder = tmp_path_factory.mktemp("parts")
+    model, processor = build_llava()
+    model.model.language_model.save_pretrained(folder / "lm")
+    processor.tokenizer.save_pretrained(folder / "lm")
+    model.model.vision_tower.save_pretrained(folder / "vt")
+    processor.image_processor.save_pretrained(folder / "vt")
+    return folder
+
+
+@pytest.mark.parametrize("dry", [True, False])
+@pytest.mark.parametrize("language_model, vision_tower, message", [
+    ("vt", "lm", "`language_model` {folder}/vt holds a 'clip_vision_model' model, not a causal language model. Are "
+                 "`language_model` and `vision_tower` swapped?"),
+    ("lm", "lm", "`vision_tower` {folder}/lm holds a 'llama' model, not a vision encoder (CLIP, SigLIP)."),
+])
+def test_model_parts_of_the_wrong_kind_are_named(parts, tmp_path, capsys, dry, language_model, vision_tower,
+                                                 message):
+    # Before: the dry run ended in an AttributeError traceback ('CLIPVisionConfig' has no 'vocab_size'), a real run in
+    # a tokenizer error naming neither part, or "Cannot derive `image_seq_length` for vision model type 'llama'".
+    code, err = run_cli(["pretrain", "pretrain_tiny", *(["--dry-run"] if dry else []), "--model_name_or_path", "",
+                         "--language_model", str(parts / language_model), "--vision_tower", str(parts / vision_tower),
+                         "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 1 and err == f"aligngpt-hf pretrain: error: {message.format(folder=parts)}"
+
+
+def test_model_parts_beside_a_starting_model_are_refused_not_ignored(parts, tmp_path, capsys):
+    code, err = run_cli(["pretrain", "pretrain_tiny", "--language_model", str(parts / "lm"), "--vision_tower",
+                         str(parts / "vt"), "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 1 and err == (
+        "aligngpt-hf pretrain: error: `language_model` and `vision_tower` build a fresh stage-1 model, but "
+        "`model_name_or_path` 'tiny' is used as it is, so they would be ignored. Set `model_name_or_path` or the "
+        "parts, not both (an empty value unsets one: `--vision_tower \"\"`).")
+    assert not (tmp_path / "out").exists()

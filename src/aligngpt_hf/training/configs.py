@@ -146,6 +146,10 @@ class AlignGPTScriptArguments:
     )
 
     def __post_init__(self):
+        for name in ("model_name_or_path", "language_model", "vision_tower", "data_path", "image_folder",
+                     "dataset_name", "dataset_config", "lora_target_modules", "chat_format", "model_preset"):
+            if getattr(self, name) == "":  # the one way a command line can unset a field its recipe sets
+                setattr(self, name, None)
         if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"`image_aspect_ratio` is {self.image_aspect_ratio!r}; use `pad` or `square`, or leave it "
                              "unset to keep the processor's setting.")

@@ -31,6 +31,7 @@ from aligngpt_hf.training.memory import STRATEGIES, TrainingShape, estimate_memo
 from aligngpt_hf.training.model_setup import (
     SAVED_DATASET_MARKERS,
     check_fresh_model_options,
+    check_part_configs,
     config_overrides,
     is_stage1_artefact,
     lora_config,
@@ -93,6 +94,8 @@ def _parts_config(script_args: AlignGPTScriptArguments) -> tuple[AlignGPTConfig,
     text, vision = _offline_config(llm), _offline_config(tower)
     sources = [f"{source} ({'local config' if config is not None else _published_name(source)})"
                for source, config in ((llm, text), (tower, vision))]
+    if text is not None and vision is not None:
+        check_part_configs(text, vision, llm, tower)
     if text is not None:
         try:
             tokenizer = tokenizer_with_image_tokens(llm, local_files_only=True)
