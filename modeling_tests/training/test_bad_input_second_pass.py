@@ -426,3 +426,18 @@ def test_model_parts_beside_a_starting_model_are_refused_not_ignored(parts, tmp_
         "`model_name_or_path` 'tiny' is used as it is, so they would be ignored. Set `model_name_or_path` or the "
         "parts, not both (an empty value unsets one: `--vision_tower \"\"`).")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"id": "a", "image": "a.png", "conversations": [{"from": "human", "value": "<image>"}]}],
+     "the dataset has the columns ['id', 'image', 'conversations']. The rows are in LLaVA's format (`conversations`): "
+     "load that file with `load_llava_json` (CLI: --data_path)."),
+    ([{"text": "A red square."}], "the dataset has the columns ['text']."),
+    ([{"messages": ["Hi.", "Hello."], "images": []}], "The first row's `messages` is \"['Hi.', 'Hello.']\"; AlignGPT "
+                                                      "trainers take lists of {'role': ..., 'content': ...} messages"),
+    ([{"prompt": "Hi.", "completion": "Hello.", "images": []}], "The first row's `prompt` is 'Hi.'"),
+])
+def test_rows_that_are_not_conversations_are_named_before_training(make_model, processor, tmp_path, rows, message):
+    # Before: TRL's "the dataset is not conversational", naming neither the columns nor the fix.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        instruct_trainer(make_model, processor, tmp_path, Dataset.from_list(rows * 2))

@@ -308,6 +308,27 @@ def undecoded(dataset):
     return dataset
 
 
+def check_row_format(dataset) -> None:
+    """The rows must be TRL conversations before training starts: LLaVA's `conversations` rows or plain text would
+    otherwise meet TRL's "the dataset is not conversational" (naming neither the columns nor the fix) or the first
+    batch."""
+    names = getattr(dataset, "column_names", None)
+    if not names:
+        return
+    if "messages" not in names and not {"prompt", "completion"} <= set(names):
+        hint = (" The rows are in LLaVA's format (`conversations`): load that file with `load_llava_json` (CLI: "
+                "--data_path)." if "conversations" in names else "")
+        raise ValueError(f"AlignGPT trainers take conversational rows: a `messages` column (or `prompt` + "
+                         f"`completion`) of {{'role': ..., 'content': ...}} messages, with `images`; the dataset has "
+                         f"the columns {names}.{hint}")
+    column = "messages" if "messages" in names else "prompt"
+    messages = next(iter(dataset.select_columns([column])))[column]  # no image of the row is opened
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError(f"The first row's `{column}` is {str(messages)[:80]!r}; AlignGPT trainers take lists of "
+                         "{'role': ..., 'content': ...} messages (plain text or prompt/completion strings are not "
+                         "conversations).")
+
+
 def with_images_column(dataset):
     """A text-only dataset (no `images`/`image` column) gets an empty `images` column: without one, TRL takes it for
     a language-model dataset, tokenises and truncates it to `max_length` itself and drops `messages`, so the
