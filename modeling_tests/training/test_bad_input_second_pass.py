@@ -441,3 +441,39 @@ def test_rows_that_are_not_conversations_are_named_before_training(make_model, p
     # Before: TRL's "the dataset is not conversational", naming neither the columns nor the fix.
     with pytest.raises(ValueError, match=re.escape(message)):
         instruct_trainer(make_model, processor, tmp_path, Dataset.from_list(rows * 2))
+
+
+@pytest.mark.parametrize("target, why", [
+    ("nomatch_xyz", "it matches no module name (whole names, as `re.fullmatch`)"),
+    (".*vision_tower.*q_proj", "it reaches only model.vision_tower.encoder.layers.0.self_attn.q_proj and the like, "
+                               "which are kept free of adapters"),
+])
+def test_lora_target_that_reaches_no_language_model_module_is_named(tmp_path, capsys, target, why):
+    # Before: PEFT's "No modules were targeted for adaptation", naming neither the field nor a module.
+    code, err = run_cli(["instruct", "instruct_7b", "--dry-run", "--output_dir", str(tmp_path), "--use_lora", "true",
+                         "--lora_target_modules", target], capsys)
+    assert code == 1
+    assert err.startswith(f"aligngpt-hf instruct: error: `lora_target_modules` {target!r} targets no language-model "
+                          f"module: {why}")
+    assert "e.g. model.language_model.layers.0.self_attn.q_proj" in err
+
+
+def test_deepspeed_config_that_does_not_exist_is_named(tmp_path, capsys):
+    # Before: transformers' "No package metadata was found for The 'deepspeed>=0.9.3' distribution ..." (or a
+    # missing-file error from inside DeepSpeed).
+    code, err = run_cli(["pretrain", "pretrain_7b", "--dry-run", "--output_dir", str(tmp_path), "--deepspeed",
+                         str(tmp_path / "zero9.json")], capsys)
+    assert code == 1 and err == (f"aligngpt-hf pretrain: error: the `deepspeed` config {tmp_path / 'zero9.json'} does "
+                                 "not exist; pass a DeepSpeed JSON file (or launch with a shipped accelerate config: "
+                                 "`python -m aligngpt_hf.training.cli --accelerate-config zero2`).")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed")
+def test_deepspeed_without_the_package_says_so_and_how_a_dry_run_goes_on(tmp_path, capsys):
+    config = tmp_path / "zero2.json"
+    config.write_text("{}")
+    code, err = run_cli(["pretrain", "pretrain_7b", "--dry-run", "--output_dir", str(tmp_path / "out"), "--deepspeed",
+                         str(config)], capsys)
+    assert code == 1 and err == (f"aligngpt-hf pretrain: error: `deepspeed` {config} needs the DeepSpeed package, "
+                                 "which is not installed (pip install -e '.[deepspeed]'). A dry run estimates "
+                                 "zero2/zero3 memory without it: drop `deepspeed`.")

@@ -179,6 +179,34 @@ class _RecipePrecision:
 PLAN_ANYWHERE = ["--bf16", "false", "--fp16", "false", "--tf32", "false"]
 
 
+@dataclass
+class _RecipeDeepSpeed:
+    """The `deepspeed` field of a recipe, read apart: the trainer config fails on a missing file or package with
+    transformers' words ("No package metadata was found for The 'deepspeed>=0.9.3' distribution ...")."""
+
+    deepspeed: str | None = None
+
+
+def check_deepspeed(recipe: str, overrides: list[str], dry_run: bool) -> None:
+    """A `deepspeed` config must exist and DeepSpeed be installed; a dry run plans zero2/zero3 without either."""
+    import importlib.util
+
+    _, launch, _ = _parse((AlignGPTScriptArguments, _RecipeDeepSpeed), recipe, overrides,
+                          return_remaining_strings=True)
+    value = launch.deepspeed
+    if not value:
+        return
+    if not value.lstrip().startswith("{") and not Path(value).is_file():
+        state = "is a folder" if Path(value).is_dir() else "does not exist"
+        raise FileNotFoundError(f"the `deepspeed` config {value} {state}; pass a DeepSpeed JSON file (or launch with "
+                                "a shipped accelerate config: `python -m aligngpt_hf.training.cli --accelerate-config "
+                                "zero2`).")
+    if importlib.util.find_spec("deepspeed") is None:
+        plan = " A dry run estimates zero2/zero3 memory without it: drop `deepspeed`." if dry_run else ""
+        raise ImportError(f"`deepspeed` {value} needs the DeepSpeed package, which is not installed (pip install -e "
+                          f"'.[deepspeed]').{plan}")
+
+
 def planned_precision(recipe: str, overrides: list[str]) -> dict | None:
     """The precision flags a dry run plans with (None: not a dry run)."""
     script_args, precision, _ = _parse((AlignGPTScriptArguments, _RecipePrecision), recipe, overrides,
@@ -193,6 +221,7 @@ def run_cli(args) -> int:
     check_fields(stage, args.recipe, args.overrides)
     overrides = [*args.overrides, *(["--dry_run", "true"] if getattr(args, "dry_run", False) else [])]
     precision = planned_precision(args.recipe, overrides)
+    check_deepspeed(args.recipe, overrides, precision is not None)
     if precision is not None:
         from aligngpt_hf.training.dry_run import dry_run
 

@@ -11,6 +11,7 @@ every extra batch key (`alignment_levels`, `gate_text_mask`) on to `model.model`
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from transformers import TrainerCallback
@@ -108,6 +109,7 @@ def _prepare_peft_config(peft_config, model, train_projector: bool = True):
         peft_config.target_modules = lora_target_modules(model.config.text_config)
     if getattr(peft_config, "exclude_modules", None) is None and hasattr(peft_config, "exclude_modules"):
         peft_config.exclude_modules = LORA_EXCLUDE
+    _check_lora_targets(peft_config, model)
     if not train_projector and PROJECTOR in (peft_config.modules_to_save or []):
         raise ValueError(f"`train_projector=False`, but the LoRA config's `modules_to_save` names `{PROJECTOR}`; "
                          "drop it there or set `train_projector=True`.")
@@ -116,6 +118,24 @@ def _prepare_peft_config(peft_config, model, train_projector: bool = True):
     saved = list(peft_config.modules_to_save or [])
     peft_config.modules_to_save = saved + [name for name in wanted if name not in saved]
     return peft_config
+
+
+def _check_lora_targets(peft_config, model) -> None:
+    """A target regex that reaches no language-model module is named with the field and real module names (PEFT
+    says only "No modules were targeted")."""
+    target, exclude = peft_config.target_modules, getattr(peft_config, "exclude_modules", None)
+    if not isinstance(target, str):
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    hits = [name for name in names if re.fullmatch(target, name)]
+    kept = [name for name in hits if not (isinstance(exclude, str) and re.fullmatch(exclude, name))]
+    if not kept:
+        examples = [name for name in names if re.fullmatch(LORA_LM_TARGETS, name)][:2]
+        why = (f"it reaches only {hits[0]} and the like, which are kept free of adapters (vision tower, projector, "
+               "gate)" if hits else "it matches no module name (whole names, as `re.fullmatch`)")
+        raise ValueError(f"`lora_target_modules` {target!r} targets no language-model module: {why}. Name "
+                         f"language-model modules, e.g. {', '.join(examples)} (the default: every linear layer of the "
+                         "language model).")
 
 
 def _check_peft_model(model) -> None:
