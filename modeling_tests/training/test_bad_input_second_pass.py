@@ -477,3 +477,19 @@ def test_deepspeed_without_the_package_says_so_and_how_a_dry_run_goes_on(tmp_pat
     assert code == 1 and err == (f"aligngpt-hf pretrain: error: `deepspeed` {config} needs the DeepSpeed package, "
                                  "which is not installed (pip install -e '.[deepspeed]'). A dry run estimates "
                                  "zero2/zero3 memory without it: drop `deepspeed`.")
+
+
+def test_home_in_recipe_paths_is_expanded_as_for_output_dir(monkeypatch, tmp_path):
+    # Before: `output_dir: ~/runs` was expanded (by transformers) but `data_path: ~/d.json` was read as a folder "~".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    script = AlignGPTScriptArguments(data_path="~/d.json", image_folder="~/images", dataset_name="~/saved")
+    assert (script.data_path, script.image_folder, script.dataset_name) == (
+        f"{tmp_path}/d.json", f"{tmp_path}/images", f"{tmp_path}/saved")
+
+
+def test_environment_variable_in_a_data_path_is_named_as_not_expanded(folder, monkeypatch):
+    monkeypatch.chdir(folder)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            "$DATA/d.json: no such LLaVA JSON/JSONL file (a relative path is read from the working directory "
+            f"{folder}); environment variables (`$NAME`) in it are not expanded.")):
+        load_llava_json("$DATA/d.json", "images")

@@ -8,6 +8,7 @@ and `aligngpt-hf pretrain --help` can list the fields without building a trainer
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +151,11 @@ class AlignGPTScriptArguments:
                      "dataset_name", "dataset_config", "lora_target_modules", "chat_format", "model_preset"):
             if getattr(self, name) == "":  # the one way a command line can unset a field its recipe sets
                 setattr(self, name, None)
+        for name in ("model_name_or_path", "language_model", "vision_tower", "data_path", "image_folder",
+                     "dataset_name"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):  # as transformers expands `output_dir`
+                setattr(self, name, os.path.expanduser(value))
         if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"`image_aspect_ratio` is {self.image_aspect_ratio!r}; use `pad` or `square`, or leave it "
                              "unset to keep the processor's setting.")

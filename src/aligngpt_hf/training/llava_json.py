@@ -90,6 +90,7 @@ def _read_records(path: Path) -> list[dict]:
         raise IsADirectoryError(f"{path} is a folder; `data_path` names the LLaVA JSON/JSONL file itself.")
     if not path.is_file():
         where = "" if path.is_absolute() else f" (a relative path is read from the working directory {Path.cwd()})"
+        where += "; environment variables (`$NAME`) in it are not expanded" if "$" in str(path) else ""
         raise FileNotFoundError(f"{path}: no such LLaVA JSON/JSONL file{where}.")
     data = path.read_bytes()
     try:
