@@ -157,3 +157,15 @@ def test_id_column_that_is_not_there_is_refused_not_replaced_by_row_numbers(tiny
         compute_alignment_levels(dataset, tmp_path / "out.json", **options(tmp_path, tiny_clip, image_folder=None,
                                                                            id_column="uidd"))
     assert not (tmp_path / "out.json").exists()
+
+
+def test_embedded_image_bytes_without_a_path_are_reported(tiny_clip, tmp_path, caplog):  # noqa: F811
+    # Before: OUTPUT silently held `image: null` for them (a LLaVA JSON that cannot be trained on).
+    paths = image_paths(tmp_path)
+    images = [{"bytes": open(path, "rb").read(), "path": None} for path in paths]
+    dataset = Dataset.from_dict({"id": list("abcd"), "image": images, "caption": CAPTIONS[:4]},
+                                features=Features({"id": Value("string"), "image": Image(), "caption": Value("string")}))
+    result = compute_alignment_levels(dataset, tmp_path / "out.json", **options(tmp_path, tiny_clip, image_folder=None))
+    assert [r["image"] for r in json.loads((tmp_path / "out.json").read_text())] == [None] * 4
+    assert (f"4 of 4 image(s) are embedded bytes without a file path: their records in {tmp_path / 'out.json'} have "
+            f"`image: null`. Train from the saved dataset {result.files['dataset']}") in caplog.text

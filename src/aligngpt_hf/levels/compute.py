@@ -480,6 +480,11 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
             kept.remove_columns(["alignment_error"]).save_to_disk(str(temp))
         files["dataset"] = str(dataset_dir)
         out_records = levels_report.llava_records_from_dataset(kept, image_column, text_column, id_column)
+        pathless = sum(1 for record in out_records if record["image"] is None)
+        if pathless:  # embedded image bytes have no file name a LLaVA JSON could point at
+            logger.warning("%d of %d image(s) are embedded bytes without a file path: their records in %s have "
+                           "`image: null`. Train from the saved dataset %s, which keeps the images.", pathless,
+                           len(out_records), output, dataset_dir)
     atomic_write_text(output, json.dumps(out_records, ensure_ascii=False))
     ids = scored[id_column] if id_column in scored.column_names else [f"row {i}" for i in range(len(scored))]
     report = levels_report.build_report(
