@@ -169,3 +169,15 @@ def test_embedded_image_bytes_without_a_path_are_reported(tiny_clip, tmp_path, c
     assert [r["image"] for r in json.loads((tmp_path / "out.json").read_text())] == [None] * 4
     assert (f"4 of 4 image(s) are embedded bytes without a file path: their records in {tmp_path / 'out.json'} have "
             f"`image: null`. Train from the saved dataset {result.files['dataset']}") in caplog.text
+
+
+def test_caption_of_an_assistant_turn_is_read_as_load_llava_json_reads_it(tiny_clip, tmp_path):  # noqa: F811
+    # Before: records with "user"/"assistant" speakers (which training accepts) were all "caption missing or empty".
+    path = write_pairs(tmp_path, [coloured(i) for i in range(4)])
+    records = json.loads(path.read_text())
+    for record in records:
+        record["conversations"] = [{"from": "user", "value": "<image>"},
+                                   {"from": "assistant", "value": record["conversations"][1]["value"]}]
+    path.write_text(json.dumps(records))
+    result = compute_alignment_levels(path, tmp_path / "out.json", **options(tmp_path, tiny_clip))
+    assert result.report["num_scored"] == 4 and result.report["num_skipped"] == 0

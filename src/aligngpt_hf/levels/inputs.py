@@ -16,13 +16,14 @@ from aligngpt_hf.models.image_processing_utils_aligngpt import to_rgb, upright
 from aligngpt_hf.paths import resolve_image_path
 from aligngpt_hf.training.llava_json import DuplicateKeyError, unique_keys
 
+CAPTION_SPEAKERS = ("gpt", "assistant")  # the answering speaker, as `load_llava_json` reads it
 RECORD_PROBLEM = "record_problem"  # column of pairs_from_llava_json: why a record's shape is wrong ("" if fine)
 
 
 def caption_from_conversations(conversations) -> str | None:
-    """The caption of a LLaVA pre-training record is its first `gpt` turn."""
+    """The caption of a LLaVA pre-training record is its first `gpt` (or `assistant`) turn."""
     for turn in conversations or []:
-        if isinstance(turn, dict) and turn.get("from") == "gpt":
+        if isinstance(turn, dict) and turn.get("from") in CAPTION_SPEAKERS:
             value = turn.get("value")
             return value if isinstance(value, str) else None
     return None
@@ -94,7 +95,7 @@ def record_problem(record) -> str:
     if conversations is not None and not isinstance(conversations, list):
         return f"`conversations` must be a JSON array of turns, got a JSON {_json_type(conversations)}"
     for turn in conversations or []:
-        if isinstance(turn, dict) and turn.get("from") == "gpt":
+        if isinstance(turn, dict) and turn.get("from") in CAPTION_SPEAKERS:
             value = turn.get("value")
             if value is not None and not isinstance(value, str):
                 return f"the caption (`value` of the first `gpt` turn) must be a string, got a JSON {_json_type(value)}"
