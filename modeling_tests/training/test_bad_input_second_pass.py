@@ -493,3 +493,15 @@ def test_environment_variable_in_a_data_path_is_named_as_not_expanded(folder, mo
             "$DATA/d.json: no such LLaVA JSON/JSONL file (a relative path is read from the working directory "
             f"{folder}); environment variables (`$NAME`) in it are not expanded.")):
         load_llava_json("$DATA/d.json", "images")
+
+
+def test_missing_image_paths_of_a_dataset_are_named_before_training(make_model, processor, folder, monkeypatch):
+    # Before: the first batch that reached a missing file failed, possibly hours into the run.
+    monkeypatch.chdir(folder)
+    messages = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "Red."}]
+    rows = Dataset.from_list([{"id": f"r{i}", "messages": messages, "images": [path]}
+                              for i, path in enumerate(["images/a.png", "a.png", str(folder / "b.png")])])
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"2 image path(s) of the `images` column name no file (first: 'r1' (#1): a.png, 'r2' (#2): "
+            f"{folder / 'b.png'}). Relative paths are read from the working directory {folder}.")):
+        instruct_trainer(make_model, processor, folder, rows)

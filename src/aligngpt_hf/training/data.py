@@ -329,6 +329,37 @@ def check_row_format(dataset) -> None:
                          "conversations).")
 
 
+def check_image_paths(dataset) -> None:
+    """Image paths held as plain strings (not an Image feature) must name files before training, not at the batch
+    that reaches a missing one hours in; relative ones are read from the working directory, not the dataset's folder.
+    Only string columns are read (an Image column may embed gigabytes of bytes)."""
+    import os
+
+    import datasets
+
+    features = getattr(dataset, "features", None)
+    if not features or not hasattr(dataset, "__len__"):
+        return
+    column = next((name for name in ("images", "image") if name in features), None)
+    feature = features[column] if column else None
+    inner = getattr(feature, "feature", None)
+    is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    is_text_list = isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
+    if not (is_text or is_text_list):
+        return
+    values = dataset[column]
+    ids = dataset["id"] if "id" in features else None
+    missing = [(index, path) for index, row in enumerate(values)
+               for path in ([row] if is_text else row or []) if isinstance(path, str)
+               and not path.startswith(("http://", "https://")) and not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(f"{ids[i]!r} (#{i}): {path}" if ids else f"#{i}: {path}" for i, path in missing[:3])
+        relative = any(not os.path.isabs(path) for _, path in missing)
+        where = f" Relative paths are read from the working directory {os.getcwd()}." if relative else ""
+        raise FileNotFoundError(f"{len(missing)} image path(s) of the `{column}` column name no file (first: {shown})."
+                                f"{where} Fix the paths, or store the images in the dataset (an Image feature).")
+
+
 def with_images_column(dataset):
     """A text-only dataset (no `images`/`image` column) gets an empty `images` column: without one, TRL takes it for
     a language-model dataset, tokenises and truncates it to `max_length` itself and drops `messages`, so the

@@ -25,6 +25,7 @@ from aligngpt_hf.training.data import (
     LEVEL_COLUMN,
     PLAIN_CHAT_TEMPLATE,
     AlignGPTDataCollator,
+    check_image_paths,
     check_row_format,
     check_stage1_data,
     sample_token_lengths,
@@ -171,6 +172,7 @@ class _AlignGPTTrainer(SFTTrainer):
         check_writable(args.output_dir, "output_dir")  # before any step is spent, not at the first checkpoint
         if train_dataset is not None:
             check_row_format(train_dataset)
+            check_image_paths(train_dataset)
             train_dataset = with_images_column(train_dataset)
         if train_dataset is not None and getattr(train_dataset, "features", None) is not None:
             train_dataset = undecoded(train_dataset)  # images open in the collator: the one loader, errors name rows
