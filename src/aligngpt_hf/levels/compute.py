@@ -46,10 +46,11 @@ from aligngpt_hf.levels.inputs import (  # noqa: F401 (public here)
     RECORD_PROBLEM,
     _open_image,
     caption_from_conversations,
+    caption_problem,
     load_input,
     pairs_from_llava_json,
     record_problem,
-    single_image,
+    without_old_scores,
 )
 from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, load_scorer
 from aligngpt_hf.paths import atomic_path, atomic_write_text, check_apart, check_writable
@@ -102,7 +103,7 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
         errors = [problem or error for problem, (_, _, error) in zip(problems, prepared)]
         for i, caption in enumerate(captions):
             if not errors[i]:
-                errors[i] = _caption_problem(caption, specials)
+                errors[i] = caption_problem(caption, specials)
         scores = [math.nan] * len(captions)
         for i, error in enumerate(errors):
             if error and not skip_bad:
@@ -127,34 +128,6 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
                 "alignment_truncated": truncated}
 
     return fn
-
-
-def without_old_scores(dataset):
-    """A dataset scored before (a `<stem>.dataset` output) holds the columns this run writes: they are replaced, and
-    the replacement is logged, not refused with a clash of column names."""
-    old = [name for name in [*_SCORE_FEATURES, "alignment_level"] if name in dataset.column_names]
-    if old:
-        logger.warning("the input already has the columns %s (an earlier levels run); they are replaced by this "
-                       "run's scores and levels", ", ".join(old))
-        dataset = dataset.remove_columns(old)
-    return dataset
-
-
-def _caption_problem(caption, specials: list[str]) -> str:
-    """Why a caption cannot be scored ("" if it can): not text, empty, or only the scorer's special tokens (it would
-    be scored as an empty caption)."""
-    if caption is None:
-        return "caption missing or empty"
-    if not isinstance(caption, str):
-        return f"the caption must be a string, got {type(caption).__name__} ({str(caption)[:40]})"
-    words = caption
-    for token in specials:
-        words = words.replace(token, "")
-    if not caption.strip():
-        return "caption missing or empty"
-    if not words.strip():
-        return f"the caption {caption[:60]!r} holds only the scorer's special tokens, no words"
-    return ""
 
 
 def _score_chunk(source, rows: range, fn, batch_size: int, features, cache_file: str | None, base: str, chunk: int,

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from aligngpt_hf.models.image_processing_utils_aligngpt import to_rgb, upright
-from aligngpt_hf.paths import resolve_image_path
-from aligngpt_hf.training.llava_json import DuplicateKeyError, unique_keys
+from aligngpt_hf.paths import DuplicateKeyError, resolve_image_path, unique_keys
 
 CAPTION_SPEAKERS = ("gpt", "assistant")  # the answering speaker, as `load_llava_json` reads it
-RECORD_PROBLEM = "record_problem"  # column of pairs_from_llava_json: why a record's shape is wrong ("" if fine)
+logger = logging.getLogger(__name__)
+RECORD_PROBLEM = "record_problem"
+# The columns `aligngpt-hf levels` adds to a dataset input (a scored dataset given again has them already).
+SCORE_COLUMNS = ("alignment_score", "alignment_error", "alignment_image_mode", "alignment_truncated", "alignment_level")  # column of pairs_from_llava_json: why a record's shape is wrong ("" if fine)
 
 
 def caption_from_conversations(conversations) -> str | None:
@@ -137,6 +140,34 @@ def _open_image(value, image_folder: str | None, allow_outside: bool = False):
 
 
 
+def without_old_scores(dataset):
+    """A dataset scored before (a `<stem>.dataset` output) holds the columns this run writes: they are replaced, and
+    the replacement is logged, not refused with a clash of column names."""
+    old = [name for name in SCORE_COLUMNS if name in dataset.column_names]
+    if old:
+        logger.warning("the input already has the columns %s (an earlier levels run); they are replaced by this "
+                       "run's scores and levels", ", ".join(old))
+        dataset = dataset.remove_columns(old)
+    return dataset
+
+
+def caption_problem(caption, specials: list[str]) -> str:
+    """Why a caption cannot be scored ("" if it can): not text, empty, or only the scorer's special tokens (it would
+    be scored as an empty caption)."""
+    if caption is None:
+        return "caption missing or empty"
+    if not isinstance(caption, str):
+        return f"the caption must be a string, got {type(caption).__name__} ({str(caption)[:40]})"
+    words = caption
+    for token in specials:
+        words = words.replace(token, "")
+    if not caption.strip():
+        return "caption missing or empty"
+    if not words.strip():
+        return f"the caption {caption[:60]!r} holds only the scorer's special tokens, no words"
+    return ""
+
+
 def single_image(value):
     """A list holding one image (a `List(Image())` column) is that image; a pair with several images is refused."""
     if isinstance(value, (list, tuple)):
@@ -175,5 +206,5 @@ def load_input(input: Any, split: str | None):
     return pairs_from_llava_json(path)
 
 
-__all__ = ["RECORD_PROBLEM", "caption_from_conversations", "load_input", "pairs_from_llava_json", "record_problem",
-           "single_image"]
+__all__ = ["RECORD_PROBLEM", "SCORE_COLUMNS", "caption_from_conversations", "caption_problem", "load_input",
+           "pairs_from_llava_json", "record_problem", "single_image", "without_old_scores"]

@@ -24,9 +24,8 @@ import yaml
 
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
-from aligngpt_hf.paths import atomic_write_text, check_writable
+from aligngpt_hf.paths import DuplicateKeyError, atomic_write_text, check_writable, unique_keys
 from aligngpt_hf.training.configs import AlignGPTScriptArguments
-from aligngpt_hf.training.llava_json import DuplicateKeyError, unique_keys
 from aligngpt_hf.training.memory import STRATEGIES, TrainingShape, estimate_memory
 from aligngpt_hf.training.model_setup import (
     SAVED_DATASET_MARKERS,

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from aligngpt_hf.paths import resolve_image_path
+from aligngpt_hf.paths import DuplicateKeyError, resolve_image_path, unique_keys
 
 logger = logging.getLogger(__name__)
 
@@ -125,28 +125,6 @@ def _read_records(path: Path) -> list[dict]:
     if not records:
         raise ValueError(f"{path} holds no records (an empty list): there is nothing to train on.")
     return records
-
-
-class DuplicateKeyError(ValueError):
-    """A JSON object names one key twice."""
-
-
-def unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """`json.loads` hook: an object that names a key twice is refused (plain JSON keeps the last value and drops the
-    other silently: two `image` paths, two `value`s of a turn)."""
-    record = dict(pairs)
-    if len(record) != len(pairs):
-        seen, repeated = set(), None
-        for key, _ in pairs:
-            if key in seen:
-                repeated = key
-                break
-            seen.add(key)
-        owner = f" (the record with `id` {record['id']!r})" if isinstance(record.get("id"), (str, int)) else (
-            f" ({json.dumps(record, ensure_ascii=False)[:80]})")
-        raise DuplicateKeyError(f"a JSON object gives the key `{repeated}` twice{owner}; JSON would keep only the "
-                                "last value and drop the other silently. Keep one.")
-    return record
 
 
 def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_outside: bool = False,
