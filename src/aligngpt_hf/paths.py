@@ -1,5 +1,5 @@
-"""Paths the package reads and writes: atomic writes, writability checks, local folder versus Hub repo id, and image
-paths from data files (kept inside their image folder).
+"""Paths the package reads and writes: atomic writes, writability checks, local folder versus Hub repo id, image
+paths from data files (kept inside their image folder), and JSON data files read without silently dropped keys.
 
 Why one place: every output (levels JSON and report, answer JSONL, converted and publish folders) must be either the
 old file or the complete new one, never half of it, whatever kills the process; and a read-only or full disk must be
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -212,6 +213,28 @@ def resolve_image_path(value, image_folder=None, allow_outside: bool = False, wh
     return str(path)
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """`json.loads` hook: an object that names a key twice is refused (plain JSON keeps the last value and drops the
+    other silently: two `image` paths, two `value`s of a turn)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen, repeated = set(), None
+        for key, _ in pairs:
+            if key in seen:
+                repeated = key
+                break
+            seen.add(key)
+        owner = f" (the record with `id` {record['id']!r})" if isinstance(record.get("id"), (str, int)) else (
+            f" ({json.dumps(record, ensure_ascii=False)[:80]})")
+        raise DuplicateKeyError(f"a JSON object gives the key `{repeated}` twice{owner}; JSON would keep only the "
+                                "last value and drop the other silently. Keep one.")
+    return record
+
+
 def check_apart(output: str | os.PathLike, source: str | os.PathLike, what: str = "OUTPUT",
                 source_what: str = "SOURCE") -> None:
     """Refuse an output that is the source, lies inside it, or holds it: replacing the output whole (`--overwrite`)
@@ -226,5 +249,5 @@ def check_apart(output: str | os.PathLike, source: str | os.PathLike, what: str 
                          "write to another folder.")
 
 
-__all__ = ["TEMP_MARKER", "atomic_path", "atomic_write_text", "check_apart", "check_local_or_hub", "check_writable",
-           "disk_error", "remove_leftovers", "resolve_image_path", "saving_to"]
+__all__ = ["TEMP_MARKER", "DuplicateKeyError", "atomic_path", "atomic_write_text", "check_apart", "check_local_or_hub", "check_writable",
+           "disk_error", "remove_leftovers", "resolve_image_path", "saving_to", "unique_keys"]

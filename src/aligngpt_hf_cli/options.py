@@ -134,7 +134,8 @@ def add_from_llava_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_levels_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="LLaVA-format JSON, or a datasets save_to_disk folder")
+    parser.add_argument("input", help="LLaVA-format JSON (a list, or *.jsonl with one record per line), or a "
+                        "datasets save_to_disk folder")
     parser.add_argument("output", help="output LLaVA JSON (similarity = level); report and plot go next to it")
     parser.add_argument("--image-folder", default=None,
                         help="folder the records' `image` paths are relative to (required for LLaVA JSON input)")

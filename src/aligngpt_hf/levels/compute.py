@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -45,14 +46,17 @@ from aligngpt_hf.levels.inputs import (  # noqa: F401 (public here)
     RECORD_PROBLEM,
     _open_image,
     caption_from_conversations,
+    caption_problem,
     load_input,
     pairs_from_llava_json,
     record_problem,
+    without_old_scores,
 )
 from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, load_scorer
 from aligngpt_hf.paths import atomic_path, atomic_write_text, check_apart, check_writable
 
 SKIP_HINT = "pass --skip-bad (skip_bad=True) to skip such records; they are counted and listed in the report"
+logger = logging.getLogger(__name__)
 _CACHE_VERSION = "levels-v1"
 _SCORE_FEATURES = {
     "alignment_score": "float64",
@@ -75,6 +79,8 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
     """
     pending: dict[int, Any] = {}
     prefetch = scorer.device.type != "cpu"
+    tokenizer = getattr(scorer.processor, "tokenizer", None)
+    specials = [token for token in getattr(tokenizer, "all_special_tokens", []) if token]
 
     def prepare(value):
         try:
@@ -96,8 +102,8 @@ def _batch_scorer(scorer: Scorer, source, image_column: str, text_column: str, i
         problems = batch.get(RECORD_PROBLEM) or [""] * len(captions)
         errors = [problem or error for problem, (_, _, error) in zip(problems, prepared)]
         for i, caption in enumerate(captions):
-            if not errors[i] and (not isinstance(caption, str) or not caption.strip()):
-                errors[i] = "caption missing or empty"
+            if not errors[i]:
+                errors[i] = caption_problem(caption, specials)
         scores = [math.nan] * len(captions)
         for i, error in enumerate(errors):
             if error and not skip_bad:
@@ -167,6 +173,8 @@ def _files_signature(source, rows: range, image_column: str, image_folder: str |
     dataset fingerprint instead."""
     digest = hashlib.sha256()
     for value in source[rows.start:rows.stop][image_column]:
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            value = value[0]
         if isinstance(value, dict):
             value = None if value.get("bytes") else value.get("path")
         if isinstance(value, str):
@@ -210,7 +218,7 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
     image's original PIL mode (non-RGB images are converted and counted), `alignment_truncated` whether the
     caption was longer than the scorer's text context.
     """
-    from datasets import Dataset, Features, Image, Value, concatenate_datasets
+    from datasets import Dataset, Features, Image, List, Sequence, Value, concatenate_datasets
 
     scorer = load_scorer(scorer) if not isinstance(scorer, Scorer) else scorer
     if len(dataset) == 0:
@@ -220,11 +228,15 @@ def score_pairs(dataset, scorer: Any, *, image_column: str = "image", text_colum
             raise ValueError(f"column {column!r} not in dataset columns {dataset.column_names}; "
                              "pass --image-column/--text-column")
     id_column = id_column if id_column in dataset.column_names else None
+    dataset = without_old_scores(dataset)
     _check_run_options(batch_size, chunk_size, num_workers, num_shards, shard_index)
     features = Features({name: Value(kind) for name, kind in _SCORE_FEATURES.items()})
     source = dataset
-    if isinstance(dataset.features[image_column], Image):  # decode in our worker threads, not in datasets
+    feature = dataset.features[image_column]
+    if isinstance(feature, Image):  # decode in our worker threads, not in datasets
         source = dataset.cast_column(image_column, Image(decode=False))
+    elif isinstance(feature, (List, Sequence)) and isinstance(feature.feature, Image):  # one image in a list
+        source = dataset.cast_column(image_column, List(Image(decode=False)))
     key = "|".join([_CACHE_VERSION, fingerprint or dataset._fingerprint, image_column, text_column, str(id_column),
                     os.path.abspath(image_folder) if image_folder else "", scorer.fingerprint(), str(chunk_size)])
     base = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -320,7 +332,7 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
         raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
     if plot:
         levels_report.require_matplotlib()
-    if not math.isfinite(tie_tolerance):
+    if not (math.isfinite(tie_tolerance) and tie_tolerance >= 0):  # refused before scoring, not after it
         raise ValueError(f"tie_tolerance (--tie-tolerance) must be a finite number >= 0, got {tie_tolerance}")
     output = Path(output)
     _check_output(output, input)
@@ -332,6 +344,7 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
         raise ValueError(f"--image-folder {image_folder} {what}; pass the folder the records' `image` paths are "
                          "relative to")
     records, dataset = load_input(input, split)
+    dataset = without_old_scores(dataset)
     if records is not None:
         dataset_options = {"--image-column": (image_column, "image"), "--text-column": (text_column, "caption"),
                            "--id-column": (id_column, "id"), "--split": (split, None)}
@@ -345,6 +358,9 @@ def compute_alignment_levels(input: Any, output: str | os.PathLike, image_folder
             raise ValueError("LLaVA JSON input needs --image-folder (image_folder=...): its `image` paths are relative")
     if len(dataset) == 0:
         raise ValueError(f"input {input} is empty: there are no image-caption pairs to score")
+    if records is None and id_column not in (None, "id") and id_column not in dataset.column_names:
+        raise ValueError(f"--id-column {id_column!r} is not a column of the input (columns: {dataset.column_names}); "
+                         "name the column holding the record ids, or drop --id-column to name records by row")
     if num_levels > len(dataset):
         raise ValueError(f"num_levels={num_levels} is larger than the number of pairs ({len(dataset)}); "
                          "lower --num-levels or add data")
@@ -437,6 +453,11 @@ def _finish(scored, records, output: Path, scorer: Scorer, num_levels, binning, 
             kept.remove_columns(["alignment_error"]).save_to_disk(str(temp))
         files["dataset"] = str(dataset_dir)
         out_records = levels_report.llava_records_from_dataset(kept, image_column, text_column, id_column)
+        pathless = sum(1 for record in out_records if record["image"] is None)
+        if pathless:  # embedded image bytes have no file name a LLaVA JSON could point at
+            logger.warning("%d of %d image(s) are embedded bytes without a file path: their records in %s have "
+                           "`image: null`. Train from the saved dataset %s, which keeps the images.", pathless,
+                           len(out_records), output, dataset_dir)
     atomic_write_text(output, json.dumps(out_records, ensure_ascii=False))
     ids = scored[id_column] if id_column in scored.column_names else [f"row {i}" for i in range(len(scored))]
     report = levels_report.build_report(

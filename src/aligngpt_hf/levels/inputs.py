@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from aligngpt_hf.models.image_processing_utils_aligngpt import to_rgb, upright
-from aligngpt_hf.paths import resolve_image_path
+from aligngpt_hf.paths import DuplicateKeyError, resolve_image_path, unique_keys
 
-RECORD_PROBLEM = "record_problem"  # column of pairs_from_llava_json: why a record's shape is wrong ("" if fine)
+CAPTION_SPEAKERS = ("gpt", "assistant")  # the answering speaker, as `load_llava_json` reads it
+logger = logging.getLogger(__name__)
+RECORD_PROBLEM = "record_problem"
+# The columns `aligngpt-hf levels` adds to a dataset input (a scored dataset given again has them already).
+SCORE_COLUMNS = ("alignment_score", "alignment_error", "alignment_image_mode", "alignment_truncated", "alignment_level")  # column of pairs_from_llava_json: why a record's shape is wrong ("" if fine)
 
 
 def caption_from_conversations(conversations) -> str | None:
-    """The caption of a LLaVA pre-training record is its first `gpt` turn."""
+    """The caption of a LLaVA pre-training record is its first `gpt` (or `assistant`) turn."""
     for turn in conversations or []:
-        if isinstance(turn, dict) and turn.get("from") == "gpt":
+        if isinstance(turn, dict) and turn.get("from") in CAPTION_SPEAKERS:
             value = turn.get("value")
             return value if isinstance(value, str) else None
     return None
@@ -33,7 +38,9 @@ def pairs_from_llava_json(path: str | os.PathLike) -> tuple[list[dict], Any]:
 
     data = Path(path).read_bytes()
     try:
-        records = json.loads(data.decode("utf-8-sig"))
+        records = _parse_records(path, data.decode("utf-8-sig"))
+    except DuplicateKeyError as error:
+        raise ValueError(f"{path}: {error}") from None
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 (byte {error.start}); re-save the file as UTF-8.") from None
@@ -51,6 +58,23 @@ def pairs_from_llava_json(path: str | os.PathLike) -> tuple[list[dict], Any]:
     problems = [record_problem(r) for r in records]
     table = {"id": ids, "image": images, "caption": captions, RECORD_PROBLEM: problems}
     return records, Dataset.from_dict(table)
+
+
+def _parse_records(path, text: str):
+    """A JSON list, or one record per line for a `*.jsonl` file (as `load_llava_json` reads them)."""
+    if Path(path).suffix != ".jsonl":
+        return json.loads(text, object_pairs_hook=unique_keys)
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line, object_pairs_hook=unique_keys))
+            except json.JSONDecodeError as error:  # named by line, as a JSON list's error is by line:column
+                raise json.JSONDecodeError(error.msg, text, sum(map(len, text.splitlines(True)[:number - 1]))
+                                           + error.pos) from None
+            except DuplicateKeyError as error:
+                raise DuplicateKeyError(f"line {number}: {error}") from None
+    return records
 
 
 def _json_type(value) -> str:
@@ -74,7 +98,7 @@ def record_problem(record) -> str:
     if conversations is not None and not isinstance(conversations, list):
         return f"`conversations` must be a JSON array of turns, got a JSON {_json_type(conversations)}"
     for turn in conversations or []:
-        if isinstance(turn, dict) and turn.get("from") == "gpt":
+        if isinstance(turn, dict) and turn.get("from") in CAPTION_SPEAKERS:
             value = turn.get("value")
             if value is not None and not isinstance(value, str):
                 return f"the caption (`value` of the first `gpt` turn) must be a string, got a JSON {_json_type(value)}"
@@ -89,6 +113,7 @@ def _open_image(value, image_folder: str | None, allow_outside: bool = False):
     otherwise make the scorer read any file)."""
     from PIL import Image
 
+    value = single_image(value)
     if isinstance(value, dict):  # datasets.Image(decode=False)
         value = value.get("bytes") or value.get("path")
     if value is None:
@@ -113,6 +138,43 @@ def _open_image(value, image_folder: str | None, allow_outside: bool = False):
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"corrupt or unreadable image ({type(error).__name__}: {error})") from None
 
+
+
+def without_old_scores(dataset):
+    """A dataset scored before (a `<stem>.dataset` output) holds the columns this run writes: they are replaced, and
+    the replacement is logged, not refused with a clash of column names."""
+    old = [name for name in SCORE_COLUMNS if name in dataset.column_names]
+    if old:
+        logger.warning("the input already has the columns %s (an earlier levels run); they are replaced by this "
+                       "run's scores and levels", ", ".join(old))
+        dataset = dataset.remove_columns(old)
+    return dataset
+
+
+def caption_problem(caption, specials: list[str]) -> str:
+    """Why a caption cannot be scored ("" if it can): not text, empty, or only the scorer's special tokens (it would
+    be scored as an empty caption)."""
+    if caption is None:
+        return "caption missing or empty"
+    if not isinstance(caption, str):
+        return f"the caption must be a string, got {type(caption).__name__} ({str(caption)[:40]})"
+    words = caption
+    for token in specials:
+        words = words.replace(token, "")
+    if not caption.strip():
+        return "caption missing or empty"
+    if not words.strip():
+        return f"the caption {caption[:60]!r} holds only the scorer's special tokens, no words"
+    return ""
+
+
+def single_image(value):
+    """A list holding one image (a `List(Image())` column) is that image; a pair with several images is refused."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"`image` lists {len(value)} images; a pre-training pair has exactly one")
+        return value[0]
+    return value
 
 
 def load_input(input: Any, split: str | None):
@@ -144,4 +206,5 @@ def load_input(input: Any, split: str | None):
     return pairs_from_llava_json(path)
 
 
-__all__ = ["RECORD_PROBLEM", "caption_from_conversations", "load_input", "pairs_from_llava_json", "record_problem"]
+__all__ = ["RECORD_PROBLEM", "SCORE_COLUMNS", "caption_from_conversations", "caption_problem", "load_input",
+           "pairs_from_llava_json", "record_problem", "single_image", "without_old_scores"]

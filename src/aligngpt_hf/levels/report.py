@@ -198,20 +198,25 @@ def write_report(report: dict, output: Path, *, plot: bool, scores, edges, extra
 
 def llava_records_from_dataset(dataset, image_column: str, text_column: str, id_column: str) -> list[dict]:
     """LLaVA pre-training records for a scored `datasets` input: the caption becomes the `gpt` turn."""
-    from datasets import Image
+    from datasets import Image, List, Sequence
 
-    if isinstance(dataset.features[image_column], Image):
+    feature = dataset.features[image_column]
+    if isinstance(feature, Image):
         dataset = dataset.cast_column(image_column, Image(decode=False))
+    elif isinstance(feature, (List, Sequence)) and isinstance(feature.feature, Image):
+        dataset = dataset.cast_column(image_column, List(Image(decode=False)))
     columns = dataset.select_columns([c for c in (image_column, text_column, id_column, "conversations",
                                                   "alignment_score", "alignment_level") if c in dataset.column_names])
     records = []
     for row, item in enumerate(columns):
         image = item[image_column]
+        image = image[0] if isinstance(image, list) and len(image) == 1 else image
         image = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
         conversations = item.get("conversations") or [{"from": "human", "value": "<image>"},
                                                        {"from": "gpt", "value": item[text_column]}]
         level = int(item["alignment_level"])
-        records.append({"id": str(item.get(id_column, row)), "image": image, "conversations": conversations,
+        name = item.get(id_column, row)
+        records.append({"id": None if name is None else str(name), "image": image, "conversations": conversations,
                         "similarity": level, "alignment_score": float(item["alignment_score"]),
                         "alignment_level": level})
     return records

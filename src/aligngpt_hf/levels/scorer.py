@@ -32,6 +32,7 @@ class Scorer:
     name: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    revision: str = ""  # which weights `name` held when loaded (files of a local folder, commit of a Hub model)
 
     @property
     def max_length(self) -> int:
@@ -47,7 +48,8 @@ class Scorer:
         return "max_length" if "siglip" in str(getattr(self.model.config, "model_type", "")) else True
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(f"{self.name}|{self.dtype}|{self.max_length}".encode()).hexdigest()[:16]
+        revision = f"|{self.revision}" if self.revision else ""
+        return hashlib.sha256(f"{self.name}{revision}|{self.dtype}|{self.max_length}".encode()).hexdigest()[:16]
 
     def preprocess_image(self, image) -> dict[str, torch.Tensor]:
         """One image through the image processor (called from worker threads)."""
@@ -111,8 +113,9 @@ def load_scorer(scorer: Any = DEFAULT_SCORER, device: str | torch.device | None 
     """Accept a Hub id / local path, a `(model, processor)` pair or a `Scorer`; GPU + bf16 when present."""
     device = _device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    revision = ""
     if isinstance(scorer, Scorer):
-        model, processor, name = scorer.model, scorer.processor, scorer.name
+        model, processor, name, revision = scorer.model, scorer.processor, scorer.name, scorer.revision
     elif isinstance(scorer, (tuple, list)) and len(scorer) == 2:
         model, processor = scorer
         name = _hash_model(model, processor)
@@ -132,13 +135,27 @@ def load_scorer(scorer: Any = DEFAULT_SCORER, device: str | torch.device | None 
                 f"cannot load the scorer {name!r} ({reason}). Pass --scorer a local CLIP or SigLIP folder, or a Hub "
                 "id that is cached or reachable; an offline example with a tiny CLIP is in docs/levels.md"
             ) from None
+        revision = _folder_revision(name) or str(getattr(model.config, "_commit_hash", None) or "")
     else:
         raise TypeError(f"scorer must be a model id/path, a (model, processor) pair or a Scorer, got {type(scorer)}")
     for method in ("get_image_features", "get_text_features"):
         if not hasattr(model, method):
             raise ValueError(f"scorer {name!r} has no {method}: use a CLIP or SigLIP dual encoder (AutoModel)")
     model = model.to(device=device, dtype=dtype).eval()
-    return Scorer(model=model, processor=processor, name=name, device=device, dtype=dtype)
+    return Scorer(model=model, processor=processor, name=name, device=device, dtype=dtype, revision=revision)
+
+
+def _folder_revision(name: str) -> str:
+    """Size and modification time of every file of a local scorer folder: new weights saved under the same folder
+    name change it, so cached scores of the old weights are not reused ("" for a Hub id)."""
+    if not os.path.isdir(name):
+        return ""
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(name), key=lambda entry: entry.name):
+        if entry.is_file():
+            stat = entry.stat()
+            digest.update(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return "files-" + digest.hexdigest()[:16]
 
 
 __all__ = ["DEFAULT_SCORER", "Scorer", "ScorerLoadError", "load_scorer"]

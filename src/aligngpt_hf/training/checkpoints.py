@@ -96,14 +96,26 @@ def newest_complete_checkpoint(output_dir: str | Path) -> str:
 
 
 def resolve_resume(resume_from_checkpoint, output_dir: str | Path):
-    """`True` -> the newest complete checkpoint; a folder -> checked, with an error naming the broken file."""
+    """`True` -> the newest complete checkpoint; a folder -> checked, with an error naming the broken file.
+
+    A command line can only give text: `true` (or `latest`) and `false` there mean True and no resume, unless a
+    folder of that name exists; an empty value is refused (it would name the working directory)."""
+    if isinstance(resume_from_checkpoint, str) and not resume_from_checkpoint.strip():
+        raise ValueError(f"`resume_from_checkpoint` is empty; pass a checkpoint-N folder the run saved (in "
+                         f"{output_dir}), or true for the newest complete one.")
+    if isinstance(resume_from_checkpoint, str) and not Path(resume_from_checkpoint).exists():
+        word = resume_from_checkpoint.strip().lower()
+        if word in ("true", "latest"):
+            resume_from_checkpoint = True
+        elif word == "false":
+            return None
     if resume_from_checkpoint is True:
         return newest_complete_checkpoint(output_dir)
     if isinstance(resume_from_checkpoint, (str, Path)) and not Path(resume_from_checkpoint).is_dir():
         state = "is a file" if Path(resume_from_checkpoint).exists() else "does not exist"
         raise FileNotFoundError(f"Cannot resume from {resume_from_checkpoint}: it {state}. Pass a checkpoint-N folder "
-                                f"the run saved (in {output_dir}), or resume_from_checkpoint=True for the newest "
-                                "complete one.")
+                                f"the run saved (in {output_dir}), or resume_from_checkpoint=True (CLI: "
+                                "--resume_from_checkpoint true) for the newest complete one.")
     if isinstance(resume_from_checkpoint, (str, Path)) and Path(resume_from_checkpoint).is_dir():
         problem = checkpoint_problem(resume_from_checkpoint)
         if problem:

@@ -106,6 +106,43 @@ def check_recipe_types(parser, config: dict, path: Path) -> None:
             raise ValueError(f"{path}: `{action.dest}` is {value!r}; it must be {kind}.")
 
 
+def check_fields(stage: str, recipe: str, overrides: list[str]) -> None:
+    """Every recipe key and `--field` override must name a field of the stage, and an override may be given once:
+    the parser would name an unknown key without its file or the field meant (`Max_Steps`), and keep the last of two
+    `--max_steps` silently."""
+    import difflib
+
+    from trl import TrlParser
+
+    from aligngpt_hf.training.configs import AlignGPTInstructConfig, AlignGPTPretrainConfig
+
+    config_class = AlignGPTPretrainConfig if stage == "pretrain" else AlignGPTInstructConfig
+    parser = TrlParser((AlignGPTScriptArguments, config_class), exit_on_error=False)
+    fields = {option[2:].replace("-", "_") for action in parser._actions for option in action.option_strings
+              if option.startswith("--")}
+    path = resolve_recipe(recipe)
+
+    def unknown(name: str, where: str) -> ValueError:
+        close = difflib.get_close_matches(name.replace("-", "_").lower(), sorted(fields), n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else f" See `aligngpt-hf {stage} --help` for the fields."
+        return ValueError(f"{where}: `{name}` is not a field of `aligngpt-hf {stage}`.{hint}")
+
+    for key in read_recipe(path):
+        if str(key) not in fields:
+            raise unknown(str(key), str(path))
+    seen = set()
+    for token in overrides:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name not in fields:
+            raise unknown(token[2:].split("=", 1)[0], "command line")
+        if name in seen:
+            raise ValueError(f"command line: `--{name}` is given twice; give each field once (the recipe {path} "
+                             "holds the defaults the command line overrides).")
+        seen.add(name)
+
+
 def parse_recipe(stage: str, recipe: str, overrides: list[str] | None = None):
     """(script arguments, trainer config) from a recipe plus `--field value` overrides."""
     from aligngpt_hf.training.configs import AlignGPTInstructConfig, AlignGPTPretrainConfig
@@ -142,6 +179,34 @@ class _RecipePrecision:
 PLAN_ANYWHERE = ["--bf16", "false", "--fp16", "false", "--tf32", "false"]
 
 
+@dataclass
+class _RecipeDeepSpeed:
+    """The `deepspeed` field of a recipe, read apart: the trainer config fails on a missing file or package with
+    transformers' words ("No package metadata was found for The 'deepspeed>=0.9.3' distribution ...")."""
+
+    deepspeed: str | None = None
+
+
+def check_deepspeed(recipe: str, overrides: list[str], dry_run: bool) -> None:
+    """A `deepspeed` config must exist and DeepSpeed be installed; a dry run plans zero2/zero3 without either."""
+    import importlib.util
+
+    _, launch, _ = _parse((AlignGPTScriptArguments, _RecipeDeepSpeed), recipe, overrides,
+                          return_remaining_strings=True)
+    value = launch.deepspeed
+    if not value:
+        return
+    if not value.lstrip().startswith("{") and not Path(value).is_file():
+        state = "is a folder" if Path(value).is_dir() else "does not exist"
+        raise FileNotFoundError(f"the `deepspeed` config {value} {state}; pass a DeepSpeed JSON file (or launch with "
+                                "a shipped accelerate config: `python -m aligngpt_hf.training.cli --accelerate-config "
+                                "zero2`).")
+    if importlib.util.find_spec("deepspeed") is None:
+        plan = " A dry run estimates zero2/zero3 memory without it: drop `deepspeed`." if dry_run else ""
+        raise ImportError(f"`deepspeed` {value} needs the DeepSpeed package, which is not installed (pip install -e "
+                          f"'.[deepspeed]').{plan}")
+
+
 def planned_precision(recipe: str, overrides: list[str]) -> dict | None:
     """The precision flags a dry run plans with (None: not a dry run)."""
     script_args, precision, _ = _parse((AlignGPTScriptArguments, _RecipePrecision), recipe, overrides,
@@ -153,8 +218,10 @@ def run_cli(args) -> int:
     """`aligngpt-hf pretrain|instruct`: train, or with `--dry-run` plan the run and write OUTPUT_DIR/dry_run.json."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     stage = args._command
+    check_fields(stage, args.recipe, args.overrides)
     overrides = [*args.overrides, *(["--dry_run", "true"] if getattr(args, "dry_run", False) else [])]
     precision = planned_precision(args.recipe, overrides)
+    check_deepspeed(args.recipe, overrides, precision is not None)
     if precision is not None:
         from aligngpt_hf.training.dry_run import dry_run
 
@@ -176,10 +243,30 @@ def check_output_dir(script_args: AlignGPTScriptArguments, training_args) -> Non
             training_args.output_dir).resolve():
         raise ValueError(f"`output_dir` {training_args.output_dir} is the `model_name_or_path` folder this run starts "
                          "from; saving there would overwrite it. Choose another `output_dir`.")
+    output = Path(os.path.realpath(training_args.output_dir))
+    for folder, what, inside in _data_folders(script_args):
+        real = Path(os.path.realpath(folder))
+        if output == real or (inside and real in output.parents):
+            where = "is" if output == real else "is inside"
+            raise ValueError(f"`output_dir` {training_args.output_dir} {where} the {what} {folder}; the checkpoints "
+                             "and model files would be written among the training data (and could replace its "
+                             "files). Choose an `output_dir` outside it.")
     merged = Path(training_args.output_dir) / "merged"
     if script_args.use_lora and script_args.merge_lora and merged.exists() and not merged.is_dir():
         raise NotADirectoryError(f"{merged} is a file, but the merged LoRA model is saved in a folder of that name "
                                  "after training; move the file, or set `merge_lora` to false.")
+
+
+def _data_folders(script_args: AlignGPTScriptArguments) -> list[tuple[str, str, bool]]:
+    """(folder, what, refuse outputs inside it too) for each folder the run reads its data from."""
+    folders = []
+    if script_args.data_path is not None:
+        folders.append((os.path.dirname(os.path.abspath(script_args.data_path)), "folder of `data_path`", False))
+        if script_args.image_folder is not None:
+            folders.append((script_args.image_folder, "`image_folder`", True))
+    elif script_args.dataset_name is not None and os.path.isdir(script_args.dataset_name):
+        folders.append((script_args.dataset_name, "`dataset_name` folder", True))
+    return folders
 
 
 def train(stage: str, script_args: AlignGPTScriptArguments, training_args):

@@ -8,6 +8,7 @@ and `aligngpt-hf pretrain --help` can list the fields without building a trainer
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -146,6 +147,15 @@ class AlignGPTScriptArguments:
     )
 
     def __post_init__(self):
+        for name in ("model_name_or_path", "language_model", "vision_tower", "data_path", "image_folder",
+                     "dataset_name", "dataset_config", "lora_target_modules", "chat_format", "model_preset"):
+            if getattr(self, name) == "":  # the one way a command line can unset a field its recipe sets
+                setattr(self, name, None)
+        for name in ("model_name_or_path", "language_model", "vision_tower", "data_path", "image_folder",
+                     "dataset_name"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):  # as transformers expands `output_dir`
+                setattr(self, name, os.path.expanduser(value))
         if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"`image_aspect_ratio` is {self.image_aspect_ratio!r}; use `pad` or `square`, or leave it "
                              "unset to keep the processor's setting.")
@@ -153,6 +163,11 @@ class AlignGPTScriptArguments:
             raise ValueError(f"`num_gpus` is {self.num_gpus!r}; it must be an integer >= 1, or unset.")
         if self.synthetic_samples < 1:
             raise ValueError(f"`synthetic_samples` is {self.synthetic_samples!r}; it must be >= 1.")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
+            raise ValueError(f"`lora_r` is {self.lora_r!r}; the LoRA rank must be an integer >= 1.")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):  # False for NaN too
+            raise ValueError(f"`lora_dropout` is {self.lora_dropout!r}; it must be a probability in [0, 1) (NaN "
+                             "would zero or garble every adapter activation).")
         if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"`lora_alpha` is {self.lora_alpha!r}; it must be > 0 (LoRA scales its update by "
                              "lora_alpha / lora_r: 0 trains nothing, a negative value flips it).")

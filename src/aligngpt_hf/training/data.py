@@ -8,6 +8,7 @@ and everything that can go wrong with a sample (overlong, no supervised token, m
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from aligngpt_hf.models.image_processing_utils_aligngpt import check_conversation, load_image
+from aligngpt_hf.models.image_processing_utils_aligngpt import check_conversation, load_image, load_images
 from aligngpt_hf.training.llava_json import IMAGE_PLACEHOLDER, LEVEL_COLUMN, load_llava_json
 
 # Stage 1 (LLaVA's "plain" template, as AlignGPT pre-trains): BOS, one <image> per image of the user turns (their text is dropped), then
@@ -67,8 +68,7 @@ def check_stage1_data(dataset, level_column: str | None = LEVEL_COLUMN, num_leve
     top = num_levels - 1 if num_levels is not None else None
     wrong = [
         index for index, level in enumerate(levels) if level is not None and (
-            isinstance(level, bool) or not (isinstance(level, int) or (isinstance(level, float) and level.is_integer()))
-            or level < 0 or (top is not None and level > top))
+            isinstance(level, bool) or not is_integral(level) or level < 0 or (top is not None and level > top))
     ]
     if wrong:
         allowed = f"integers in 0..{top}" if top is not None else "integers >= 0"
@@ -81,7 +81,13 @@ def check_stage1_data(dataset, level_column: str | None = LEVEL_COLUMN, num_leve
 
 def open_image(image: Any, where: str = "image"):
     """A path, bytes, `{"path"|"bytes": ...}` (an undecoded Image feature) or PIL image -> RGB PIL image, through the
-    package's one loader (transparency on white, 16-bit scaled), so training sees what the processor sees."""
+    package's one loader (transparency on white, 16-bit scaled), so training sees what the processor sees. A numpy or
+    torch array (H, W, C or C, H, W) is checked as the processor checks it and kept as an array."""
+    if type(image).__name__ in ("ndarray", "Tensor"):
+        try:
+            return load_images([image])[0]
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: {str(error).removeprefix('images[0] ')}") from None
     return load_image(image, where)
 
 
@@ -124,6 +130,34 @@ def _check_no_image_text(example: dict, index: int) -> None:
             )
 
 
+def _check_answers(example: dict, index: int) -> None:
+    """A last `user` message has no answer to learn (its text costs tokens and trains nothing); an empty assistant
+    message teaches the model to answer with the end token alone."""
+    messages = example["messages"]
+    if messages and messages[-1].get("role") == "user" and any(m.get("role") == "assistant" for m in messages):
+        raise ValueError(f"Sample {sample_name(example, index)}: message {len(messages) - 1} is a `user` message with "
+                         "no assistant answer after it, so it would train on nothing. Add the answer, or drop it.")
+    for number, message in enumerate(messages):
+        content = message.get("content")
+        text = content if isinstance(content, str) else "".join(
+            part.get("text") or "" for part in content or [] if isinstance(part, dict) and part.get("type") == "text")
+        if message.get("role") == "assistant" and not text.strip():
+            raise ValueError(f"Sample {sample_name(example, index)}: message {number} is an empty assistant answer "
+                             "and would teach the model to answer with the end token alone. Fill it in or remove it.")
+
+
+def _with_images(example: dict, index: int) -> list[dict]:
+    """TRL's messages with the row's images put into their `{"type": "image"}` parts; a count mismatch names the
+    sample (TRL's own error names neither the sample nor the fix)."""
+    try:
+        return prepare_multimodal_messages(example["messages"], images=example["images"])
+    except ValueError as error:
+        raise ValueError(
+            f"Sample {sample_name(example, index)}: {error} Give one {{'type': 'image'}} part per entry of `images` "
+            "(or string contents: the images then go in front of the first user message)."
+        ) from None
+
+
 def sample_name(example: dict, index: int) -> str:
     return f"{example['id']!r}" if example.get("id") is not None else f"#{index} of the batch"
 
@@ -163,9 +197,10 @@ class AlignGPTDataCollator(DataCollatorForVisionLanguageModeling):
                 check_conversation(example["messages"])
             except (TypeError, ValueError) as error:
                 raise type(error)(f"Sample {sample_name(example, index)}: {error}") from None
+            _check_answers(example, index)
             if self.chat_template != PLAIN_CHAT_TEMPLATE:  # the plain template drops the user's text
                 _check_no_image_text(example, index)
-        messages = [prepare_multimodal_messages(ex["messages"], images=ex["images"]) for ex in examples]
+        messages = [_with_images(example, index) for index, example in enumerate(examples)]
         output = self.processor.apply_chat_template(
             messages,
             chat_template=self.chat_template,
@@ -241,7 +276,7 @@ class AlignGPTDataCollator(DataCollatorForVisionLanguageModeling):
 
     def _check_level(self, level, example: dict, index: int) -> int:
         """An integer in 0..N-1, checked here so the error names the record, not a batch position mid-training."""
-        integral = isinstance(level, int) or (isinstance(level, float) and level.is_integer())
+        integral = is_integral(level)
         top = self.num_alignment_levels
         if isinstance(level, bool) or not integral or level < 0 or (top is not None and level >= top):
             allowed = f"0..{top - 1}" if top is not None else "an integer >= 0"
@@ -250,6 +285,14 @@ class AlignGPTDataCollator(DataCollatorForVisionLanguageModeling):
                 f"in {allowed} (never rounded). Recompute them with `aligngpt-hf levels`."
             )
         return int(level)
+
+
+def is_integral(level) -> bool:
+    """An integer level: Python or NumPy integers (rows built with pandas/NumPy hold `np.int64`) and integral floats;
+    never a bool."""
+    if isinstance(level, bool):
+        return False
+    return isinstance(level, numbers.Integral) or (isinstance(level, float) and level.is_integer())
 
 
 def undecoded(dataset):
@@ -263,6 +306,73 @@ def undecoded(dataset):
         elif isinstance(feature, (datasets.List, datasets.Sequence)) and isinstance(feature.feature, datasets.Image):
             dataset = dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
     return dataset
+
+
+def check_row_format(dataset) -> None:
+    """The rows must be TRL conversations before training starts: LLaVA's `conversations` rows or plain text would
+    otherwise meet TRL's "the dataset is not conversational" (naming neither the columns nor the fix) or the first
+    batch."""
+    names = getattr(dataset, "column_names", None)
+    if not names:
+        return
+    if "messages" not in names and not {"prompt", "completion"} <= set(names):
+        hint = (" The rows are in LLaVA's format (`conversations`): load that file with `load_llava_json` (CLI: "
+                "--data_path)." if "conversations" in names else "")
+        raise ValueError(f"AlignGPT trainers take conversational rows: a `messages` column (or `prompt` + "
+                         f"`completion`) of {{'role': ..., 'content': ...}} messages, with `images`; the dataset has "
+                         f"the columns {names}.{hint}")
+    column = "messages" if "messages" in names else "prompt"
+    messages = next(iter(dataset.select_columns([column])))[column]  # no image of the row is opened
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError(f"The first row's `{column}` is {str(messages)[:80]!r}; AlignGPT trainers take lists of "
+                         "{'role': ..., 'content': ...} messages (plain text or prompt/completion strings are not "
+                         "conversations).")
+
+
+def check_image_paths(dataset) -> None:
+    """Image paths held as plain strings (not an Image feature) must name files before training, not at the batch
+    that reaches a missing one hours in; relative ones are read from the working directory, not the dataset's folder.
+    Only string columns are read (an Image column may embed gigabytes of bytes)."""
+    import os
+
+    import datasets
+
+    features = getattr(dataset, "features", None)
+    if not features or not hasattr(dataset, "__len__"):
+        return
+    column = next((name for name in ("images", "image") if name in features), None)
+    feature = features[column] if column else None
+    inner = getattr(feature, "feature", None)
+    is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    is_text_list = isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
+    if not (is_text or is_text_list):
+        return
+    values = dataset[column]
+    ids = dataset["id"] if "id" in features else None
+    missing = [(index, path) for index, row in enumerate(values)
+               for path in ([row] if is_text else row or []) if isinstance(path, str)
+               and not path.startswith(("http://", "https://")) and not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(f"{ids[i]!r} (#{i}): {path}" if ids else f"#{i}: {path}" for i, path in missing[:3])
+        relative = any(not os.path.isabs(path) for _, path in missing)
+        where = f" Relative paths are read from the working directory {os.getcwd()}." if relative else ""
+        raise FileNotFoundError(f"{len(missing)} image path(s) of the `{column}` column name no file (first: {shown})."
+                                f"{where} Fix the paths, or store the images in the dataset (an Image feature).")
+
+
+def with_images_column(dataset):
+    """A text-only dataset (no `images`/`image` column) gets an empty `images` column: without one, TRL takes it for
+    a language-model dataset, tokenises and truncates it to `max_length` itself and drops `messages`, so the
+    collator would see token ids instead of conversations."""
+    names = getattr(dataset, "column_names", None)
+    if names is None or "images" in names or "image" in names:
+        return dataset
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.add_column("images", [[] for _ in range(len(dataset))],
+                                  feature=datasets.List(datasets.Image(decode=False)))
+    return dataset.map(lambda row: {"images": []})
 
 
 def image_count(row: dict) -> int:

@@ -24,11 +24,13 @@ import yaml
 
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.models.modeling_aligngpt import AlignGPTForConditionalGeneration
-from aligngpt_hf.paths import atomic_write_text, check_writable
+from aligngpt_hf.paths import DuplicateKeyError, atomic_write_text, check_writable, unique_keys
 from aligngpt_hf.training.configs import AlignGPTScriptArguments
 from aligngpt_hf.training.memory import STRATEGIES, TrainingShape, estimate_memory
 from aligngpt_hf.training.model_setup import (
+    SAVED_DATASET_MARKERS,
     check_fresh_model_options,
+    check_part_configs,
     config_overrides,
     is_stage1_artefact,
     lora_config,
@@ -91,6 +93,8 @@ def _parts_config(script_args: AlignGPTScriptArguments) -> tuple[AlignGPTConfig,
     text, vision = _offline_config(llm), _offline_config(tower)
     sources = [f"{source} ({'local config' if config is not None else _published_name(source)})"
                for source, config in ((llm, text), (tower, vision))]
+    if text is not None and vision is not None:
+        check_part_configs(text, vision, llm, tower)
     if text is not None:
         try:
             tokenizer = tokenizer_with_image_tokens(llm, local_files_only=True)
@@ -256,14 +260,16 @@ def _jsonl_head(path: Path, handle, count: int) -> list:
             break
         if line.strip():
             try:
-                records.append(json.loads(line))
+                records.append(json.loads(line, object_pairs_hook=unique_keys))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}).") from None
+            except DuplicateKeyError as error:
+                raise ValueError(f"{path}:{number}: {error}") from None
     return records
 
 
 def _json_head(path: Path, handle, count: int) -> list:
-    decoder, text, records = json.JSONDecoder(), handle.read(1 << 20), []
+    decoder, text, records = json.JSONDecoder(object_pairs_hook=unique_keys), handle.read(1 << 20), []
     stripped = text.lstrip()
     if not stripped.startswith("["):
         kind = "an empty file" if not stripped else "an object" if stripped.startswith("{") else "no list"
@@ -277,6 +283,8 @@ def _json_head(path: Path, handle, count: int) -> list:
             break
         try:
             record, position = decoder.raw_decode(text, position)
+        except DuplicateKeyError as error:
+            raise ValueError(f"{path}: {error}") from None
         except json.JSONDecodeError as error:
             more = handle.read(1 << 20)
             if not more:
@@ -295,13 +303,14 @@ def check_data(stage: str, script_args: AlignGPTScriptArguments, num_levels: int
         name = script_args.dataset_name
         if name == "synthetic":
             return {"source": "synthetic", "status": f"{script_args.synthetic_samples} rows made at start"}
-        if name is not None and (Path(name) / "dataset_info.json").is_file():
+        if name is not None and any((Path(name) / marker).is_file() for marker in SAVED_DATASET_MARKERS):
             return {"source": name, "status": "saved datasets folder present (rows not checked)"}
         return {"source": name, "status": "not checked: a Hub dataset is not read offline"}
     path = Path(script_args.data_path)
     if not path.is_file():
+        place = "" if path.is_absolute() else f" in the working directory {Path.cwd()}"
         return {"source": str(path), "status": "missing",
-                "message": f"{path} does not exist: a real run stops here. Download or point `data_path` at it."}
+                "message": f"{path} does not exist{place}: a real run stops here. Download or point `data_path` at it."}
     folder = Path(script_args.image_folder) if script_args.image_folder is not None else path.parent
     records = _first_records(path, PREVIEW_RECORDS)
     rows = [_convert_record(record, index, folder, path, script_args.allow_outside_image_folder,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
-from aligngpt_hf.paths import resolve_image_path
+from aligngpt_hf.paths import DuplicateKeyError, resolve_image_path, unique_keys
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,9 @@ IMAGE_PLACEHOLDER = "<image>"
 ALIGNMENT_PLACEHOLDER = "<align>"
 _INT64_LIMIT = 2**63  # levels are stored as int64
 LEVEL_COLUMN = "alignment_level"
+# `<Image>`, `< image >`, `<image/>`: meant as the placeholder, but only `<image>` is one; left as text they would be
+# trained as words while the image moves to the front of the turn.
+_IMAGE_TAG_LOOKALIKE = re.compile(r"<\s*/?\s*image\s*/?\s*>", re.IGNORECASE)
 
 
 def load_llava_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, check_images: bool = True,
@@ -85,7 +89,9 @@ def _read_records(path: Path) -> list[dict]:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; `data_path` names the LLaVA JSON/JSONL file itself.")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such LLaVA JSON/JSONL file.")
+        where = "" if path.is_absolute() else f" (a relative path is read from the working directory {Path.cwd()})"
+        where += "; environment variables (`$NAME`) in it are not expanded" if "$" in str(path) else ""
+        raise FileNotFoundError(f"{path}: no such LLaVA JSON/JSONL file{where}.")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -99,17 +105,21 @@ def _read_records(path: Path) -> list[dict]:
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    records.append(json.loads(line, object_pairs_hook=unique_keys))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}).") from None
+                except DuplicateKeyError as error:
+                    raise ValueError(f"{path}:{number}: {error}") from None
     else:
         try:
-            records = json.loads(text)
+            records = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as error:
             raise ValueError(
                 f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}). A file with one record per line "
                 "must be named *.jsonl."
             ) from None
+        except DuplicateKeyError as error:
+            raise ValueError(f"{path}: {error}") from None
         if not isinstance(records, list):
             raise ValueError(f"{path} must hold a JSON list of LLaVA records, got {type(records).__name__}.")
     if not records:
@@ -136,6 +146,7 @@ def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_ou
     if not all(image.strip() for image in images):
         raise ValueError(f"{where} has an empty path in `image`={record.get('image')!r}; name the image file, or "
                          "drop the field (and its `<image>` tag) for a text-only record.")
+    level = _record_level(record.get("similarity"), where, num_levels)
     turns = record.get("conversations")
     if not turns:
         hint = (" It has `messages`: rows in TRL's `messages` format load with `datasets` (CLI: --dataset_name), not "
@@ -162,12 +173,19 @@ def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_ou
             raise ValueError(f"{where}: `conversations[{turn_index}].value` holds `<align>`, the token the processor "
                              "places after BOS of every image sample; as text it would move the alignment vector. "
                              "Remove it from the data.")
+        lookalike = next((tag for tag in _IMAGE_TAG_LOOKALIKE.findall(value) if tag != IMAGE_PLACEHOLDER), None)
+        if lookalike is not None:
+            raise ValueError(f"{where}: `conversations[{turn_index}].value` holds {lookalike!r}; the image placeholder "
+                             "is exactly `<image>` (lower case, no spaces). Write it so, or remove it.")
         count = value.count(IMAGE_PLACEHOLDER)
         _check_turn(where, turn_index, role, count, messages[-1]["role"] if messages else None)
         placeholders += count
         text = value.replace(IMAGE_PLACEHOLDER, "").strip("\n") if count else value
         content = [{"type": "image", "text": None}] * count + [{"type": "text", "text": text}]
         messages.append({"role": role, "content": content})
+    if messages[-1]["role"] == "user" and any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: `conversations[{len(messages) - 1}]` is a human turn with no `gpt` answer after "
+                         "it, so it would train on nothing. Add the answer, or drop the turn.")
     if placeholders == 0 and images:  # LLaVA puts the image at the front of the first human turn
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is not None:
@@ -179,17 +197,22 @@ def _convert_record(record: dict, index: int, folder: Path, path: Path, allow_ou
         "id": name,
         "images": [resolve_image_path(image, folder, allow_outside, f"{where} `image`") for image in images],
         "messages": messages,
-        LEVEL_COLUMN: _record_level(record.get("similarity"), where, num_levels),
+        LEVEL_COLUMN: level,
     }
 
 
 def _check_turn(where: str, turn_index: int, role: str, images: int, previous: str | None) -> None:
     """An `<image>` in an answer would be trained as part of the answer's text; two human turns in a row would be
-    glued into one prompt by the chat template."""
+    glued into one prompt by the chat template; a `gpt` turn that answers no human turn (the first turn, or one after
+    another answer) breaks the human/gpt alternation every LLaVA chat template assumes."""
     field = f"`conversations[{turn_index}].value`"
     if role == "assistant" and images:
         raise ValueError(f"{where}: {field} is a `gpt` turn holding `<image>`; images belong to a human turn. Move "
                          "the `<image>` tag into the question before it.")
+    if role == "assistant" and previous != "user":
+        what = "a second `gpt` turn in a row" if previous == "assistant" else "a `gpt` turn before any human turn"
+        raise ValueError(f"{where}: `conversations[{turn_index}]` is {what}; turns alternate human, gpt, human, gpt. "
+                         "Merge it into the answer before it, or add the human turn it answers.")
     if role == "user" and previous == "user":
         raise ValueError(f"{where}: {field} is a second human turn in a row; merge it into the turn before or add "
                          "the `gpt` answer between them.")

@@ -44,6 +44,11 @@ def check_fresh_model_options(script_args: AlignGPTScriptArguments) -> None:
     if name not in (None, "tiny") and (script_args.model_preset or script_args.alignment_mode):
         raise ValueError("`model_preset`/`alignment_mode` shape a fresh stage-1 model (from `language_model` + "
                          f"`vision_tower`, or `tiny`); {name!r} already has its layout.")
+    parts = [part for part in ("language_model", "vision_tower") if getattr(script_args, part) is not None]
+    if name is not None and parts:
+        raise ValueError(f"{' and '.join(f'`{part}`' for part in parts)} build a fresh stage-1 model, but "
+                         f"`model_name_or_path` {name!r} is used as it is, so they would be ignored. Set "
+                         "`model_name_or_path` or the parts, not both (an empty value unsets one: `--vision_tower \"\"`).")
     if name is None and (script_args.language_model is None or script_args.vision_tower is None):
         raise ValueError("Stage 1 needs `model_name_or_path` (an AlignGPT folder, or `tiny`) or both "
                          "`language_model` and `vision_tower`.")
@@ -123,6 +128,25 @@ def is_stage1_artefact(folder) -> bool:
     return (Path(folder) / "aligngpt_stage.json").is_file() and not (Path(folder) / "model.safetensors").is_file()
 
 
+def check_part_configs(text_config, vision_config, language_model: str, vision_tower: str) -> None:
+    """The causal LM and the vision encoder of a fresh stage-1 model, each of its kind: swapped or wrong parts fail
+    later with a message about tokenizers or missing attributes that names neither."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    def is_vision(config) -> bool:
+        return hasattr(config, "image_size") or hasattr(getattr(config, "vision_config", None), "image_size")
+
+    kinds = {"language_model": (language_model, text_config), "vision_tower": (vision_tower, vision_config)}
+    for part, (name, config) in kinds.items():
+        ok = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING if part == "language_model" else is_vision(config)
+        if not ok:
+            want = "a causal language model" if part == "language_model" else "a vision encoder (CLIP, SigLIP)"
+            swapped = (" Are `language_model` and `vision_tower` swapped?"
+                       if is_vision(text_config) and type(vision_config) in MODEL_FOR_CAUSAL_LM_MAPPING else "")
+            raise ValueError(f"`{part}` {name} holds a {getattr(config, 'model_type', type(config).__name__)!r} "
+                             f"model, not {want}.{swapped}")
+
+
 def stage1_config(text_config, vision_config, tokenizer, num_alignment_levels: int = 8,
                   **config_overrides) -> AlignGPTConfig:
     """The config of a fresh stage-1 model: the LLM's config with its vocabulary resized to hold `tokenizer` (padded
@@ -143,6 +167,8 @@ def build_from_components(language_model: str, vision_tower: str, num_alignment_
     weights copied in, projector/level table/gate freshly initialised."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    check_part_configs(AutoConfig.from_pretrained(language_model), AutoConfig.from_pretrained(vision_tower),
+                       language_model, vision_tower)
     tokenizer = tokenizer_with_image_tokens(language_model)
     llm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
     llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
@@ -253,9 +279,38 @@ def load_training_data(stage: str, script_args: AlignGPTScriptArguments, num_ali
         raise ValueError("Set `data_path` (LLaVA JSON) or `dataset_name` (datasets id/folder, or `synthetic`).")
     import datasets
 
-    if os.path.isdir(name) and (Path(name) / "dataset_info.json").is_file():
-        return datasets.load_from_disk(name)
+    if os.path.isdir(name) and any((Path(name) / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+        return load_saved_dataset(name, script_args.dataset_split, script_args.dataset_config)
     return datasets.load_dataset(name, script_args.dataset_config, split=script_args.dataset_split)
+
+
+# What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top of their folder.
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def load_saved_dataset(folder: str, split: str, config: str | None = None):
+    """A `save_to_disk` folder: a Dataset, or one split of a DatasetDict. Read with `load_from_disk` (not
+    `load_dataset`, which would rebuild it through the Hub cache), a split or config that does not apply is named."""
+    import datasets
+
+    if config is not None:
+        raise ValueError(f"`dataset_config` {config!r} names a config of a Hub dataset, but {folder} is a folder saved "
+                         "with `save_to_disk`, which has none; drop `dataset_config`.")
+    try:
+        dataset = datasets.load_from_disk(folder)
+    except IndexError:  # datasets cannot open a saved dataset without rows
+        raise ValueError(f"{folder} is a saved dataset without rows: there is nothing to train on.") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{folder} holds the splits {list(dataset)}, not {split!r}; set `dataset_split` "
+                             "(CLI: --dataset_split) to one of them.")
+        dataset = dataset[split]
+    elif split != "train":
+        raise ValueError(f"`dataset_split` is {split!r}, but {folder} holds one dataset without splits; drop "
+                         "`dataset_split` (it defaults to train).")
+    if len(dataset) == 0:
+        raise ValueError(f"{folder} is a saved dataset without rows: there is nothing to train on.")
+    return dataset
 
 
 __all__ = [

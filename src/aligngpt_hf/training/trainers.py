@@ -11,6 +11,7 @@ every extra batch key (`alignment_levels`, `gate_text_mask`) on to `model.model`
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from transformers import TrainerCallback
@@ -24,9 +25,12 @@ from aligngpt_hf.training.data import (
     LEVEL_COLUMN,
     PLAIN_CHAT_TEMPLATE,
     AlignGPTDataCollator,
+    check_image_paths,
+    check_row_format,
     check_stage1_data,
     sample_token_lengths,
     undecoded,
+    with_images_column,
 )
 from aligngpt_hf.training.lora_presets import lora_target_modules
 from aligngpt_hf.training.sampler import (
@@ -106,6 +110,7 @@ def _prepare_peft_config(peft_config, model, train_projector: bool = True):
         peft_config.target_modules = lora_target_modules(model.config.text_config)
     if getattr(peft_config, "exclude_modules", None) is None and hasattr(peft_config, "exclude_modules"):
         peft_config.exclude_modules = LORA_EXCLUDE
+    _check_lora_targets(peft_config, model)
     if not train_projector and PROJECTOR in (peft_config.modules_to_save or []):
         raise ValueError(f"`train_projector=False`, but the LoRA config's `modules_to_save` names `{PROJECTOR}`; "
                          "drop it there or set `train_projector=True`.")
@@ -114,6 +119,24 @@ def _prepare_peft_config(peft_config, model, train_projector: bool = True):
     saved = list(peft_config.modules_to_save or [])
     peft_config.modules_to_save = saved + [name for name in wanted if name not in saved]
     return peft_config
+
+
+def _check_lora_targets(peft_config, model) -> None:
+    """A target regex that reaches no language-model module is named with the field and real module names (PEFT
+    says only "No modules were targeted")."""
+    target, exclude = peft_config.target_modules, getattr(peft_config, "exclude_modules", None)
+    if not isinstance(target, str):
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    hits = [name for name in names if re.fullmatch(target, name)]
+    kept = [name for name in hits if not (isinstance(exclude, str) and re.fullmatch(exclude, name))]
+    if not kept:
+        examples = [name for name in names if re.fullmatch(LORA_LM_TARGETS, name)][:2]
+        why = (f"it reaches only {hits[0]} and the like, which are kept free of adapters (vision tower, projector, "
+               "gate)" if hits else "it matches no module name (whole names, as `re.fullmatch`)")
+        raise ValueError(f"`lora_target_modules` {target!r} targets no language-model module: {why}. Name "
+                         f"language-model modules, e.g. {', '.join(examples)} (the default: every linear layer of the "
+                         "language model).")
 
 
 def _check_peft_model(model) -> None:
@@ -147,12 +170,17 @@ class _AlignGPTTrainer(SFTTrainer):
         model, processing_class = self._load(model, processing_class, args)
         self._check_start(model, args, peft_config)
         check_writable(args.output_dir, "output_dir")  # before any step is spent, not at the first checkpoint
+        if train_dataset is not None:
+            check_row_format(train_dataset)
+            check_image_paths(train_dataset)
+            train_dataset = with_images_column(train_dataset)
         if train_dataset is not None and getattr(train_dataset, "features", None) is not None:
             train_dataset = undecoded(train_dataset)  # images open in the collator: the one loader, errors name rows
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("`train_dataset` is empty (0 rows): there is nothing to train on. Check the data file "
                              "and any filtering before the trainer.")
         self._check_data(train_dataset, model, args)
+        _check_batching(train_dataset, args)
         self.num_skipped_samples = 0
         self.modality_batching_counts = None  # `modality_batching='separate'`: repeated/unused samples per modality
         if args.skip_overlong_samples and args.max_length is not None and train_dataset is not None:
@@ -336,6 +364,27 @@ class _AlignGPTTrainer(SFTTrainer):
                                           seed=self.args.seed, on_exhausted=self.args.modality_batching_on_exhausted)
         self.modality_batching_counts = sampler.counts
         return sampler
+
+
+def _check_batching(train_dataset, args) -> None:
+    """Batch settings the data cannot honour, found before training: a streaming dataset has no sampler (so
+    `separate` modality batching would be ignored, and modality grouping is), and `dataloader_drop_last` with fewer
+    rows than one batch would run zero steps and save the untrained model as the result."""
+    if train_dataset is None:
+        return
+    if not hasattr(train_dataset, "__len__"):
+        if getattr(args, "modality_batching", "mixed") == "separate":
+            raise ValueError("modality_batching='separate' needs a dataset with a length (not an iterable dataset): a "
+                             "stream is read in its own order. Load it without streaming, or use 'mixed'.")
+        if args.group_by_modality_length:
+            logger.warning("group_by_modality_length=True has no effect on an iterable (streaming) dataset: its rows "
+                           "are batched in the order they stream. Set it to false to silence this.")
+        return
+    batch = args.per_device_train_batch_size * args.world_size
+    if args.dataloader_drop_last and len(train_dataset) < batch:
+        raise ValueError(f"`dataloader_drop_last` drops the last incomplete batch, and the {len(train_dataset)} row(s) "
+                         f"of `train_dataset` do not fill one batch of {batch}: the run would train zero steps. "
+                         "Add data, lower `per_device_train_batch_size`, or set `dataloader_drop_last` to false.")
 
 
 def _explain_resume_mismatch(error: Exception, checkpoint) -> None:
