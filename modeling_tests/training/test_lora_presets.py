@@ -12,8 +12,13 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from aligngpt_hf import AlignGPTForConditionalGeneration
-from aligngpt_hf.training.lora_presets import LORA_TARGETS_BY_FAMILY, lora_target_modules
-from aligngpt_hf.training.trainers import _check_peft_model, _prepare_peft_config, aligngpt_lora_config
+from aligngpt_hf.training.lora_presets import (
+    LORA_TARGETS_BY_FAMILY,
+    aligngpt_lora_config,
+    check_peft_model,
+    lora_target_modules,
+    prepare_peft_config,
+)
 from family_builders import TEXT_CLASSES, tiny_family_config
 
 LLAMA_STYLE = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -36,20 +41,20 @@ def test_preset_wraps_the_decoder_projections_and_never_the_vision_side(family):
     model = AlignGPTForConditionalGeneration(tiny_family_config(family, "siglip" if family == "phi" else "clip"))
     decoder_linears = {name for name, module in model.named_modules()
                        if isinstance(module, nn.Linear) and ".language_model.layers." in name}
-    config = _prepare_peft_config(aligngpt_lora_config(r=2, lora_alpha=4, lora_dropout=0.0), model)
+    config = prepare_peft_config(aligngpt_lora_config(r=2, lora_alpha=4, lora_dropout=0.0), model)
     peft_model = get_peft_model(model, config)
     wrapped = {name.removeprefix("base_model.model.") for name, module in peft_model.named_modules()
                if isinstance(module, LoraLayer)}
     assert wrapped == {f"model.language_model.layers.{i}.{name}" for i in range(2) for name in EXPECTED[family]}
     assert wrapped == decoder_linears  # attention + MLP are every linear layer of a decoder layer
-    _check_peft_model(peft_model)
+    check_peft_model(peft_model)
     adapters = [name for name, _ in peft_model.named_parameters() if "lora_" in name]
     assert adapters and all(".language_model.layers." in name for name in adapters)
 
 
 def test_explicit_targets_win_and_unknown_families_are_refused():
     model = AlignGPTForConditionalGeneration(tiny_family_config("phi"))
-    config = _prepare_peft_config(aligngpt_lora_config(target_modules=r".*language_model.*\.q_proj"), model)
+    config = prepare_peft_config(aligngpt_lora_config(target_modules=r".*language_model.*\.q_proj"), model)
     assert config.target_modules == r".*language_model.*\.q_proj"
     assert aligngpt_lora_config(text_config=model.config.text_config).target_modules == (
         r"(.*\.)?language_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|dense|fc1|fc2)")

@@ -232,9 +232,11 @@ def build_planned_model(stage: str, script_args: AlignGPTScriptArguments, traini
         else:
             from peft import get_peft_model
 
-            peft_config = trainers._prepare_peft_config(peft_config, model, training_args.train_projector)
+            from aligngpt_hf.training.lora_presets import check_peft_model, prepare_peft_config
+
+            peft_config = prepare_peft_config(peft_config, model, training_args.train_projector)
             model = get_peft_model(model, peft_config)
-            trainers._check_peft_model(model)
+            check_peft_model(model)
     if training_args.packing or training_args.padding_free:
         check_packed_attention(model)
     return model, source

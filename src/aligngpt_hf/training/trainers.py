@@ -11,7 +11,6 @@ every extra batch key (`alignment_levels`, `gate_text_mask`) on to `model.model`
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 from transformers import TrainerCallback
@@ -32,7 +31,13 @@ from aligngpt_hf.training.data import (
     undecoded,
     with_images_column,
 )
-from aligngpt_hf.training.lora_presets import lora_target_modules
+from aligngpt_hf.training.lora_presets import (
+    PROJECTOR,
+    VISION_TOWER,
+    aligngpt_lora_config,
+    check_peft_model,
+    prepare_peft_config,
+)
 from aligngpt_hf.training.sampler import (
     ModalityLengthGroupedSampler,
     SeparateModalitySampler,
@@ -43,11 +48,6 @@ from aligngpt_hf.training.static_graph import attach_static_graph
 
 logger = logging.getLogger(__name__)
 
-PROJECTOR = "multi_modal_projector"
-VISION_TOWER = "vision_tower"
-GATE_MODULES = ("alignment.fc1", "alignment.fc2")
-LORA_LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-LORA_EXCLUDE = r".*(vision_tower|multi_modal_projector|alignment).*"
 
 
 class _StageMarkerCallback(TrainerCallback):
@@ -86,72 +86,6 @@ def freeze_for_instruct(model, train_projector: bool = True) -> None:
     model.model.multi_modal_projector.requires_grad_(train_projector)
     if hasattr(model.model, "alignment"):
         model.model.alignment.level_embeddings.requires_grad_(False)
-
-
-def aligngpt_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, text_config=None,
-                         **kwargs):
-    """LoRA on the language model only (never the vision tower), projector and gate trained in full and saved
-    alongside the adapter (`modules_to_save`); the level table stays frozen. Defaults follow LLaVA's LoRA recipe.
-    Without `target_modules` the adapters go on the attention and MLP projections of the language model's family
-    (`training/lora_presets.py`): from `text_config` when given (for plain `peft.get_peft_model`), else the trainer
-    fills them in from the model it trains."""
-    from peft import LoraConfig
-
-    if text_config is not None:
-        kwargs.setdefault("target_modules", lora_target_modules(text_config))
-    kwargs.setdefault("modules_to_save", [PROJECTOR, *GATE_MODULES])
-    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM", **kwargs)
-
-
-def _prepare_peft_config(peft_config, model, train_projector: bool = True):
-    """Keep adapters off the vision tower/projector/gate and save the gate (and, if trained, the projector) with the
-    adapter; `train_projector=False` refuses a `modules_to_save` that names the projector."""
-    if peft_config.target_modules is None:
-        peft_config.target_modules = lora_target_modules(model.config.text_config)
-    if getattr(peft_config, "exclude_modules", None) is None and hasattr(peft_config, "exclude_modules"):
-        peft_config.exclude_modules = LORA_EXCLUDE
-    _check_lora_targets(peft_config, model)
-    if not train_projector and PROJECTOR in (peft_config.modules_to_save or []):
-        raise ValueError(f"`train_projector=False`, but the LoRA config's `modules_to_save` names `{PROJECTOR}`; "
-                         "drop it there or set `train_projector=True`.")
-    wanted = [PROJECTOR] * train_projector + [name for name in GATE_MODULES if getattr(model.model, "alignment", None) is not None
-                            and hasattr(model.model.alignment, name.split(".")[1])]
-    saved = list(peft_config.modules_to_save or [])
-    peft_config.modules_to_save = saved + [name for name in wanted if name not in saved]
-    return peft_config
-
-
-def _check_lora_targets(peft_config, model) -> None:
-    """A target regex that reaches no language-model module is named with the field and real module names (PEFT
-    says only "No modules were targeted")."""
-    target, exclude = peft_config.target_modules, getattr(peft_config, "exclude_modules", None)
-    if not isinstance(target, str):
-        return
-    names = [name for name, _ in model.named_modules() if name]
-    hits = [name for name in names if re.fullmatch(target, name)]
-    kept = [name for name in hits if not (isinstance(exclude, str) and re.fullmatch(exclude, name))]
-    if not kept:
-        examples = [name for name in names if re.fullmatch(LORA_LM_TARGETS, name)][:2]
-        why = (f"it reaches only {hits[0]} and the like, which are kept free of adapters (vision tower, projector, "
-               "gate)" if hits else "it matches no module name (whole names, as `re.fullmatch`)")
-        raise ValueError(f"`lora_target_modules` {target!r} targets no language-model module: {why}. Name "
-                         f"language-model modules, e.g. {', '.join(examples)} (the default: every linear layer of the "
-                         "language model).")
-
-
-def _check_peft_model(model) -> None:
-    names = [name for name, _ in model.named_parameters()]
-    for module, why in ((VISION_TOWER, "AlignGPT keeps it frozen"), (PROJECTOR, "it trains in full or not at all")):
-        hits = [name for name in names if "lora_" in name and f".{module}." in name]
-        if hits:
-            raise ValueError(
-                f"LoRA reached the {module.replace('_', ' ')} ({hits[0]}, ...); {why}. Target language-model "
-                f"modules only, e.g. `target_modules={LORA_LM_TARGETS!r}` (see `aligngpt_lora_config`)."
-            )
-    table = [n for n, p in model.named_parameters() if "level_embeddings" in n and p.requires_grad]
-    if table:
-        raise ValueError(f"The level table must stay frozen in stage 2, but {table[0]} trains; remove it from "
-                         "`modules_to_save` (save `alignment.fc1`/`alignment.fc2` for the gate).")
 
 
 class _AlignGPTTrainer(SFTTrainer):
@@ -193,13 +127,13 @@ class _AlignGPTTrainer(SFTTrainer):
         if peft_config is None:
             self._freeze(model, args)
         else:
-            peft_config = _prepare_peft_config(peft_config, model, getattr(args, "train_projector", True))
+            peft_config = prepare_peft_config(peft_config, model, getattr(args, "train_projector", True))
         with packing_support.hidden_from_trl(args):
             super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              processing_class=processing_class, peft_config=peft_config, **kwargs)
         packing_support.finish_packing(self, packed_dataset)
         if peft_config is not None:
-            _check_peft_model(self.model)
+            check_peft_model(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         attach_static_graph(base)  # image-free batches reach every trainable module too (DDP, ZeRO-3, FSDP)
         self.add_callback(_StageMarkerCallback(base.config, self._stage))
