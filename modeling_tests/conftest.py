@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,20 @@ def package_free_env(hf_home: Path, **overrides: str) -> dict:
             if entry and not (Path(entry) / "aligngpt_hf").exists()]
     return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(kept),
             **overrides}
+
+
+def run_launcher(command: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(capture_output=True, text=True)` for multi-process launchers: the launcher gets its own process
+    group, killed whole on timeout, so the ranks it started never outlive a failed test (and slow down the rest)."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="session")

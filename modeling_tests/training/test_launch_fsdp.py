@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -32,6 +31,7 @@ from aligngpt_hf.tiny import build_model, build_processor, build_tokenizer
 from aligngpt_hf.training.cli import accelerate_config_path
 from aligngpt_hf.training.data import AlignGPTDataCollator, synthetic_dataset
 from aligngpt_hf.training.trainers import freeze_for_instruct
+from conftest import run_launcher
 
 # the console script next to this interpreter (a virtual environment), else the one on PATH
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate") or "accelerate"
@@ -122,7 +122,7 @@ def test_fsdp2_from_the_shipped_config_shards_trains_text_only_ranks_and_saves_l
     command = [ACCELERATE, "launch", "--config_file", str(accelerate_config_path("fsdp")), "--num_processes", "2",
                "--mixed_precision", "no", "--main_process_port", free_port(), str(script), str(out), json.dumps(PLAN)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    result = run_launcher(command, env=env, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     infos = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert infos[0]["world_size"] == 2 and infos[0]["fsdp_version"] == 2

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from aligngpt_hf.cli import main as cli_main
 from aligngpt_hf.levels.compute import compute_alignment_levels
 from aligngpt_hf.tiny import build_clip
 from aligngpt_hf.training.cli import accelerate_config_path
+from conftest import run_launcher
 
 # the console script next to this interpreter (a virtual environment), else the one on PATH
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate") or "accelerate"
@@ -68,7 +68,7 @@ def test_levels_under_accelerate_launch_equal_one_process_and_resume_per_shard(t
                "--mixed_precision", "no", "--main_process_port", free_port(), "-m", "aligngpt_hf.cli", "levels",
                str(pairs), str(output), "--cache-dir", str(cache), *options]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    result = run_launcher(command, env=env, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("10 pairs in 4 levels") == 1  # process 1 scored its chunks, process 0 merged
     chunks = sorted(cache.glob("scores-*.arrow"))

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors.torch import load_file
 from aligngpt_hf import AlignGPTForConditionalGeneration
 from aligngpt_hf.cli import main as cli_main
 from aligngpt_hf.training.cli import accelerate_config_path
+from conftest import run_launcher
 
 # the console script next to this interpreter (a virtual environment), else the one on PATH
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate") or "accelerate"
@@ -42,7 +42,7 @@ def launch(config: str, args: list[str], cwd: Path, timeout: int = 300) -> str:
     command = [ACCELERATE, "launch", "--config_file", str(accelerate_config_path(config)), *CPU_OVERRIDE,
                "--main_process_port", free_port(), "-m", "aligngpt_hf.cli", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    result = run_launcher(command, env=env, cwd=cwd, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 from safetensors.torch import load_file
+
+from conftest import run_launcher
 
 SCRIPT = textwrap.dedent(
     """
@@ -51,7 +52,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    result = run_launcher(command, env=env, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     infos = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for info in infos:
