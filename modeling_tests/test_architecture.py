@@ -17,7 +17,7 @@ CAPABILITY_IMPORTS = {
     "levels": {"models", "tiny"},
     "conversion": {"models", "hub"},  # hub.checks: the repo-id, --private and loading-report checks push uses too
     "hub": {"models", "tiny"},
-    "evaluation": {"models"},
+    "evaluation": {"models", "hub"},  # hub.checks: the config-value and NaN-weight checks push uses too
     "demo": {"models", "tiny", "training", "levels", "evaluation"},
 }
 

@@ -59,11 +59,10 @@ from aligngpt_hf.conversion.steps import (
     read_weights,
     resolve_folder,
     resolve_vision,
-    unread_weight_files,
+    unread_weights_note,
     vision_folder_source,
     write_side_files,
 )
-from aligngpt_hf.conversion.weight_files import weight_files_in
 from aligngpt_hf.hub.checks import check_private_repo, check_repo_id
 from aligngpt_hf.models.configuration_aligngpt import AlignGPTConfig
 from aligngpt_hf.paths import atomic_path, check_apart, check_writable
@@ -108,10 +107,9 @@ def convert_checkpoint(
         result = _convert_into(source, source_dir, staging, vision_tower, tokenizer, kind, dtype, max_shard_size,
                                progress)
     result.output = output
-    unread = unread_weight_files(source_dir)
+    unread = unread_weights_note(source_dir)
     if unread:
-        read = ", ".join(path.name for path in weight_files_in(source_dir))
-        result.notes.append(f"Not read from SOURCE: {', '.join(unread)} (the weights came from {read}).")
+        result.notes.append(unread)
     if push_to_hub:
         result.notes.append(f"Pushed to https://huggingface.co/{push_folder(output, push_to_hub, private=private)}")
     return result

@@ -26,9 +26,8 @@ from pathlib import Path
 
 from aligngpt_hf.conversion.convert import DTYPES, resolve_folder
 from aligngpt_hf.conversion.mapping import ConversionError
-from aligngpt_hf.conversion.steps import config_fields_checked, read_json_object, unread_weight_files
-from aligngpt_hf.conversion.weight_files import weight_files_in
-from aligngpt_hf.hub.checks import loading_problems
+from aligngpt_hf.conversion.steps import config_fields_checked, read_json_object, unread_weights_note
+from aligngpt_hf.hub.checks import check_finite_weights, loading_problems
 from aligngpt_hf.models.llava_aligngpt import config_from_llava
 from aligngpt_hf.paths import check_apart, check_writable
 
@@ -133,12 +132,8 @@ def load_llava_weights(folder: Path, source):
     if problems:
         raise ConversionError(f"{source}: the LLaVA weights do not match its config.json: {'; '.join(problems)}. "
                               "Re-download or re-save the checkpoint whole.")
-    broken = [name for name, tensor in llava.state_dict().items()
-              if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
-    if broken:
-        raise ConversionError(f"{source}: {len(broken)} LLaVA weight(s) hold NaN or infinite values "
-                              f"({', '.join(broken[:5])}); the file is damaged or the run diverged: re-download it or "
-                              "start from another checkpoint.")
+    check_finite_weights(llava, str(source), "re-download it or start from another checkpoint", "LLaVA weight(s)",
+                         ConversionError)
     return llava
 
 
@@ -215,10 +210,9 @@ def convert_llava(source, output, *, alignment_mode: str | None = None, num_alig
     if model.config.uses_alignment_token:
         notes.append("The level table and gate are untrained: run the alignment warm-up (`aligngpt-hf pretrain "
                      f"pretrain_from_llava_7b --model_name_or_path {output}`) before stage 2.")
-    unread = unread_weight_files(folder)
+    unread = unread_weights_note(folder)
     if unread:
-        notes.append(f"Not read from SOURCE: {', '.join(unread)} (the weights came from "
-                     f"{', '.join(path.name for path in weight_files_in(folder))}).")
+        notes.append(unread)
     vocab_sizes = (llava_config.text_config.vocab_size, model.config.text_config.vocab_size)
     return FromLlavaResult(output, alignment_token_id, vocab_sizes, notes)
 

@@ -118,12 +118,13 @@ def read_weights(source_dir: Path, source, kind: str | None, vision_tower):
     return files, shapes, detected, detected == "full" and (vision_tower is not None or not embedded_vision)
 
 
-def unread_weight_files(folder: Path) -> list[str]:
-    """Weight-like files of `folder` the conversion does not read (the other format next to the one read, a shard the
-    index does not list, trainer state): they are reported, so nothing is left out unsaid."""
-    read = {path.name for path in weight_files_in(folder)}
-    return sorted(path.name for path in folder.iterdir() if path.is_file() and path.name not in read
-                  and path.suffix in (".bin", ".safetensors", ".pt", ".pth", ".ckpt"))
+def unread_weights_note(folder: Path) -> str | None:
+    """A note naming the weight-like files of `folder` the conversion does not read (the other format next to the one
+    read, a shard the index does not list, trainer state), so nothing is left out unsaid; None when there are none."""
+    read = sorted(path.name for path in weight_files_in(folder))
+    unread = sorted(path.name for path in folder.iterdir() if path.is_file() and path.name not in read
+                    and path.suffix in (".bin", ".safetensors", ".pt", ".pth", ".ckpt"))
+    return f"Not read from SOURCE: {', '.join(unread)} (the weights came from {', '.join(read)})." if unread else None
 
 
 def check_vocab_rows(shapes, orig: dict, path: Path) -> None:
@@ -318,6 +319,6 @@ def _generation_config(source_dir: Path, orig: dict, vocab: int, padded: int) ->
     return GenerationConfig(**found, suppress_tokens=list(range(vocab, padded)))
 
 
-__all__ = ["STAGE_FILE", "ConversionResult", "check_vocab_rows", "unread_weight_files",
+__all__ = ["STAGE_FILE", "ConversionResult", "check_vocab_rows", "unread_weights_note",
            "read_json_object", "convert_pretrain", "expected_shapes", "read_weights", "resolve_folder",
            "resolve_vision", "vision_folder_source", "write_side_files"]

@@ -32,7 +32,6 @@ from aligngpt_hf.evaluation.inputs import (
     check_decoding,
     check_device,
     check_dtype,
-    check_finite_weights,
     check_input_file,
     check_max_new_tokens,
     check_model_folder,
@@ -42,6 +41,7 @@ from aligngpt_hf.evaluation.inputs import (
     positive_int,
     set_image_aspect_ratio,
 )
+from aligngpt_hf.hub.checks import check_finite_weights
 from aligngpt_hf.models.chat_templates_aligngpt import stop_token_ids
 from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.models.image_processing_utils_aligngpt import load_image as open_rgb
@@ -407,7 +407,7 @@ def load_for_answering(model_path: str, alignment_mode=None, dtype: str = "auto"
                          + (f": it was saved without what --alignment-mode {alignment_mode} uses (the level table "
                             "or the gate); use the mode it was trained with" if alignment_mode else "")
                          + ".")
-    check_finite_weights(model, str(model_path))
+    check_finite_weights(model, str(model_path), "use an earlier checkpoint")
     # `none` (plain LLaVA) takes no alignment token: the processor must not insert one
     processor.add_alignment_token = model.config.uses_alignment_token
     if device is None:

@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from aligngpt_hf.hub.checks import config_values_checked
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -111,30 +113,14 @@ def check_model_folder(name: str, option: str = "MODEL") -> None:
 
 @contextlib.contextmanager
 def model_files_checked(model: str):
-    """Loading MODEL: a config.json value the model cannot be built from, or a processor/tokenizer file that is not
-    JSON, named with the folder (transformers' messages name neither)."""
-    from huggingface_hub.errors import StrictDataclassError
-
+    """Loading MODEL: a config.json value the model cannot be built from (`hub.checks.config_values_checked`), or a
+    processor/tokenizer file that is not JSON, named with the folder (transformers' messages name neither)."""
     try:
-        yield
+        with config_values_checked(Path(str(model)) / "config.json"):
+            yield
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{model}: a model or processor file (tokenizer.json, processor_config.json, ...) is not "
                          f"valid JSON ({error}); download it again or save the model and processor again.") from None
-    except (KeyError, TypeError, StrictDataclassError) as error:  # an unknown activation or RoPE type, a str token id
-        reason = f"unknown name {error}" if isinstance(error, KeyError) else " ".join(str(error).split())[:300]
-        raise ValueError(f"{Path(str(model)) / 'config.json'}: a value the model cannot be built from "
-                         f"({type(error).__name__}: {reason}); restore the checkpoint's own config.json.") from None
-
-
-def check_finite_weights(model, where: str) -> None:
-    """NaN or infinite weights (a diverged run, a damaged file) would answer garbage without a word: refuse them."""
-    import torch
-
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    if broken:
-        raise ValueError(f"{where}: {len(broken)} weight(s) hold NaN or infinite values ({', '.join(broken[:5])}); the "
-                         "run diverged or the file is damaged: use an earlier checkpoint.")
 
 
 def check_prompt_text(text: str, processor, where: str) -> None:
@@ -185,6 +171,6 @@ def check_output_file(path, option: str, inputs: dict) -> Path:
     return path
 
 
-__all__ = ["DTYPES", "check_decoding", "check_finite_weights", "model_files_checked", "check_device", "check_dtype", "check_input_file", "check_max_new_tokens",
-           "check_model_folder",
-           "check_output_file", "check_prompt_text", "positive_int", "set_image_aspect_ratio"]
+__all__ = ["DTYPES", "check_decoding", "check_device", "check_dtype", "check_input_file", "check_max_new_tokens",
+           "check_model_folder", "check_output_file", "check_prompt_text", "model_files_checked", "positive_int",
+           "set_image_aspect_ratio"]

@@ -20,7 +20,6 @@ import torch
 from aligngpt_hf.evaluation.inputs import (
     check_device,
     check_dtype,
-    check_finite_weights,
     check_input_file,
     check_model_folder,
     check_output_file,
@@ -28,6 +27,7 @@ from aligngpt_hf.evaluation.inputs import (
     model_files_checked,
     positive_int,
 )
+from aligngpt_hf.hub.checks import check_finite_weights
 from aligngpt_hf.models.image_processing_utils_aligngpt import URL_SCHEMES
 from aligngpt_hf.paths import atomic_path, atomic_write_text, check_local_or_hub, check_writable
 
@@ -159,7 +159,7 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str = "
     with model_files_checked(model_id):
         model = AlignGPTForConditionalGeneration.from_pretrained(model_id, dtype=torch_dtype, revision=revision)
         processor = AlignGPTProcessor.from_pretrained(model_id, revision=revision)
-    check_finite_weights(model, str(model_id))
+    check_finite_weights(model, str(model_id), "use an earlier checkpoint")
     return model.to(device).eval(), processor
 
 

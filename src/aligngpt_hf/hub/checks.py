@@ -147,6 +147,17 @@ def config_values_checked(path: Path, error_class: type[ValueError] = ValueError
                           "restore the checkpoint's own config.json.") from None
 
 
+def check_finite_weights(model, where: str, fix: str, what: str = "weight(s)", error_class: type[ValueError] = ValueError):
+    """NaN or infinite weights (a diverged run, a damaged file) would give garbage without a word: refuse them, named."""
+    import torch
+
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise error_class(f"{where}: {len(broken)} {what} hold NaN or infinite values ({', '.join(broken[:5])}); the "
+                          f"run diverged or the file is damaged: {fix}.")
+
+
 def loading_problems(info: dict) -> list[str]:
     """What `from_pretrained(..., output_loading_info=True)` left out: weights missing (transformers initialises them
     randomly), not in the model (dropped) or of the wrong shape, each counted with up to five names."""
@@ -161,5 +172,6 @@ def loading_problems(info: dict) -> list[str]:
     return problems
 
 
-__all__ = ["check_card_options", "check_generation_config_file", "config_values_checked", "check_model_type", "check_not_partial", "check_private_repo", "check_repo_id",
-           "check_revision", "check_shard_size", "loading_problems"]
+__all__ = ["check_card_options", "check_finite_weights", "check_generation_config_file", "check_model_type",
+           "check_not_partial", "check_private_repo", "check_repo_id", "check_revision", "check_shard_size",
+           "config_values_checked", "loading_problems"]

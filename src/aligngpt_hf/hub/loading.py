@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aligngpt_hf.hub.checks import (
+    check_finite_weights,
     check_generation_config_file,
     check_model_type,
     check_not_partial,
@@ -88,17 +89,11 @@ def _load_weights(model_class, folder: Path):
 def _check_loaded(folder: Path, model, info: dict) -> None:
     """Refuse weights that do not fill the model exactly (transformers would initialise the gaps randomly, or drop
     the extras, and the repository would hold a different model), and weights that are NaN or infinite."""
-    import torch
-
     problems = loading_problems(info)
     if problems:
         raise ValueError(f"{folder}: the weights do not match its config.json: {'; '.join(problems)}. Publish the "
                          "folder the model was saved to whole (`model.save_pretrained(FOLDER)`).")
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    if broken:
-        raise ValueError(f"{folder}: {len(broken)} weight(s) hold NaN or infinite values ({', '.join(broken[:5])}); "
-                         "the run diverged or the file is damaged: publish an earlier checkpoint.")
+    check_finite_weights(model, str(folder), "publish an earlier checkpoint")
 
 
 def _safetensors_problem(path: Path) -> bool:
