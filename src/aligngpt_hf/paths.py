@@ -222,12 +222,8 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict:
     other silently: two `image` paths, two `value`s of a turn)."""
     record = dict(pairs)
     if len(record) != len(pairs):
-        seen, repeated = set(), None
-        for key, _ in pairs:
-            if key in seen:
-                repeated = key
-                break
-            seen.add(key)
+        keys = [key for key, _ in pairs]
+        repeated = next(key for index, key in enumerate(keys) if key in keys[:index])
         owner = f" (the record with `id` {record['id']!r})" if isinstance(record.get("id"), (str, int)) else (
             f" ({json.dumps(record, ensure_ascii=False)[:80]})")
         raise DuplicateKeyError(f"a JSON object gives the key `{repeated}` twice{owner}; JSON would keep only the "

@@ -50,6 +50,7 @@ from aligngpt_hf.levels.inputs import (  # noqa: F401 (public here)
     load_input,
     pairs_from_llava_json,
     record_problem,
+    unwrapped,
     without_old_scores,
 )
 from aligngpt_hf.levels.scorer import DEFAULT_SCORER, Scorer, load_scorer
@@ -173,8 +174,7 @@ def _files_signature(source, rows: range, image_column: str, image_folder: str |
     dataset fingerprint instead."""
     digest = hashlib.sha256()
     for value in source[rows.start:rows.stop][image_column]:
-        if isinstance(value, (list, tuple)) and len(value) == 1:
-            value = value[0]
+        value = unwrapped(value)
         if isinstance(value, dict):
             value = None if value.get("bytes") else value.get("path")
         if isinstance(value, str):

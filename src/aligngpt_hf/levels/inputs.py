@@ -18,9 +18,9 @@ from aligngpt_hf.paths import DuplicateKeyError, resolve_image_path, unique_keys
 
 CAPTION_SPEAKERS = ("gpt", "assistant")  # the answering speaker, as `load_llava_json` reads it
 logger = logging.getLogger(__name__)
-RECORD_PROBLEM = "record_problem"
+RECORD_PROBLEM = "record_problem"  # column of pairs_from_llava_json: why a record's shape is wrong ("" if fine)
 # The columns `aligngpt-hf levels` adds to a dataset input (a scored dataset given again has them already).
-SCORE_COLUMNS = ("alignment_score", "alignment_error", "alignment_image_mode", "alignment_truncated", "alignment_level")  # column of pairs_from_llava_json: why a record's shape is wrong ("" if fine)
+SCORE_COLUMNS = ("alignment_score", "alignment_error", "alignment_image_mode", "alignment_truncated", "alignment_level")
 
 
 def caption_from_conversations(conversations) -> str | None:
@@ -52,7 +52,7 @@ def pairs_from_llava_json(path: str | os.PathLike) -> tuple[list[dict], Any]:
         raise ValueError(f"{path}: expected a JSON list of LLaVA records, got {_json_type(records)}")
     ids = [str(r.get("id", f"row {i}")) if isinstance(r, dict) else f"row {i}" for i, r in enumerate(records)]
     images = [r.get("image") if isinstance(r, dict) else None for r in records]
-    images = [image[0] if isinstance(image, list) and len(image) == 1 else image for image in images]
+    images = [unwrapped(image) for image in images]
     images = [image if isinstance(image, str) else None for image in images]
     captions = [caption_from_conversations(r.get("conversations")) if isinstance(r, dict) else None for r in records]
     problems = [record_problem(r) for r in records]
@@ -158,22 +158,26 @@ def caption_problem(caption, specials: list[str]) -> str:
         return "caption missing or empty"
     if not isinstance(caption, str):
         return f"the caption must be a string, got {type(caption).__name__} ({str(caption)[:40]})"
+    if not caption.strip():
+        return "caption missing or empty"
     words = caption
     for token in specials:
         words = words.replace(token, "")
-    if not caption.strip():
-        return "caption missing or empty"
     if not words.strip():
         return f"the caption {caption[:60]!r} holds only the scorer's special tokens, no words"
     return ""
 
 
+def unwrapped(value):
+    """A list holding one image (a `List(Image())` column, a one-path `image` list) is that image; others as given."""
+    return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+
+
 def single_image(value):
     """A list holding one image (a `List(Image())` column) is that image; a pair with several images is refused."""
+    value = unwrapped(value)
     if isinstance(value, (list, tuple)):
-        if len(value) != 1:
-            raise ValueError(f"`image` lists {len(value)} images; a pre-training pair has exactly one")
-        return value[0]
+        raise ValueError(f"`image` lists {len(value)} images; a pre-training pair has exactly one")
     return value
 
 
@@ -207,4 +211,4 @@ def load_input(input: Any, split: str | None):
 
 
 __all__ = ["RECORD_PROBLEM", "SCORE_COLUMNS", "caption_from_conversations", "caption_problem", "load_input",
-           "pairs_from_llava_json", "record_problem", "single_image", "without_old_scores"]
+           "pairs_from_llava_json", "record_problem", "single_image", "unwrapped", "without_old_scores"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aligngpt_hf.levels.inputs import unwrapped
 from aligngpt_hf.paths import atomic_path, atomic_write_text
 
 BINNING_NOTE = (
@@ -210,7 +211,7 @@ def llava_records_from_dataset(dataset, image_column: str, text_column: str, id_
     records = []
     for row, item in enumerate(columns):
         image = item[image_column]
-        image = image[0] if isinstance(image, list) and len(image) == 1 else image
+        image = unwrapped(image)
         image = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
         conversations = item.get("conversations") or [{"from": "human", "value": "<image>"},
                                                        {"from": "gpt", "value": item[text_column]}]
